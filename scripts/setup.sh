@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv and install lorakit with the exact versions it is tested with.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh --test   runtime + test oracles (peft, bitsandbytes, pytest)
+# torch: the default pin (torch==2.13.0) is the CPU build served locally on the project's machines.
+# GPU users pick their own build first, e.g.
+#   LORAKIT_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=".venv/.lorakit-setup${extras:+-test}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check ${LORAKIT_TORCH:-torch==2.13.0}
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
+  touch "$stamp"
+fi

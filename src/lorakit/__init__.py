@@ -1,0 +1,48 @@
+"""lorakit: post-training for causal language models.
+
+The public API is re-exported here lazily, so `import lorakit` stays cheap (the CLI starts
+fast) and each name still lives in exactly one room:
+
+    import lorakit
+    model = lorakit.apply(model, lorakit.LoRA(r=16, alpha=32, targets="all-linear"))
+    trainable, total = lorakit.trainable_parameters(model)
+    lorakit.save_adapter(model, "out/adapter")          # PEFT format
+    model = lorakit.load_adapter(base_model, "out/adapter")
+    plain = lorakit.merge(model)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "LoRA": "lorakit.adapters.lora",
+    "apply": "lorakit.adapters",
+    "trainable_parameters": "lorakit.adapters",
+    "parameter_report": "lorakit.adapters",
+    "save_adapter": "lorakit.adapters",
+    "load_adapter": "lorakit.adapters",
+    "merge": "lorakit.adapters",
+    "unmerge": "lorakit.adapters",
+    "unload": "lorakit.adapters",
+    "find_targets": "lorakit.adapters.match",
+    "load_model": "lorakit.models",
+    "load_tokenizer": "lorakit.models",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
