@@ -1,0 +1,261 @@
+"""The run configuration: typed dataclasses, YAML round-trip, dotted overrides.
+
+A run config has four sections and two top-level keys:
+
+```yaml
+name: my-run              # run folder name (default: the config file's stem)
+output_dir: runs          # runs land in output_dir/name
+model:  {name_or_path: embedded, dtype: null, device: null, trust_remote_code: false}
+method: {name: lora, r: 16, alpha: 32, targets: all-linear}   # `name` picks the method
+data:   {...}             # lorakit.data.DataConfig
+train:  {...}             # lorakit.train.TrainConfig
+```
+
+The `method` section is one mapping whose `name` selects a config class from
+`lorakit.adapters.METHODS`; the other keys are that class's fields. `method: lora` is short for
+`method: {name: lora}`. Every field can be overridden with a dotted key (`train.lr=3e-4`,
+`method.r=8`); an unknown key anywhere is a `ConfigError` naming the closest valid key.
+The resolved config is written to the run folder as `config.yaml` and loads back unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+from lorakit.errors import ConfigError
+from lorakit.schema import closest, coerce, from_dict, leaf_keys, to_plain, type_hints, unknown_key_error
+
+RECIPES_DIR = Path(__file__).parent / "configs"  # recipes shipped with the package
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load, and how."""
+
+    name_or_path: str = "embedded"
+    """Base model: a Hugging Face hub id, a local folder, or 'embedded' (the small model inside lorakit)."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Dtype of the base weights; null keeps the checkpoint's own dtype."""
+    device: str | None = None
+    """Device to train on (cpu, cuda, cuda:1, ...); null picks cuda when available, else cpu."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model. Off unless you turn it on: it executes that code."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; see the module docstring for the YAML shape."""
+
+    model: ModelConfig
+    method: Any  # an instance of one of lorakit.adapters.METHODS
+    data: Any  # lorakit.data.DataConfig
+    train: Any  # lorakit.train.TrainConfig
+    name: str | None = None
+    """Run folder name; null means the config file's stem (or 'quickstart' with no config)."""
+    output_dir: str = "runs"
+    """Parent folder of run folders; the run writes to output_dir/name."""
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder this run writes to."""
+        return Path(self.output_dir) / (self.name or "run")
+
+
+TOP_LEVEL = ("name", "output_dir")  # scalar keys beside the sections
+SECTION_ORDER = ("name", "output_dir", "model", "method", "data", "train")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The classes a run config is built from (swappable so tests can use small stand-ins)."""
+
+    sections: Mapping[str, type]  # section name -> dataclass, e.g. "train" -> TrainConfig
+    methods: Mapping[str, type]  # method name -> config dataclass, e.g. "lora" -> LoRA
+    default_method: str = "lora"
+
+    def keys(self) -> list[str]:
+        """Every valid dotted key (method keys for every method)."""
+        keys = list(TOP_LEVEL) + ["method.name"]
+        for section, cls in self.sections.items():
+            keys += [f"{section}.{name}" for name in type_hints(cls)]
+        for cls in self.methods.values():
+            keys += [f"method.{name}" for name in type_hints(cls) if f"method.{name}" not in keys]
+        return keys
+
+
+# section -> "module:attribute"; imported on first use so `lorakit --help` stays fast
+_SECTION_CLASSES = {"model": "lorakit.config:ModelConfig", "data": "lorakit.data:DataConfig",
+                    "train": "lorakit.train:TrainConfig"}
+_METHODS = "lorakit.adapters:METHODS"
+
+
+def _resolve(spec: str) -> Any:
+    module, attribute = spec.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def default_schema() -> Schema:
+    """The real schema: ModelConfig, lorakit.data.DataConfig, lorakit.train.TrainConfig, METHODS."""
+    sections = {name: _resolve(spec) for name, spec in _SECTION_CLASSES.items()}
+    return Schema(sections=sections, methods=dict(_resolve(_METHODS)))
+
+
+# ----------------------------------------------------------------------------- raw dict stage
+
+
+def _normalise(raw: Mapping | None) -> dict:
+    """Deep copy of a raw config with `method: lora` expanded to `method: {name: lora}`."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    raw = copy.deepcopy(dict(raw))
+    if isinstance(raw.get("method"), str):
+        raw["method"] = {"name": raw["method"]}
+    return raw
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set `raw[a][b] = value` for key 'a.b', creating sections as needed."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"malformed key '{key}'")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and part == "method" and depth == 0:
+            child = {"name": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{key}': '{'.'.join(parts[:depth + 1])}' is not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: Mapping | None, overrides: Iterable[tuple[str, Any]]) -> dict:
+    """A copy of `raw` with each (dotted key, value) override set; values are coerced later."""
+    result = _normalise(raw)
+    for key, value in overrides:
+        if key == "method":  # `method=full` picks the method
+            value = {"name": value} if isinstance(value, str) else value
+        set_dotted(result, key, value)
+    return result
+
+
+# ----------------------------------------------------------------------------- typed stage
+
+
+def _build_method(raw: Any, schema: Schema) -> Any:
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"method: expected a method name or a mapping with 'name', got {raw!r}")
+    fields = dict(raw)
+    name = str(fields.pop("name", schema.default_method))
+    if name not in schema.methods:
+        guess = closest(name, schema.methods)
+        hint = f"did you mean '{guess}'?" if guess else f"known methods: {', '.join(sorted(schema.methods))}"
+        raise ConfigError(f"method.name: unknown method '{name}'; {hint}")
+    cls = schema.methods[name]
+    valid = set(type_hints(cls))
+    for key, value in fields.items():
+        if key not in valid:
+            bad = leaf_keys(value, f"method.{key}")[0]
+            raise unknown_key_error(bad, [f"method.{k}" for k in valid | {"name"}], f"for method '{name}'")
+    return from_dict(cls, fields, "method")
+
+
+def build_config(raw: Mapping | None, schema: Schema | None = None) -> RunConfig:
+    """Validate a raw (YAML + overrides) mapping into a RunConfig; unknown keys raise ConfigError."""
+    schema = schema or default_schema()
+    raw = _normalise(raw)
+    known = set(TOP_LEVEL) | set(schema.sections) | {"method"}
+    for key, value in raw.items():
+        if key not in known:
+            raise unknown_key_error(leaf_keys(value, str(key))[0], schema.keys())
+    sections = {name: from_dict(cls, raw.get(name), name) for name, cls in schema.sections.items()}
+    hints = type_hints(RunConfig)
+    top = {key: coerce(raw[key], hints[key], key) for key in TOP_LEVEL if key in raw}
+    return RunConfig(method=_build_method(raw.get("method"), schema), **sections, **top)
+
+
+def method_name(method: Any) -> str:
+    """The registry name of a method config instance (its `name` ClassVar)."""
+    return str(getattr(type(method), "name", type(method).__name__.lower()))
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain YAML-safe dict of a RunConfig, method name first in its section."""
+    sections = {
+        "name": cfg.name,
+        "output_dir": cfg.output_dir,
+        "model": to_plain(cfg.model),
+        "method": {"name": method_name(cfg.method), **to_plain(cfg.method)},
+        "data": to_plain(cfg.data),
+        "train": to_plain(cfg.train),
+    }
+    return {key: sections[key] for key in SECTION_ORDER}
+
+
+# ----------------------------------------------------------------------------- YAML files
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a mapping (empty file -> {})."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    return data or {}
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text (loads back into an equal RunConfig)."""
+    import yaml
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config to `path` (a run folder's config.yaml)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_yaml(cfg), encoding="utf-8")
+    return path
+
+
+def find_recipe(spec: str | Path) -> Path:
+    """A config path: an existing file, or the name of a recipe shipped in lorakit/configs/."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{path.stem if path.suffix in ('.yaml', '.yml') else path.name}.yaml"
+    if shipped.is_file() and len(path.parts) == 1:
+        return shipped
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"config '{spec}' is neither a file nor a shipped recipe ({', '.join(names) or 'none'})")
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[tuple[str, Any]] = (),
+                schema: Schema | None = None) -> RunConfig:
+    """Read a YAML config (a path or shipped recipe name; None -> quickstart) and apply overrides."""
+    source = find_recipe(path if path is not None else "quickstart")
+    raw = apply_overrides(read_yaml(source), overrides)
+    cfg = build_config(raw, schema)
+    if cfg.name is None:
+        cfg = dataclasses.replace(cfg, name=source.stem)
+    return cfg
