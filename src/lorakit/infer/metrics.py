@@ -1,0 +1,77 @@
+"""Scoring: exact-match and contains accuracy of generated answers, token loss of references.
+
+Normalisation is deliberately light (trim, collapse inner whitespace, case-fold), so a score
+counts the words a model produced and not its punctuation luck; nothing else is forgiven.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize(text: str) -> str:
+    """Trim, collapse runs of whitespace to one space, and case-fold."""
+    return " ".join(text.split()).casefold()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """True when the normalised prediction equals the normalised reference."""
+    return normalize(prediction) == normalize(reference)
+
+
+def contains(prediction: str, reference: str) -> bool:
+    """True when the normalised reference occurs inside the normalised prediction."""
+    return normalize(reference) in normalize(prediction)
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Fractions of rows scored right by exact match and by contains."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    n = len(references)
+    if n == 0:
+        return {"exact_match": float("nan"), "contains": float("nan")}
+    pairs = list(zip(predictions, references))
+    return {"exact_match": sum(exact_match(p, r) for p, r in pairs) / n,
+            "contains": sum(contains(p, r) for p, r in pairs) / n}
+
+
+def scored_ids(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + target + EOS, and aligned labels (-100 on the prompt)."""
+    prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    target_ids = target_ids + [tokenizer.eos_token_id]
+    if not prompt_ids:  # plain text: the first token has nothing to be predicted from
+        return target_ids, [-100] + target_ids[1:]
+    return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
+
+
+@torch.no_grad()
+def token_loss(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
+               batch_size: int = 32) -> dict[str, float]:
+    """Mean cross-entropy per target token (and its perplexity) over (prompt, target) pairs."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(pairs), batch_size):
+            encoded = [scored_ids(tokenizer, p, t) for p, t in pairs[start:start + batch_size]]
+            width = max(len(ids) for ids, _ in encoded)
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded])
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded])
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded])
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            targets = labels[:, 1:].to(device)                      # (B, T-1)
+            losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                     ignore_index=-100, reduction="sum")
+            total += losses.item()
+            count += int((targets != -100).sum())
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}

@@ -1,0 +1,90 @@
+"""Load a base model and its tokenizer: a hub id, a local folder, or the embedded model.
+
+`load_model("embedded")` gives the small Llama-architecture model that lorakit pre-trained on
+generated country facts (see `lorakit.lab`); it ships inside the package and loads with no
+network. Weights are read with safetensors only, and remote code runs only when the caller asks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import LorakitError
+
+EMBEDDED_NAME = "embedded"
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded" / "model"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve(name_or_path: str | Path) -> tuple[str, bool]:
+    """Turn a model name into (path or hub id, local_files_only). "embedded" -> the package folder."""
+    text = str(name_or_path)
+    if text == EMBEDDED_NAME:
+        if not (EMBEDDED_DIR / "config.json").is_file():
+            raise LorakitError(f"the embedded model is missing from {EMBEDDED_DIR}; "
+                               "reinstall lorakit or rebuild it with `lorakit pretrain --out DIR`")
+        return str(EMBEDDED_DIR), True
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LorakitError(f"model path {path} is a file; pass the folder that holds config.json")
+        return str(path), True
+    return text, False
+
+
+def to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Accept "bf16", "float32", a torch.dtype or None (keep the checkpoint's dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LorakitError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _load_error(kind: str, name: str, local: bool, error: Exception) -> LorakitError:
+    if local:
+        return LorakitError(f"could not load the {kind} from {name}: {error}")
+    return LorakitError(
+        f"could not load the {kind} {name!r}: it is not a local folder, and loading it from the "
+        f"Hugging Face hub failed (no network, or no such repository?): {error}")
+
+
+def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None,
+               trust_remote_code: bool = False):
+    """Load a causal LM ("embedded", a local folder or a hub id) from safetensors weights."""
+    from transformers import AutoModelForCausalLM
+
+    where, local = resolve(name_or_path)
+    torch_dtype = to_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch_dtype if torch_dtype is not None else "auto",
+            use_safetensors=True, local_files_only=local,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise _load_error("model", str(name_or_path), local, error) from error
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+    """Load the tokenizer that belongs to a model ("embedded", a local folder or a hub id)."""
+    from transformers import AutoTokenizer
+
+    where, local = resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            where, local_files_only=local, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise _load_error("tokenizer", str(name_or_path), local, error) from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; it is never trained on
+    return tokenizer
+
+
+__all__ = ["EMBEDDED_DIR", "EMBEDDED_NAME", "load_model", "load_tokenizer", "resolve", "to_dtype"]
