@@ -1,0 +1,121 @@
+"""Chat rows: render a conversation with a chat template and locate every assistant turn.
+
+Assistant spans are found by rendering prefixes of the conversation, which works with any
+template that renders a conversation's prefix as a prefix of the whole:
+
+    start of turn k = len(render(messages[:k], add_generation_prompt=True))
+    end of turn k   = len(render(messages[:k + 1]))
+
+The text between them (the answer and the template's end-of-turn marker) is trained; the
+rest (system, user turns, role headers) is not.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lorakit.data.formats import Rendered, RowError
+
+if TYPE_CHECKING:
+    from lorakit.data.config import DataConfig
+
+# lorakit's built-in template, used when the tokenizer has none (or data.chat_template: builtin):
+#   <|system|>\n{content}\n<|user|>\n{content}\n<|assistant|>\n{content}{eos_token}\n
+# The EOS after each answer is part of the trained span, so the model learns to end its turn.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+# ShareGPT-style rows use {"from": ..., "value": ...}; these roles are renamed.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def _message(item: Any, j: int) -> dict[str, str]:
+    """One message as {role, content}, accepting ShareGPT's {from, value} spelling."""
+    if not isinstance(item, dict):
+        raise RowError(f"field 'messages' item {j} must be a dict with role and content, "
+                       f"got {type(item).__name__}")
+    role = item.get("role", item.get("from"))
+    content = item.get("content", item.get("value"))
+    if not isinstance(role, str):
+        raise RowError(f"field 'messages' item {j} has no string 'role' (keys: {', '.join(item)})")
+    if not isinstance(content, str):
+        got = "no 'content'" if content is None else f"'content' of type {type(content).__name__}"
+        raise RowError(f"field 'messages' item {j} has {got}; expected a string (keys: {', '.join(item)})")
+    return {"role": ROLE_ALIASES.get(role, role), "content": content}
+
+
+def normalize_messages(value: Any, row: dict[str, Any]) -> list[dict[str, str]]:
+    """Validate a row's `messages` field; at least one assistant turn is required."""
+    if value is None:
+        raise RowError(f"field 'messages' is missing (columns: {', '.join(row)})")
+    if not isinstance(value, list):
+        raise RowError(f"field 'messages' must be a list of {{role, content}} dicts, got {type(value).__name__}")
+    messages = [_message(item, j) for j, item in enumerate(value)]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError("field 'messages' has no assistant turn to train on")
+    return messages
+
+
+def chat_template_for(tokenizer: Any, cfg: DataConfig) -> tuple[str | None, bool]:
+    """(template to pass to apply_chat_template, whether it is the built-in one).
+
+    The built-in template carries no BOS, so the tokenizer's own BOS is prepended to it; a
+    tokenizer's or user's template decides its BOS itself (as apply_chat_template does).
+    """
+    if cfg.chat_template == "builtin":
+        return BUILTIN_CHAT_TEMPLATE, True
+    if cfg.chat_template:
+        return cfg.chat_template, False
+    if getattr(tokenizer, "chat_template", None):
+        return None, False
+    return BUILTIN_CHAT_TEMPLATE, True
+
+
+def _renderer(tokenizer: Any, template: str | None):
+    def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as error:  # a Jinja error or a template's raise_exception
+            raise RowError(f"chat template failed on field 'messages': {error}") from error
+        return text
+
+    return render
+
+
+def _prefix_end(full: str, prefix: str, turn: int) -> int:
+    if not full.startswith(prefix):
+        raise RowError(f"the chat template does not render the conversation up to message {turn} as a "
+                       "prefix of the whole conversation, so assistant turns cannot be located; "
+                       "set data.chat_template to a prefix-stable template (or 'builtin')")
+    return len(prefix)
+
+
+def render_chat(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendered:
+    """Render a chat row; every assistant turn (with its end-of-turn marker) is trained."""
+    messages = normalize_messages(row.get("messages"), row)
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+    template, builtin = chat_template_for(tokenizer, cfg)
+    render = _renderer(tokenizer, template)
+    full = render(messages, False)
+    segments: list[tuple[str, bool]] = []
+    done = 0  # characters of `full` already assigned to a segment
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = _prefix_end(full, render(messages[:k], True), k)
+        end = _prefix_end(full, render(messages[: k + 1], False), k + 1)
+        if start < done or end < start:
+            raise RowError(f"the chat template renders assistant message {k} out of order; "
+                           "set data.chat_template to a prefix-stable template (or 'builtin')")
+        answer_end = start + len(full[start:end].rstrip())  # a newline after the end-of-turn is context
+        segments += [(full[done:start], False), (full[start:answer_end], True)]
+        done = answer_end
+    segments.append((full[done:], False))
+    return Rendered([s for s in segments if s[0]], add_bos=builtin, add_eos=False)

@@ -1,0 +1,151 @@
+"""Row formats: a registry of renderers that turn one dataset row into text segments.
+
+A renderer reads the fields it needs from a row (after the column mapping) and returns
+`Rendered`: an ordered list of (text, trained) segments. The tokenizer step encodes each
+segment on its own and concatenates the ids, so the boundary between prompt and answer is
+exact (no BPE merge across it) and the loss mask follows the segments.
+
+Add a format with `register_format(RowFormat(...))`; auto-detection tries the registered
+formats in order and picks the first whose `signature` columns are all present.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lorakit.errors import DataError
+
+if TYPE_CHECKING:
+    from lorakit.data.config import DataConfig
+
+
+class RowError(DataError):
+    """A row that does not fit its format; the caller prefixes the row number."""
+
+
+@dataclass
+class Rendered:
+    """One row as text segments, ready to tokenize."""
+
+    segments: list[tuple[str, bool]]  # (text, trained) in order
+    add_bos: bool = True  # prepend the tokenizer's own leading special tokens (BOS), untrained
+    add_eos: bool = True  # append tokenizer.eos_token_id, trained, so the model learns to stop
+
+
+Renderer = Callable[[dict[str, Any], Any, "DataConfig"], Rendered]
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """A named row format: the columns that identify it and the function that renders a row."""
+
+    name: str
+    signature: tuple[str, ...]  # columns whose presence selects this format in 'auto' mode
+    render: Renderer = field(repr=False)
+    description: str = ""
+
+
+FORMATS: dict[str, RowFormat] = {}
+
+
+def register_format(fmt: RowFormat) -> RowFormat:
+    """Add a format to the registry (later registrations have lower auto-detect priority)."""
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def _columns(row: dict[str, Any]) -> str:
+    return ", ".join(row) if row else "none"
+
+
+def text_field(row: dict[str, Any], name: str, *, required: bool = True) -> str:
+    """The string value of `row[name]`, or a RowError naming the missing or mistyped field."""
+    value = row.get(name)
+    if value is None:
+        if not required:
+            return ""
+        raise RowError(f"field {name!r} is missing (columns: {_columns(row)})")
+    if not isinstance(value, str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise RowError(f"field {name!r} must be a string, got {type(value).__name__} {shown}")
+    return value
+
+
+def apply_columns(row: Any, columns: dict[str, str]) -> dict[str, Any]:
+    """Rename dataset columns to format fields: {field: column}. Unmapped columns pass through."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected a dict of columns, got {type(row).__name__}")
+    if not columns:
+        return row
+    sources = set(columns.values())
+    mapped = {key: value for key, value in row.items() if key not in sources}
+    for field_name, column in columns.items():
+        if column not in row:
+            raise RowError(f"column {column!r} (mapped to field {field_name!r}) is missing "
+                           f"(columns: {_columns(row)})")
+        mapped[field_name] = row[column]
+    return mapped
+
+
+def detect_format(columns: Iterable[str]) -> RowFormat:
+    """The first registered format whose signature columns are all present."""
+    present = set(columns)
+    for fmt in FORMATS.values():
+        if set(fmt.signature) <= present:
+            return fmt
+    expected = "; ".join(f"{'+'.join(f.signature)} ({f.name})" for f in FORMATS.values())
+    raise DataError(f"cannot detect the row format from columns ({', '.join(sorted(present)) or 'none'}); "
+                    f"expected one of: {expected}. Set data.format, or map columns with data.columns")
+
+
+# -- the built-in formats -------------------------------------------------------------------
+
+def render_prompt_completion(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendered:
+    """prompt (untrained, through cfg.prompt_template) then completion + EOS (trained)."""
+    prompt = text_field(row, "prompt")
+    completion = text_field(row, "completion")
+    return Rendered([(cfg.prompt_template.replace("{prompt}", prompt), False), (completion, True)])
+
+
+# The prompt layout of Stanford Alpaca (Taori et al. 2023), the de facto standard for this format.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def render_alpaca(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendered:
+    """Alpaca template around instruction (+ optional input); the output + EOS is trained."""
+    instruction = text_field(row, "instruction")
+    context = text_field(row, "input", required=False)
+    output = text_field(row, "output")
+    template = ALPACA_PROMPT if context.strip() else ALPACA_PROMPT_NO_INPUT
+    prompt = template.replace("{instruction}", instruction).replace("{input}", context)
+    return Rendered([(prompt, False), (output, True)])
+
+
+def render_text(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendered:
+    """Plain text for continued pre-training: every token (and the EOS) is trained."""
+    return Rendered([(text_field(row, "text"), True)])
+
+
+def _render_chat(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendered:
+    from lorakit.data.chat import render_chat  # chat rendering lives in its own module
+
+    return render_chat(row, tokenizer, cfg)
+
+
+register_format(RowFormat("chat", ("messages",), _render_chat,
+                          "a `messages` list of {role, content}; every assistant turn is trained"))
+register_format(RowFormat("alpaca", ("instruction", "output"), render_alpaca,
+                          "instruction, optional input, output (Alpaca prompt template)"))
+register_format(RowFormat("prompt_completion", ("prompt", "completion"), render_prompt_completion,
+                          "prompt (not trained) and completion (trained)"))
+register_format(RowFormat("text", ("text",), render_text, "plain text, every token trained"))

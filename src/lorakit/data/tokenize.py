@@ -1,0 +1,183 @@
+"""Rows -> examples: token ids with an output-only loss mask, truncated to max_length.
+
+An example is {"input_ids": [...], "labels": [...]} with labels ALIGNED to input_ids:
+labels[t] == input_ids[t] where token t is trained, IGNORE_INDEX (-100) where it is not.
+Shifting for next-token prediction happens later, in `make_batches`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lorakit.data.config import DataConfig
+from lorakit.data.formats import FORMATS, Rendered, RowError, RowFormat, apply_columns, detect_format
+from lorakit.errors import DataError
+
+IGNORE_INDEX = -100
+Example = dict[str, list[int]]
+
+
+@dataclass
+class TokenizeStats:
+    """What tokenization did to the rows; report it so nothing is lost silently."""
+
+    n_rows: int = 0  # rows given
+    n_examples: int = 0  # examples produced
+    n_skipped_bad_rows: int = 0  # rows that did not fit the format (skip_bad_rows)
+    n_truncated: int = 0  # examples shortened to max_length (kept)
+    n_answers_cut: int = 0  # of those, examples whose final answer alone was too long and was cut
+    n_dropped: int = 0  # examples dropped: too long with truncation 'drop', or untrained
+    n_trained_tokens: int = 0  # tokens with a label, over all examples
+    n_tokens: int = 0  # tokens over all examples
+
+    def summary(self) -> str:
+        """One line for logs and run reports."""
+        return ", ".join(f"{key[2:]}={value}" for key, value in asdict(self).items())
+
+
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """The special ids the tokenizer puts before a text when add_special_tokens=True (BOS)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def encode(rendered: Rendered, tokenizer: Any, bos: list[int], train_on_prompt: bool) -> tuple[list[int], list[int], int]:
+    """(input_ids, labels, answer_start): each segment encoded on its own and concatenated.
+
+    answer_start is where the final trained segment begins; truncation keeps it whole.
+    """
+    ids: list[int] = list(bos) if rendered.add_bos else []
+    labels = [IGNORE_INDEX] * len(ids)
+    answer_start = None
+    for text, trained in rendered.segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if trained:
+            answer_start = len(ids)
+        ids += piece
+        labels += piece if (trained or train_on_prompt) else [IGNORE_INDEX] * len(piece)
+    if rendered.add_eos:
+        if answer_start is None:
+            answer_start = len(ids)
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return ids, labels, len(ids) if answer_start is None else answer_start
+
+
+def truncate(ids: list[int], labels: list[int], answer_start: int, keep_front: int,
+             max_length: int, mode: str) -> tuple[list[int], list[int], str]:
+    """Shorten one example to max_length. Returns (ids, labels, outcome).
+
+    outcome: 'fit' (unchanged), 'truncated', 'answer_cut' (the final answer itself was cut at
+    its end) or 'dropped'. Mode 'prompt' removes context tokens from the left, after the
+    first `keep_front` tokens (BOS); 'end' cuts the end; 'drop' drops the example.
+    """
+    if len(ids) <= max_length:
+        return ids, labels, "fit"
+    if mode == "drop":
+        return [], [], "dropped"
+    if mode == "end":
+        return ids[:max_length], labels[:max_length], "truncated"
+    keep_front = min(keep_front, answer_start)
+    room = max_length - keep_front - (len(ids) - answer_start)  # context tokens that still fit
+    if room >= 0:
+        cut = slice(answer_start - room, answer_start)
+        return (ids[:keep_front] + ids[cut] + ids[answer_start:],
+                labels[:keep_front] + labels[cut] + labels[answer_start:], "truncated")
+    tail = max_length - keep_front
+    return (ids[:keep_front] + ids[answer_start:answer_start + tail],
+            labels[:keep_front] + labels[answer_start:answer_start + tail], "answer_cut")
+
+
+def resolve_format(rows: list[Any], cfg: DataConfig) -> RowFormat:
+    """cfg.format, or the format detected from the columns (after mapping) of the rows."""
+    if cfg.format != "auto":
+        return FORMATS[cfg.format]
+    columns: dict[str, None] = {}
+    for row in rows:
+        if isinstance(row, dict):
+            columns.update(dict.fromkeys(row))
+    if cfg.columns:
+        columns = {k: None for k in columns if k not in cfg.columns.values()} | dict.fromkeys(cfg.columns)
+    return detect_format(columns)
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise DataError("the tokenizer has no eos_token: set one (tokenizer.eos_token = ...) so that "
+                        "answers end with a trained end-of-sequence token")
+
+
+def _keep_front(ids: list[int], bos: list[int], tokenizer: Any) -> int:
+    if bos and ids[:len(bos)] == bos:
+        return len(bos)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    return 1 if ids and bos_id is not None and ids[0] == bos_id else 0
+
+
+def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> tuple[list[Example], TokenizeStats]:
+    """Render, tokenize, mask and truncate rows. Raises DataError naming the first bad row.
+
+    Bad rows are skipped and counted when cfg.skip_bad_rows is on. An example left with no
+    trained token is an error (naming the row) unless cfg.drop_untrained is on.
+    """
+    if not rows:
+        return [], TokenizeStats()
+    _check_tokenizer(tokenizer)
+    fmt = resolve_format(rows, cfg)
+    bos = bos_prefix(tokenizer)
+    stats = TokenizeStats(n_rows=len(rows))
+    examples: list[Example] = []
+    for i, row in enumerate(rows):
+        try:
+            rendered = fmt.render(apply_columns(row, cfg.columns), tokenizer, cfg)
+        except RowError as error:
+            if cfg.skip_bad_rows:
+                stats.n_skipped_bad_rows += 1
+                continue
+            raise DataError(f"row {i}: {error}") from None
+        ids, labels, answer_start = encode(rendered, tokenizer, bos, cfg.train_on_prompt)
+        ids, labels, outcome = truncate(ids, labels, answer_start, _keep_front(ids, bos, tokenizer),
+                                        cfg.max_length, cfg.truncation)
+        stats.n_truncated += outcome in ("truncated", "answer_cut")
+        stats.n_answers_cut += outcome == "answer_cut"
+        n_trained = sum(label != IGNORE_INDEX for label in labels[1:])  # labels[0] is never a target
+        if outcome != "dropped" and n_trained == 0:
+            if not cfg.drop_untrained:
+                raise DataError(f"row {i}: no trained token left after truncation to max_length="
+                                f"{cfg.max_length} ({fmt.name} format, truncation '{cfg.truncation}'); "
+                                "raise data.max_length, use truncation 'prompt', or set data.drop_untrained")
+            outcome = "dropped"
+        if outcome == "dropped":
+            stats.n_dropped += 1
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+        stats.n_trained_tokens += n_trained
+        stats.n_tokens += len(ids)
+    stats.n_examples = len(examples)
+    return examples, stats
+
+
+def preview_example(example: Example, tokenizer: Any) -> str:
+    """The example as text with every trained span wrapped in [[...]] (pre-flight check)."""
+    parts: list[str] = []
+    run: list[int] = []
+    run_trained = False
+    for token, label in zip(example["input_ids"], example["labels"]):
+        trained = label != IGNORE_INDEX
+        if run and trained != run_trained:
+            parts.append(_show(run, run_trained, tokenizer))
+            run = []
+        run.append(token)
+        run_trained = trained
+    if run:
+        parts.append(_show(run, run_trained, tokenizer))
+    return "".join(parts)
+
+
+def _show(ids: list[int], trained: bool, tokenizer: Any) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return f"[[{text}]]" if trained else text
