@@ -1,0 +1,277 @@
+"""The one training loop: every method (LoRA, full fine-tuning, ...) trains through `train`.
+
+The loop knows nothing of adapters: it trains whatever parameters have requires_grad=True.
+Per optimizer step it (1) counts the trained tokens of the step's micro-batches, (2) runs
+forward/backward on each with loss = summed token cross-entropy / that count, (3) clips,
+sets the scheduled lr and steps AdamW. Losses stay on the device until a logging step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.config import TrainConfig
+from lorakit.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, TrainSummary,
+                                   plot_loss_curve, write_summary)
+from lorakit.train.precision import PRECISIONS
+from lorakit.train.progress import Progress, make_progress
+from lorakit.train.schedules import lr_factor
+from lorakit.train.setup import (build_optimizer, count_parameters, prepared, seed_everything,
+                                 trainable_named_parameters)
+from lorakit.train.step import (Batch, Halving, accumulate_gradients, count_input_tokens, count_trained_tokens,
+                                evaluate, make_loss_sum)
+
+
+@dataclass
+class LoopState:
+    """Where the run stands; saved in every checkpoint's state.json."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_index: int = 0  # next micro-batch of the current epoch
+    halving_parts: int = 1  # pieces per micro-batch after out-of-memory errors
+    trained_tokens: int = 0  # cumulative, up to the last metrics record
+    input_tokens: int = 0  # cumulative, up to the last metrics record
+    elapsed: float = 0.0  # training seconds before this process started
+    elapsed_at_record: float = 0.0  # `elapsed` clock at the last metrics record
+    pending_loss_sum: float = 0.0  # summed token loss since the last record
+    pending_trained: int = 0  # trained tokens since the last record
+    pending_inputs: int = 0  # input positions since the last record
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
+    total_steps: int = 0
+
+
+def plan_steps(cfg: TrainConfig, train_batches: Callable[[int], list[Batch]]) -> tuple[int, list[int]]:
+    """(total optimizer steps, micro-batches per epoch) for the run."""
+    per_epoch, total = [], 0
+    for epoch in range(cfg.epochs):
+        count = len(train_batches(epoch))
+        if count == 0:
+            raise LorakitError(f"train_batches({epoch}) returned no batches: the training set is empty")
+        per_epoch.append(count)
+        total += math.ceil(count / cfg.grad_accum)
+        if cfg.max_steps is not None and total >= cfg.max_steps:
+            return cfg.max_steps, per_epoch
+    return total, per_epoch
+
+
+def train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    *,
+    train_batches: Callable[[int], list[Batch]],
+    eval_batches: list[Batch] | None,
+    run_dir: Path | str,
+    resume: bool | str | Path = False,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> TrainSummary:
+    """Train the parameters of `model` that have requires_grad=True; write metrics, curve, summary.
+
+    train_batches(epoch) returns that epoch's micro-batches (dicts with input_ids, labels already
+    shifted with -100 where untrained, attention_mask, ...), deterministic per epoch. `resume` is
+    False (fresh run), True (continue from run_dir's latest checkpoint) or a checkpoint path.
+    `on_checkpoint(folder)` is called after each checkpoint is complete.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = ckpt.resolve_resume(run_dir, resume)
+    if source is None and ckpt.step_dirs(run_dir / "checkpoints"):
+        raise LorakitError(f"{run_dir} already holds checkpoints: pass resume to continue that run, "
+                           "or choose a new run folder")
+    seed_everything(cfg.seed)
+    total_steps, per_epoch = plan_steps(cfg, train_batches)
+    with prepared(model, cfg) as call:
+        trainer = _Trainer(model, call, cfg, train_batches, eval_batches, run_dir, total_steps, on_checkpoint)
+        if source is not None:
+            trainer.load(source)
+        trainer.run(per_epoch)
+        return trainer.finish(source)
+
+
+class _Trainer:
+    """One process's share of a run: the state, the optimizer and the files it writes."""
+
+    def __init__(self, model: nn.Module, call: nn.Module, cfg: TrainConfig,
+                 train_batches: Callable[[int], list[Batch]], eval_batches: list[Batch] | None,
+                 run_dir: Path, total_steps: int, on_checkpoint: Callable[[Path], None] | None) -> None:
+        self.model, self.cfg, self.run_dir = model, cfg, run_dir
+        self.train_batches, self.eval_batches = train_batches, eval_batches
+        self.on_checkpoint = on_checkpoint
+        self.named = trainable_named_parameters(model)
+        self.names = {id(p): name for name, p in self.named}
+        self.params = [p for _, p in self.named]
+        self.optimizer = build_optimizer(self.named, cfg)
+        device = self.params[0].device
+        self.loss_sum = make_loss_sum(call, device, PRECISIONS[cfg.precision])
+        self.state = LoopState(total_steps=total_steps)
+        self.halving = Halving(enabled=cfg.auto_batch_halving)
+        self.warmup = cfg.resolve_warmup(total_steps)
+        self.pending_loss = torch.zeros((), device=device)
+        self.pending_trained = torch.zeros((), dtype=torch.long)
+        self.grad_norm: torch.Tensor | None = None
+        self.started = time.perf_counter()
+        self.metrics: MetricsLog | None = None
+        self.progress: Progress | None = None
+
+    # ---- resume ------------------------------------------------------------------------
+    def load(self, folder: Path) -> None:
+        """Continue from checkpoint `folder`: weights, optimizer, RNG, data position, counters."""
+        saved = ckpt.read_checkpoint(folder)
+        ckpt.load_trainable_state(self.model, saved.weights, folder)
+        ckpt.load_optimizer_state(self.optimizer, self.names, saved.optimizer_tensors, saved.optimizer_meta, folder)
+        ckpt.restore_rng(saved.state["rng"], saved.rng_tensors)
+        total_steps = self.state.total_steps
+        self.state = LoopState(**saved.state["loop"])
+        if self.state.total_steps != total_steps:
+            raise LorakitError(f"resume: {folder} belongs to a run of {self.state.total_steps} steps, this "
+                               f"config plans {total_steps} (epochs, max_steps, grad_accum or data changed)")
+        self.halving.parts = self.state.halving_parts
+        self.pending_loss.fill_(self.state.pending_loss_sum)
+        self.pending_trained.fill_(self.state.pending_trained)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self, per_epoch: list[int]) -> None:
+        """Train from the current state to the last step."""
+        resume_step = self.state.step if self.state.step else None
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, resume_step=resume_step)
+        self.progress = make_progress(self.cfg.progress, self.state.total_steps, self.state.step)
+        try:
+            while self.state.step < self.state.total_steps:
+                batches = self.train_batches(self.state.epoch)
+                if len(batches) != per_epoch[self.state.epoch]:
+                    raise LorakitError(f"train_batches({self.state.epoch}) returned {len(batches)} batches, "
+                                       f"{per_epoch[self.state.epoch]} when counted: it must be deterministic")
+                self._run_epoch(batches)
+        finally:
+            self.progress.close()
+
+    def _run_epoch(self, batches: list[Batch]) -> None:
+        state, accum = self.state, self.cfg.grad_accum
+        while state.batch_index < len(batches) and state.step < state.total_steps:
+            group = batches[state.batch_index: state.batch_index + accum]
+            lr = self._optimizer_step(group)
+            state.batch_index += len(group)
+            state.step += 1
+            self.progress.advance(state.step)
+            self._after_step(lr, epoch=state.epoch + state.batch_index / len(batches))
+        if state.batch_index >= len(batches):
+            state.epoch, state.batch_index = state.epoch + 1, 0
+
+    def _optimizer_step(self, group: list[Batch]) -> float:
+        """One optimizer step over the micro-batches `group`; returns the lr used."""
+        count = count_trained_tokens(group)
+        n_tokens = max(1.0, float(count)) if count.device.type == "cpu" else count.clamp(min=1)
+        summed = accumulate_gradients(self.loss_sum, group, n_tokens, self.halving, self._on_split)
+        if self.cfg.max_grad_norm:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
+        lr = self.cfg.lr * lr_factor(self.state.step, self.state.total_steps, self.warmup, self.cfg.schedule)
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_loss += summed.float()
+        self.pending_trained = self.pending_trained.to(count.device) + count  # stays where labels live
+        self.state.pending_inputs += count_input_tokens(group)
+        return lr
+
+    def _on_split(self, max_rows: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        parts = self.halving.parts
+        self.state.halving_parts = parts
+        self.progress.message(
+            f"out of memory on micro-batches of up to {max_rows} rows: splitting each micro-batch into {parts} "
+            f"pieces, {self.cfg.grad_accum * parts} passes per step (same effective batch and loss normalisation)")
+
+    def _after_step(self, lr: float, epoch: float) -> None:
+        step, last = self.state.step, self.state.step == self.state.total_steps
+        eval_loss = None
+        if self.eval_batches and (last or (self.cfg.eval_every and step % self.cfg.eval_every == 0)):
+            eval_loss = self._evaluate()
+        if last or eval_loss is not None or step % self.cfg.log_every == 0:
+            self._record(lr, epoch, eval_loss)
+        if self.cfg.save_every and step % self.cfg.save_every == 0:
+            self._save()
+
+    def _evaluate(self) -> float:
+        self.model.eval()
+        try:
+            loss = evaluate(self.loss_sum, self.eval_batches, self.halving, self._on_split)
+        finally:
+            self.model.train()
+        state = self.state
+        if state.best_eval_loss is None or loss < state.best_eval_loss:
+            state.best_eval_loss, state.best_eval_step = loss, state.step
+        self.progress.message(f"step {state.step}: eval loss {loss:.4f}")
+        return loss
+
+    def _elapsed(self) -> float:
+        return self.state.elapsed + time.perf_counter() - self.started
+
+    def _record(self, lr: float, epoch: float, eval_loss: float | None) -> None:
+        """Sync the pending loss from the device and append one metrics line."""
+        state, now = self.state, self._elapsed()
+        trained = int(self.pending_trained.item())
+        loss = self.pending_loss.item() / max(1, trained)
+        state.trained_tokens += trained
+        state.input_tokens += state.pending_inputs
+        tokens_per_s = state.pending_inputs / max(1e-9, now - state.elapsed_at_record)
+        record = {"step": state.step, "epoch": round(epoch, 6), "loss": loss, "lr": lr,
+                  "grad_norm": None if self.grad_norm is None else float(self.grad_norm.item()),
+                  "tokens_per_s": tokens_per_s, "trained_tokens": state.trained_tokens, "elapsed": now}
+        if eval_loss is not None:
+            record["eval_loss"] = eval_loss
+        self.metrics.write(record)
+        self.progress.report(state.step, loss, tokens_per_s, lr)
+        self.pending_loss.zero_()
+        self.pending_trained.zero_()
+        state.pending_inputs, state.elapsed_at_record = 0, now
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _save(self) -> None:
+        state = self.state
+        state.pending_loss_sum = float(self.pending_loss.item())
+        state.pending_trained = int(self.pending_trained.item())
+        state.halving_parts = self.halving.parts
+        saved_elapsed, state.elapsed = state.elapsed, self._elapsed()
+        rng_meta, rng_tensors = ckpt.capture_rng()
+        optimizer_tensors, optimizer_meta = ckpt.optimizer_state(self.optimizer, self.names)
+        checkpoint = ckpt.Checkpoint(
+            weights=ckpt.trainable_state(self.model), optimizer_tensors=optimizer_tensors,
+            optimizer_meta=optimizer_meta, rng_tensors=rng_tensors,
+            state={"format": 1, "loop": asdict(state), "rng": rng_meta})
+        state.elapsed = saved_elapsed
+        folder = ckpt.write_checkpoint(self.run_dir / "checkpoints", state.step, checkpoint,
+                                       keep=self.cfg.keep_checkpoints)
+        self.progress.message(f"step {state.step}: checkpoint {folder}")
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(folder)
+
+    # ---- the end ---------------------------------------------------------------------------
+    def finish(self, source: Path | None) -> TrainSummary:
+        """Write loss_curve.png and summary.json; return the summary."""
+        state, wall = self.state, self._elapsed()
+        records = self.metrics.records
+        plot_loss_curve(records, self.run_dir / CURVE_FILE)
+        trainable, total = count_parameters(self.model)
+        evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+        summary = TrainSummary(
+            steps=state.step, epochs=records[-1]["epoch"] if records else 0.0,
+            trainable_params=trainable, total_params=total, wall_time_s=wall,
+            tokens_per_s=state.input_tokens / max(1e-9, wall), trained_tokens=state.trained_tokens,
+            final_loss=records[-1]["loss"] if records else None,
+            final_eval_loss=evals[-1] if evals else None,
+            best_eval_loss=state.best_eval_loss, best_eval_step=state.best_eval_step,
+            micro_batch_parts=self.halving.parts, resumed_from=str(source) if source else None)
+        write_summary(summary, self.run_dir / SUMMARY_FILE)
+        return summary

@@ -1,0 +1,116 @@
+"""Getting a model ready to train and back again: seeds, precision, checkpointing, optimizer."""
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.train.config import TrainConfig
+from lorakit.train.precision import PRECISIONS
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, param) for every parameter with requires_grad, in module order."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise LorakitError(
+            "the model has no trainable parameters (requires_grad=True): apply an adapter method, "
+            "or method 'full' for full fine-tuning, before training"
+        )
+    return named
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only; fused kernel where the build has one, else foreach."""
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    options = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, ValueError, TypeError):  # device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, foreach=True, **options)
+
+
+def _enable_checkpointing(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Turn on non-reentrant activation checkpointing of a Hugging Face model; undo on exit."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"train.gradient_checkpointing: {type(model).__name__} does not support activation checkpointing "
+            "(it needs a Hugging Face model whose layers support it)"
+        )
+    had_hook = hasattr(model, "_require_grads_hook")
+    # Non-reentrant checkpointing builds the graph from the recomputed forward, so gradients reach
+    # adapter weights even when no input of a checkpointed block requires grad (frozen embeddings).
+    if enable.__name__ == "activation_checkpointing_enable":
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @contextlib.contextmanager
+    def restore() -> Iterator[None]:
+        try:
+            yield
+        finally:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+            if not had_hook and hasattr(model, "_require_grads_hook"):
+                model.disable_input_require_grads()
+
+    return restore()
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models build a KV cache in training forwards unless config.use_cache is off."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache"):
+        yield
+        return
+    before = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = before
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module, cfg: TrainConfig) -> Iterator[nn.Module]:
+    """Ready `model` for training per `cfg`; yields the callable to run (compiled or not).
+
+    Precision casts stay after exit (they are the weights the caller saves); checkpointing, the
+    KV-cache switch and train/eval mode are restored.
+    """
+    was_training = model.training
+    PRECISIONS[cfg.precision].prepare(model)
+    with contextlib.ExitStack() as stack:
+        if cfg.gradient_checkpointing:
+            stack.enter_context(_enable_checkpointing(model))
+        stack.enter_context(_no_kv_cache(model))
+        model.train()
+        try:
+            yield torch.compile(model) if cfg.compile else model
+        finally:
+            model.train(was_training)

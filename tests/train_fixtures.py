@@ -1,0 +1,97 @@
+"""Tiny models and hand-made batches for the training-room tests; also the child process of the
+kill-and-resume test (`python tests/train_fixtures.py RUN_DIR [--resume] [--step-delay S]`).
+
+Batches follow the data room's contract: labels already shifted (labels[b, t] is the target of
+the prediction at position t), -100 where untrained, right padding with a 2-D attention_mask.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 64
+PAD_ID = 0
+
+
+def tiny_llama(seed: int = 0, dropout: float = 0.0) -> LlamaForCausalLM:
+    """A 2-layer Llama with hidden size 32, fp32, eager attention (dropout supported)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                         attention_dropout=dropout, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    return LlamaForCausalLM(config)
+
+
+def freeze_except(model: torch.nn.Module, *keep: str) -> torch.nn.Module:
+    """Freeze every parameter whose name contains none of `keep` (an adapter-like setup)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(k in name for k in keep))
+    return model
+
+
+def make_examples(n: int, seed: int = 0, min_len: int = 4, max_len: int = 12) -> list[dict[str, list[int]]]:
+    """Examples with aligned (unshifted) labels: a prompt (untrained) then a completion (trained)."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator))
+        prompt = int(torch.randint(1, length - 1, (1,), generator=generator))
+        ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return examples
+
+
+def pad_batch(examples: list[dict[str, list[int]]], length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to `length` (default: the longest) and shift labels left by one."""
+    length = length or max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, : n - 1] = torch.tensor(example["labels"][1:])  # (T-1,) target of position t is t+1
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def epoch_batches(examples: list[dict], micro_batch_size: int, epoch: int, seed: int = 0) -> list[dict]:
+    """That epoch's micro-batches: a permutation seeded by (seed, epoch), then padded chunks."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    rows = [examples[i] for i in order]
+    return [pad_batch(rows[i: i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--step-delay", type=float, default=0.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from lorakit.train import TrainConfig, train
+
+    model = freeze_except(tiny_llama(seed=3, dropout=0.1), "q_proj", "v_proj", "norm")
+    if args.step_delay:  # slow each forward pass so the parent can kill mid-run
+        model.register_forward_pre_hook(lambda module, inputs: time.sleep(args.step_delay))
+    examples = make_examples(24, seed=5)
+    cfg = TrainConfig(lr=1e-2, epochs=3, micro_batch_size=4, grad_accum=2, schedule="cosine", warmup_steps=2,
+                      weight_decay=0.1, save_every=2, keep_checkpoints=2, eval_every=3, seed=11,
+                      progress="plain")
+    summary = train(model, cfg, train_batches=lambda epoch: epoch_batches(examples, 4, epoch, seed=7),
+                    eval_batches=[pad_batch(make_examples(6, seed=9))], run_dir=args.run_dir,
+                    resume=args.resume)
+    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trained, str(args.run_dir / "final_trainable.safetensors"))
+    print("steps", summary.steps)
+
+
+if __name__ == "__main__":
+    _main()
