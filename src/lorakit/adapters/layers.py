@@ -1,0 +1,148 @@
+"""The LoRA layer: a drop-in module around a frozen linear layer, plus the supported layer types.
+
+`LoRALayer` keeps the wrapped layer's parameters under their own names (`weight`, `bias`) and
+adds `lora_A.weight` and `lora_B.weight` beside them, so an adapted model's state dict is the
+base model's state dict plus adapter keys: base checkpoints still load strictly (torchtune's
+approach). The wrapped module itself is kept off the module tree and handed back, holding the
+current parameters, when the adapter is merged or unloaded.
+
+Supported base layers live in `LAYER_KINDS` (exact type -> how to read it); another layer type
+is one `register_layer_kind` call, not a new branch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.adapters.lora_math import (InitMethod, delta_weight, init_lora_A_, init_lora_B_, lora_branch,
+                                        merge_weight, scaling, unmerge_weight)
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How to read one base layer type: weight layout and the plain forward pass."""
+
+    fan_in_fan_out: bool  # weight stored (d_in, d_out) instead of nn.Linear's (d_out, d_in)
+    forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, W, b) -> y
+
+    def dims(self, weight: torch.Tensor) -> tuple[int, int]:
+        """(d_in, d_out) of a weight stored in this layout."""
+        rows, cols = weight.shape
+        return (rows, cols) if self.fan_in_fan_out else (cols, rows)
+
+
+def _conv1d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """transformers' Conv1D: y = x W + b with W stored (d_in, d_out); same ops, so same numbers."""
+    out_shape = x.shape[:-1] + (weight.shape[1],)
+    x2d = x.reshape(-1, x.shape[-1])  # (N, d_in)
+    y = torch.addmm(bias, x2d, weight) if bias is not None else x2d @ weight
+    return y.view(out_shape)  # (..., d_out)
+
+
+LAYER_KINDS: dict[type, LayerKind] = {
+    nn.Linear: LayerKind(fan_in_fan_out=False, forward=F.linear),
+    Conv1D: LayerKind(fan_in_fan_out=True, forward=_conv1d_forward),
+}
+
+
+def register_layer_kind(layer_type: type, kind: LayerKind) -> None:
+    """Teach LoRA another base layer type (matched by exact type, so subclasses must register too)."""
+    LAYER_KINDS[layer_type] = kind
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The LayerKind of `module`, or None when LoRA cannot wrap it."""
+    return LAYER_KINDS.get(type(module))
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """LoRA weights stay in float32 under a half-precision or quantised base (as peft does)."""
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoRALayer(nn.Module):
+    """y = base(x) + s * B(A(dropout(x))), with the base layer's `weight` and `bias` kept by name."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, *, rslora: bool = False,
+                 dropout: float = 0.0, init: InitMethod = "kaiming") -> None:
+        super().__init__()
+        kind = LAYER_KINDS[type(base)]
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        d_in, d_out = kind.dims(base.weight)
+        factory = dict(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
+        # Built as nn.Linear then re-initialised: the same random-number use as peft, so a seed
+        # gives peft's A.
+        self.lora_A = nn.Linear(d_in, r, bias=False, **factory)  # weight (r, d_in)
+        self.lora_B = nn.Linear(r, d_out, bias=False, **factory)  # weight (d_out, r)
+        init_lora_A_(self.lora_A.weight, init)
+        init_lora_B_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.kind, self.r, self.alpha, self.rslora = kind, r, alpha, rslora
+        self.in_features, self.out_features = d_in, d_out
+        self.scaling = scaling(alpha, r, rslora)
+        self.merged = False
+        object.__setattr__(self, "_base", base)  # off the module tree: no duplicate state-dict keys
+
+    @property
+    def base_type(self) -> type:
+        """The wrapped layer's class (nn.Linear, Conv1D, ...)."""
+        return type(self._base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.kind.forward(x, self.weight, self.bias)  # (..., d_out)
+        if self.merged:
+            return result
+        A, B = self.lora_A.weight, self.lora_B.weight
+        x = x if x.dtype == A.dtype else x.to(A.dtype)
+        return (result + lora_branch(self.lora_dropout(x), A, B, self.scaling)).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A in the base weight's layout."""
+        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.kind.fan_in_fan_out)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + s * B A as a new tensor; the layer is unchanged."""
+        return merge_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                            self.kind.fan_in_fan_out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s * B A into the base weight (in place); the branch is skipped until `unmerge`."""
+        if not self.merged:
+            self.weight.copy_(self.merged_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract s * B A from the base weight again (exact up to float rounding)."""
+        if self.merged:
+            self.weight.copy_(unmerge_weight(self.weight, self.lora_A.weight, self.lora_B.weight,
+                                             self.scaling, self.kind.fan_in_fan_out))
+            self.merged = False
+
+    def to_plain(self) -> nn.Module:
+        """The wrapped layer, holding this layer's current weight and bias; LoRA weights are dropped."""
+        base = self._base
+        base.weight = self.weight
+        base.bias = self.bias
+        return base
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base")
+            if base is None:
+                raise
+            return getattr(base, name)  # e.g. Conv1D's nf / nx, read by some model code
+
+    def extra_repr(self) -> str:
+        fifo = ", fan_in_fan_out" if self.kind.fan_in_fan_out else ""
+        return (f"base={self.base_type.__name__}({self.in_features}, {self.out_features}), r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:.4g}{fifo}, merged={self.merged}")

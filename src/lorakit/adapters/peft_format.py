@@ -1,0 +1,138 @@
+"""Save and load LoRA adapters in PEFT's folder format.
+
+A folder holds `adapter_config.json` (peft's LoraConfig fields) and `adapter_model.safetensors`,
+whose keys are the ones peft writes (checked against peft 0.21 in the tests):
+
+    base_model.model.<module>.lora_A.weight        (r, d_in)
+    base_model.model.<module>.lora_B.weight        (d_out, r)
+    base_model.model.<module>.base_layer.bias      bias of an adapted module (bias 'all' / 'lora_only')
+    base_model.model.<path>.bias                   other biases (bias 'all')
+    base_model.model.<saved module>.<param>        modules_to_save, e.g. base_model.model.lm_head.weight
+
+In the live model the same tensors sit at `<module>.lora_A.weight`, `<module>.bias` and
+`<saved module>.<param>`: the prefix is dropped and `base_layer.` is not used.
+Weights are read with safetensors only; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.adapters.lora import LoRA, inject, resolve_modules_to_save
+from lorakit.adapters.match import compact_targets
+from lorakit.adapters.peft_load import AdapterWeights, read_config, read_weights, validate
+from lorakit.adapters.state import lora_layers, require_state
+from lorakit.errors import AdapterError, ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (see the module docstring)."""
+    state = _require_lora(model)
+    lora_paths = {path for path, _ in lora_layers(model)}
+    tensors: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
+    for param_path in state.bias_backup:
+        module_path = param_path.rpartition(".")[0]
+        key = f"{module_path}.base_layer.bias" if module_path in lora_paths else param_path
+        tensors[PREFIX + key] = model.get_parameter(param_path)
+    for module_path in state.saved_modules:
+        for name, param in model.get_submodule(module_path).named_parameters():
+            tensors[f"{PREFIX}{module_path}.{name}"] = param
+    return {key: t.detach().contiguous() for key, t in tensors.items()}
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """The adapter_config.json content: peft's LoraConfig fields for this adapter."""
+    state = _require_lora(model)
+    cfg: LoRA = state.method
+    layers = [layer for _, layer in lora_layers(model)]
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or _name_or_path(model), "revision": None,
+        "inference_mode": True,
+        "r": cfg.r, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+        "target_modules": compact_targets(model, state.targets), "exclude_modules": None,
+        "bias": cfg.bias, "modules_to_save": list(state.saved_modules) or None,
+        "fan_in_fan_out": any(layer.kind.fan_in_fan_out for layer in layers),
+        "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "use_dora": False, "lora_bias": False,
+    }
+
+
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA adapter as a PEFT folder at `path`; returns the folder.
+
+    `base_model_name_or_path` is recorded in the config (default: the model's own name_or_path).
+    """
+    folder = Path(path)
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = {key: t.cpu() for key, t in adapter_state_dict(model).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a PEFT-format LoRA folder (saved by lorakit or peft) onto `base_model`, in place.
+
+    Everything is checked before the model is touched: the config's peft_type and features,
+    the safetensors file, and that every module and shape fits the base model. The result is
+    the same as `apply` followed by training: adapter weights trainable, the rest frozen.
+    """
+    folder = Path(path)
+    raw = read_config(folder / CONFIG_NAME)
+    weights = read_weights(folder / WEIGHTS_NAME, prefix=PREFIX)
+    cfg = _lora_config(raw, targets=list(weights.lora), source=folder / CONFIG_NAME)
+    saved = resolve_modules_to_save(base_model, cfg.modules_to_save)
+    paths = validate(base_model, weights, raw, saved, source=folder / WEIGHTS_NAME)
+    inject(base_model, cfg, paths, saved)
+    _copy_in(base_model, weights)
+    return base_model
+
+
+def _lora_config(raw: dict, targets: list[str], source: Path) -> LoRA:
+    """The LoRA config an adapter_config.json describes (targets: the modules with weights)."""
+    try:
+        return LoRA(r=raw["r"], alpha=raw.get("lora_alpha", 8), targets=targets,
+                    dropout=raw.get("lora_dropout", 0.0), bias=raw.get("bias", "none"),
+                    rslora=bool(raw.get("use_rslora", False)),
+                    modules_to_save=list(raw.get("modules_to_save") or []),
+                    init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming")
+    except ConfigError as error:
+        raise AdapterError(f"{source}: {error}") from error
+
+
+def _copy_in(model: nn.Module, weights: AdapterWeights) -> None:
+    with torch.no_grad():
+        for path, (A, B) in weights.lora.items():
+            layer = model.get_submodule(path)
+            layer.lora_A.weight.copy_(A)
+            layer.lora_B.weight.copy_(B)
+        for param_path, tensor in weights.params.items():
+            model.get_parameter(param_path).copy_(tensor)
+
+
+def _require_lora(model: nn.Module):
+    state = require_state(model)
+    if not isinstance(state.method, LoRA):
+        raise AdapterError(f"the '{state.method.name}' method has no LoRA adapter to save; "
+                           "save the whole model with model.save_pretrained instead")
+    return state
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name or None
