@@ -24,3 +24,9 @@ def tiny_tokenizer(chat_template: str | None = None, add_bos: bool = True):
     """BPE tokenizer with <pad>=0, <s>=1, </s>=2, ChatML specials; BOS added like Llama's."""
     return train_byte_bpe(CORPUS, vocab_size=320, extra_special_tokens=("<|im_start|>", "<|im_end|>"),
                           add_bos=add_bos, chat_template=chat_template)
+
+
+@lru_cache(maxsize=None)
+def tiny_sp_tokenizer():
+    """SentencePiece-style (metaspace) BPE: a dummy prefix space before every encoded text."""
+    return train_byte_bpe(CORPUS, vocab_size=200, metaspace=True)

@@ -195,3 +195,16 @@ def test_tokenizer_without_eos_is_refused():
     tok = tiny_tokenizer().__class__(tokenizer_object=tiny_tokenizer().backend_tokenizer, bos_token="<s>")
     with pytest.raises(DataError, match="the tokenizer has no eos_token"):
         one([{"text": "x"}], tok)
+
+
+def test_sentencepiece_style_tokenizer_gets_no_dummy_space_inside_an_example():
+    from _tiny import tiny_sp_tokenizer
+
+    tok = tiny_sp_tokenizer()
+    assert tok.convert_ids_to_tokens(encode(tok, "four."))[0].startswith("\u2581")  # the dummy prefix
+    [ex], _ = one([{"prompt": "Question: what is two plus two?\n", "completion": "four."}], tok)
+    whole = encode(tok, "Question: what is two plus two?\nfour.")
+    assert ex["input_ids"] == [tok.bos_token_id, *whole, tok.eos_token_id]
+    assert tok.decode(trained(ex)) == "four.</s>"
+    [spaced], _ = one([{"prompt": "Question:", "completion": " four."}], tok)
+    assert spaced["input_ids"][1:-1] == encode(tok, "Question: four.")

@@ -7,6 +7,7 @@ Shifting for next-token prediction happens later, in `make_batches`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 
 from lorakit.data.config import DataConfig
@@ -45,7 +46,34 @@ def bos_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
-def encode(rendered: Rendered, tokenizer: Any, bos: list[int], train_on_prompt: bool) -> tuple[list[int], list[int], int]:
+def segment_encoder(tokenizer: Any) -> Callable[[str, bool], list[int]]:
+    """encode(text, first) -> ids of one segment, without special tokens.
+
+    SentencePiece-style tokenizers (Llama 2, Mistral v0.1) put a dummy prefix space before
+    every encoded text, which is right at the start of an example and wrong in its middle.
+    For them, a later segment is encoded after a newline anchor whose ids are then removed
+    (verified per segment; if the anchor merged with the text, the plain encoding is used).
+    Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) need no anchor and get none.
+    """
+    def plain(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    anchor = plain("\n")
+
+    def anchored(text: str) -> list[int]:
+        ids = plain("\n" + text)
+        return ids[len(anchor):] if ids[:len(anchor)] == anchor else plain(text)
+
+    needs_anchor = plain("a") != anchored("a")
+
+    def encode_segment(text: str, first: bool) -> list[int]:
+        return anchored(text) if needs_anchor and not first else plain(text)
+
+    return encode_segment
+
+
+def encode(rendered: Rendered, encode_segment: Callable[[str, bool], list[int]], bos: list[int],
+           eos_id: int, train_on_prompt: bool) -> tuple[list[int], list[int], int]:
     """(input_ids, labels, answer_start): each segment encoded on its own and concatenated.
 
     answer_start is where the final trained segment begins; truncation keeps it whole.
@@ -53,8 +81,9 @@ def encode(rendered: Rendered, tokenizer: Any, bos: list[int], train_on_prompt: 
     ids: list[int] = list(bos) if rendered.add_bos else []
     labels = [IGNORE_INDEX] * len(ids)
     answer_start = None
+    text_start = len(ids)
     for text, trained in rendered.segments:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        piece = encode_segment(text, len(ids) == text_start)  # first=True: nothing encoded yet
         if trained:
             answer_start = len(ids)
         ids += piece
@@ -62,8 +91,8 @@ def encode(rendered: Rendered, tokenizer: Any, bos: list[int], train_on_prompt: 
     if rendered.add_eos:
         if answer_start is None:
             answer_start = len(ids)
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
+        ids.append(eos_id)
+        labels.append(eos_id)
     return ids, labels, len(ids) if answer_start is None else answer_start
 
 
@@ -129,6 +158,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
     _check_tokenizer(tokenizer)
     fmt = resolve_format(rows, cfg)
     bos = bos_prefix(tokenizer)
+    encode_segment = segment_encoder(tokenizer)
     stats = TokenizeStats(n_rows=len(rows))
     examples: list[Example] = []
     for i, row in enumerate(rows):
@@ -139,7 +169,8 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
                 stats.n_skipped_bad_rows += 1
                 continue
             raise DataError(f"row {i}: {error}") from None
-        ids, labels, answer_start = encode(rendered, tokenizer, bos, cfg.train_on_prompt)
+        ids, labels, answer_start = encode(rendered, encode_segment, bos, tokenizer.eos_token_id,
+                                           cfg.train_on_prompt)
         ids, labels, outcome = truncate(ids, labels, answer_start, _keep_front(ids, bos, tokenizer),
                                         cfg.max_length, cfg.truncation)
         stats.n_truncated += outcome in ("truncated", "answer_cut")
