@@ -54,9 +54,12 @@ def test_end_truncation_that_removes_every_trained_token_is_an_error_naming_the_
     rows = [{"prompt": "Hi", "completion": ANSWER}, {"prompt": LONG_PROMPT, "completion": ANSWER}]
     with pytest.raises(DataError) as error:
         run(rows, max_length=20, truncation="end")
-    assert str(error.value).startswith("row 1: no trained token left after truncation to max_length=20")
+    assert str(error.value).startswith("row 1: no trained token left (max_length=20, prompt_completion format, "
+                                       "truncation 'end')")
     examples, stats = run(rows, max_length=20, truncation="end", drop_untrained=True)
     assert len(examples) == 1 and stats.n_dropped == 1
+    with pytest.raises(DataError, match="none of the 1 rows gave an example"):
+        run(rows[1:], max_length=20, truncation="end", drop_untrained=True)
 
 
 def test_chat_truncation_drops_old_context_and_keeps_the_last_answer():

@@ -150,8 +150,9 @@ def _keep_front(ids: list[int], bos: list[int], tokenizer: Any) -> int:
 def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> tuple[list[Example], TokenizeStats]:
     """Render, tokenize, mask and truncate rows. Raises DataError naming the first bad row.
 
-    Bad rows are skipped and counted when cfg.skip_bad_rows is on. An example left with no
-    trained token is an error (naming the row) unless cfg.drop_untrained is on.
+    Rows are numbered from 0 in the order given. Bad rows are skipped and counted when
+    cfg.skip_bad_rows is on. An example with no trained token (after truncation) is an error
+    naming the row unless cfg.drop_untrained is on; so is a list of rows that yields nothing.
     """
     if not rows:
         return [], TokenizeStats()
@@ -178,9 +179,9 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
         n_trained = sum(label != IGNORE_INDEX for label in labels[1:])  # labels[0] is never a target
         if outcome != "dropped" and n_trained == 0:
             if not cfg.drop_untrained:
-                raise DataError(f"row {i}: no trained token left after truncation to max_length="
-                                f"{cfg.max_length} ({fmt.name} format, truncation '{cfg.truncation}'); "
-                                "raise data.max_length, use truncation 'prompt', or set data.drop_untrained")
+                raise DataError(f"row {i}: no trained token left (max_length={cfg.max_length}, "
+                                f"{fmt.name} format, truncation '{cfg.truncation}'); raise "
+                                "data.max_length, use truncation 'prompt', or set data.drop_untrained")
             outcome = "dropped"
         if outcome == "dropped":
             stats.n_dropped += 1
@@ -189,6 +190,8 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
         stats.n_trained_tokens += n_trained
         stats.n_tokens += len(ids)
     stats.n_examples = len(examples)
+    if not examples:
+        raise DataError(f"none of the {len(rows)} rows gave an example ({stats.summary()})")
     return examples, stats
 
 
