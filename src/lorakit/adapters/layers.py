@@ -88,6 +88,7 @@ class LoRALayer(nn.Module):
         self.scaling = scaling(alpha, r, rslora)
         self.merged = False
         object.__setattr__(self, "_base", base)  # off the module tree: no duplicate state-dict keys
+        self.train(base.training)  # a model in eval mode stays in eval mode (dropout off)
 
     @property
     def base_type(self) -> type:

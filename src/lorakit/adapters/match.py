@@ -104,5 +104,5 @@ def _no_match_message(spec: str, names: list[str], model: nn.Module) -> str:
 
 def _unsupported_message(name: str, module: nn.Module) -> str:
     supported = ", ".join(sorted(t.__name__ for t in LAYER_KINDS))
-    return (f"target module {name!r} is a {type(module).__name__}, which LoRA cannot wrap; "
+    return (f"target module {name!r} has type {type(module).__name__}, which LoRA cannot wrap; "
             f"supported layer types: {supported}")

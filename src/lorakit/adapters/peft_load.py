@@ -123,7 +123,7 @@ def validate(model: nn.Module, weights: AdapterWeights, raw: dict, saved: list[s
                                f"{type(model).__name__} does not have{hint}")
         kind = layer_kind(module)
         if kind is None:
-            raise AdapterError(f"{source}: module {path!r} is a {type(module).__name__}, which LoRA cannot wrap")
+            raise AdapterError(f"{source}: module {path!r} has type {type(module).__name__}, which LoRA cannot wrap")
         d_in, d_out = kind.dims(module.weight)
         if tuple(A.shape) != (r, d_in) or tuple(B.shape) != (d_out, r):
             raise AdapterError(f"{source}: LoRA weights for module {path!r} do not fit the base model: lora_A is "
@@ -142,8 +142,8 @@ def _validate_params(model: nn.Module, weights: AdapterWeights, bias: str, saved
         owner = path.rpartition(".")[0]
         is_bias = path.endswith(".bias") and (bias == "all" or (bias == "lora_only" and owner in weights.lora))
         if path not in params or not (is_bias or is_inside(path, saved)):
-            raise AdapterError(f"{source}: unexpected key {path!r}: it is neither LoRA weight, a trained bias "
-                               f"(bias={bias!r}) nor a parameter of modules_to_save {saved}")
+            raise AdapterError(f"{source}: unexpected key {path!r}: it is neither a LoRA weight, nor a trained bias "
+                               f"(bias={bias!r}), nor a parameter of modules_to_save {saved}")
         if tuple(params[path].shape) != tuple(tensor.shape):
             raise AdapterError(f"{source}: {path!r} is {tuple(tensor.shape)} in the adapter but "
                                f"{tuple(params[path].shape)} in the base model")
