@@ -227,7 +227,15 @@ def config_to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML text (loads back into an equal RunConfig)."""
     import yaml
 
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    class Dumper(yaml.SafeDumper):
+        """Writes strings with line breaks as "a\\n" rather than as folded blocks."""
+
+    def represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+        style = '"' if "\n" in text else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+    Dumper.add_representer(str, represent_str)
+    return yaml.dump(config_to_dict(cfg), Dumper=Dumper, sort_keys=False, allow_unicode=True)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:

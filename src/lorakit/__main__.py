@@ -1,0 +1,6 @@
+"""`python -m lorakit ...` is the `lorakit` command."""
+import sys
+
+from lorakit.cli import main
+
+sys.exit(main())

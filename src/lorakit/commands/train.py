@@ -1,0 +1,52 @@
+"""`lorakit train [CONFIG] [overrides]`: fine-tune a model and write a run folder."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import textwrap
+
+from lorakit.commands.configargs import add_config_arguments, config_from_args
+from lorakit.config import RunConfig
+
+ACCEPTS_EXTRA_ARGS = True  # unknown --keys reach run() and become closest-key errors
+
+EXAMPLES = """\
+examples:
+  lorakit train                                   # the embedded quickstart recipe
+  lorakit train configs/bloomz-awesome-prompts.yaml --train.lr 3e-4 --method.r 8
+  lorakit train my.yaml data.source=rows.jsonl method.name=full
+  lorakit train runs/my --resume                  # continue a run from its latest checkpoint
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register CONFIG, --resume and one --section.key option per config field."""
+    parser.description = textwrap.dedent("""\
+        Fine-tune a causal LM from a YAML config. Every config field below can be overridden
+        as --section.key VALUE or section.key=VALUE; lists and mappings take YAML text,
+        e.g. --method.targets '[q_proj, v_proj]' or data.columns='{prompt: act}'.""")
+    parser.epilog = EXAMPLES
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run folder's latest checkpoint (the config must match the run's)")
+    add_config_arguments(parser)
+
+
+def free_run_name(cfg: RunConfig, base: str) -> RunConfig:
+    """The first of base, base-2, base-3, ... whose run folder is free or empty."""
+    cfg, number = dataclasses.replace(cfg, name=base), 1
+    while cfg.run_dir.exists() and any(cfg.run_dir.iterdir()):
+        number += 1
+        cfg = dataclasses.replace(cfg, name=f"{base}-{number}")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; print where the run folder and its report are."""
+    from lorakit.run import run_training
+
+    cfg, source = config_from_args(args)
+    if cfg.name is None:  # derived from the config file: never clobber an earlier run
+        cfg = dataclasses.replace(cfg, name=source.stem) if args.resume else free_run_name(cfg, source.stem)
+    result = run_training(cfg, resume=args.resume)
+    print(f"done: {result.report}")
+    return 0

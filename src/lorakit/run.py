@@ -1,0 +1,246 @@
+"""One training run, start to finish: config -> model -> method -> data -> loop -> run folder.
+
+`run_training(cfg)` is what `lorakit train` calls. The run folder (cfg.run_dir) ends up with:
+
+    config.yaml        the resolved config (feed it back to `lorakit train` to repeat the run)
+    metrics.jsonl      step, loss, eval loss, lr, tokens/s, trained tokens  (written by the loop)
+    checkpoints/       resumable checkpoints, when train.save_every > 0     (written by the loop)
+    loss_curve.png     train and eval loss against step                     (written by the loop)
+    summary.json       the loop's closing numbers                           (written by the loop)
+    adapter/           the final adapter in PEFT format, or model/ (+ tokenizer) for method full
+    report.md          a short human summary with a link to the loss curve
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lorakit.config import RunConfig, config_to_dict, method_name, read_yaml, save_config
+from lorakit.errors import ConfigError, DataError
+
+CONFIG_FILE = "config.yaml"
+REPORT_FILE = "report.md"
+# keys that may differ between a run and its resumption without changing the numbers
+RESUME_FREE_KEYS = {"train.progress", "model.device"}
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    output: Path  # the adapter folder, or the full model folder for method full
+    model: Any  # the trained model (adapter still attached), e.g. to evaluate it next
+    tokenizer: Any
+    summary: Any  # lorakit.train.TrainSummary
+    data_stats: Any  # lorakit.data.TokenizeStats of the training rows
+    report: Path
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        out.update(_flat(value, dotted + ".") if isinstance(value, dict) and value else {dotted: value})
+    return out
+
+
+def check_resume_config(saved: dict, current: dict) -> None:
+    """Refuse to resume a run with a config that would change its numbers."""
+    old, new = _flat(saved), _flat(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS)
+    if changed:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"cannot resume with a different config ({details}); resume with the run "
+                          "folder's own config.yaml, or start a new run with another name")
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    """Create (or, on resume, check) the run folder and write the resolved config.yaml."""
+    run_dir = cfg.run_dir
+    config_path = run_dir / CONFIG_FILE
+    if resume:
+        if not config_path.is_file():
+            raise ConfigError(f"cannot resume: {run_dir} holds no {CONFIG_FILE} of an earlier run")
+        check_resume_config(read_yaml(config_path), config_to_dict(cfg))
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, "
+                          "or choose another name (--name)")
+    save_config(cfg, config_path)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def pick_device(device: str | None) -> str:
+    """The configured device, or cuda when available, else cpu."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_adapted_model(cfg: RunConfig, log: Log) -> tuple[Any, Any]:
+    """(model with the method applied, tokenizer), on the configured device."""
+    from lorakit.adapters import apply, parameter_report
+    from lorakit.models import load_model, load_tokenizer
+
+    from lorakit.train.setup import seed_everything
+
+    model_cfg = cfg.model
+    device = pick_device(model_cfg.device)
+    seed_everything(cfg.train.seed)  # adapter init (e.g. LoRA's A) is random: same seed, same run
+    tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    model = load_model(model_cfg.name_or_path, dtype=model_cfg.dtype, device=device,
+                       trust_remote_code=model_cfg.trust_remote_code)
+    model = apply(model, cfg.method).to(device)  # new adapter weights join the base on its device
+    log(parameter_report(model))
+    return model, tokenizer
+
+
+def stats_line(stats: Any) -> str:
+    """One line of tokenization counts (the truncation/skip report of the pre-flight check)."""
+    return (f"{stats.n_examples} examples from {stats.n_rows} rows: {stats.n_truncated} truncated "
+            f"({stats.n_answers_cut} with the answer cut), {stats.n_dropped} dropped, "
+            f"{stats.n_skipped_bad_rows} bad rows skipped; {stats.n_trained_tokens} of "
+            f"{stats.n_tokens} tokens trained")
+
+
+def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list, Any]:
+    """(train examples, validation examples, train stats), after the pre-flight preview."""
+    from lorakit.data import load_rows, preview_example, tokenize_rows
+
+    train_rows, val_rows = load_rows(cfg.data)
+    train_examples, stats = tokenize_rows(train_rows, tokenizer, cfg.data)
+    if not train_examples:
+        raise DataError(f"no training examples are left after tokenization ({stats_line(stats)})")
+    val_examples, _ = tokenize_rows(val_rows, tokenizer, cfg.data)
+    log("pre-flight: one training example, trained tokens in [[...]]:")
+    log(preview_example(train_examples[0], tokenizer))
+    log(f"data: {stats_line(stats)}; {len(val_examples)} validation examples")
+    return train_examples, val_examples, stats
+
+
+def batch_maker(examples: list, cfg: RunConfig, pad_id: int) -> Callable[[int], list[dict]]:
+    """train_batches(epoch) for the loop; the latest epoch's batches are kept, not rebuilt."""
+    from lorakit.data import make_batches
+
+    memo: dict[int, list[dict]] = {}
+
+    def train_batches(epoch: int) -> list[dict]:
+        if epoch not in memo:
+            memo.clear()
+            memo[epoch] = make_batches(examples, cfg.train.micro_batch_size, pack=cfg.data.packing,
+                                       max_length=cfg.data.max_length, pad_id=pad_id,
+                                       seed=cfg.train.seed, epoch=epoch)
+        return memo[epoch]
+
+    return train_batches
+
+
+def eval_batches_of(examples: list, cfg: RunConfig, pad_id: int) -> list[dict] | None:
+    """Validation batches in a fixed order (None when there are no validation examples)."""
+    from lorakit.data import make_batches
+
+    if not examples:
+        return None
+    return make_batches(examples, cfg.train.micro_batch_size, pack=cfg.data.packing, max_length=cfg.data.max_length,
+                        pad_id=pad_id, seed=cfg.train.seed, epoch=0, shuffle=False)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The pad id batches use (it never carries a loss)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
+    return int(pad)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def save_adapter_folder(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Path) -> Path:
+    """The trained adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    from lorakit.adapters import save_adapter
+
+    path = run_dir / "adapter"
+    save_adapter(model, path, base_model_name_or_path=cfg.model.name_or_path)
+    return path
+
+
+def save_full_model(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Path) -> Path:
+    """The whole fine-tuned model (safetensors) with its tokenizer, loadable by from_pretrained."""
+    path = run_dir / "model"
+    model.save_pretrained(path)  # transformers 5 writes safetensors only
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# method name -> how its result is saved; every adapter method saves an adapter folder
+SAVERS: dict[str, Callable[[Any, Any, RunConfig, Path], Path]] = {"full": save_full_model}
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def write_report(result: RunResult, cfg: RunConfig, wall_s: float) -> Path:
+    """report.md: what trained, how fast, how well, and where the outputs are."""
+    s, stats = result.summary, result.data_stats
+    share = 100.0 * s.trainable_params / max(1, s.total_params)
+    eval_line = (f"{_fmt(s.best_eval_loss)} (step {s.best_eval_step})" if s.best_eval_loss is not None
+                 else "n/a (no validation rows)")
+    lines = [
+        f"# Run `{cfg.name}`",
+        "",
+        f"- model: `{cfg.model.name_or_path}`, method: `{method_name(cfg.method)}`",
+        f"- trainable parameters: {s.trainable_params:,} of {s.total_params:,} ({share:.4f}%)",
+        f"- data: {stats_line(stats)}",
+        f"- steps: {s.steps} ({s.epochs:.2f} epochs), trained tokens: {s.trained_tokens:,}",
+        f"- training time: {s.wall_time_s:.1f} s ({wall_s:.1f} s for the whole command), "
+        f"{s.tokens_per_s:,.0f} tokens/s",
+        f"- final training loss: {_fmt(s.final_loss)}; best eval loss: {eval_line}",
+        f"- output: `{result.output.name}/`" + (f" (resumed from `{s.resumed_from}`)" if s.resumed_from else ""),
+        "",
+        "![loss curve](loss_curve.png)",
+        "",
+        f"Repeat this run with `lorakit train {result.run_dir / CONFIG_FILE} --name NEW_NAME`.",
+        "",
+    ]
+    path = result.run_dir / REPORT_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> RunResult:
+    """Train `cfg` end to end and fill its run folder (see the module docstring)."""
+    from lorakit.train import train
+
+    started = time.perf_counter()
+    run_dir = prepare_run_dir(cfg, resume)
+    log(f"run folder: {run_dir}")
+    model, tokenizer = load_adapted_model(cfg, log)
+    train_examples, val_examples, stats = tokenize_data(cfg, tokenizer, log)
+    if cfg.data.packing:
+        from lorakit.data import check_packing
+
+        check_packing(model)
+    pad_id = pad_id_of(tokenizer)
+    train_batches = batch_maker(train_examples, cfg, pad_id)
+    eval_batches = eval_batches_of(val_examples, cfg, pad_id)
+    summary = train(model, cfg.train, train_batches=train_batches, eval_batches=eval_batches,
+                    run_dir=run_dir, resume=resume)
+    saver = SAVERS.get(method_name(cfg.method), save_adapter_folder)
+    output = saver(model, tokenizer, cfg, run_dir)
+    result = RunResult(run_dir=run_dir, output=output, model=model, tokenizer=tokenizer, summary=summary,
+                       data_stats=stats, report=run_dir / REPORT_FILE)
+    write_report(result, cfg, time.perf_counter() - started)
+    return result
+
