@@ -123,3 +123,14 @@ def test_modules_to_save_are_not_also_lora_targets():
     assert modules["model.layers.0.self_attn.o_proj"].weight.requires_grad
     with pytest.raises(AdapterError, match="modules_to_save entry 'scor' matches no module"):
         apply(tiny_llama(), LoRA(targets="q_proj", modules_to_save=["scor"]))
+
+
+def test_the_public_api_from_the_issue(tmp_path):
+    model = lorakit.apply(tiny_llama(), lorakit.LoRA(r=16, alpha=32, targets="all-linear", dropout=0.05,
+                                                      bias="none", rslora=False))
+    trainable, total = lorakit.trainable_parameters(model)
+    assert trainable == 2 * 16 * (4 * 32 + 16 + 32 + 16 + 32 + 3 * (32 + 64))  # q,o: 32->32; k,v: 32->16; mlp
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    loaded = lorakit.load_adapter(tiny_llama(), tmp_path / "adapter")
+    plain = lorakit.merge(loaded)
+    assert type(plain).__name__ == "LlamaForCausalLM" and lorakit.trainable_parameters(plain)[1] < total

@@ -147,3 +147,19 @@ def test_eval_mode_survives_apply_so_dropout_stays_off():
     model = perturb_(apply(tiny_llama(), LoRA(r=2, targets="q_proj", dropout=0.5)))
     assert not any(m.training for m in model.modules())
     assert torch.equal(logits(model), logits(model))
+
+
+def test_modules_to_save_the_base_lacks_are_named_with_the_config_file(tmp_path):
+    folder = save_adapter(apply(tiny_llama(), LoRA(r=2, targets="q_proj", modules_to_save=["lm_head"])), tmp_path)
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "modules_to_save": ["score"]}))
+    with pytest.raises(AdapterError, match=r"adapter_config.json: modules_to_save entry 'score' matches no module"):
+        load_adapter(tiny_llama(), folder)
+
+
+def test_the_saved_config_is_the_one_applied_not_a_later_edit(tmp_path):
+    cfg = LoRA(r=2, alpha=4, targets="q_proj")
+    model = apply(tiny_llama(), cfg)
+    cfg.alpha = 64
+    config = json.loads((save_adapter(model, tmp_path) / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 4

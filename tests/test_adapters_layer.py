@@ -167,3 +167,29 @@ def test_merged_modules_to_save_copy_unties_the_config():
     assert merged.config.tie_word_embeddings is False
     with pytest.raises(AdapterError, match="has no LoRA layers to unmerge"):
         unmerge(merged)
+
+
+def test_half_precision_base_keeps_float32_adapter_weights_and_its_output_dtype():
+    model = apply(tiny_llama().to(torch.bfloat16), LoRA(r=2, targets=["q_proj", "down_proj"]))
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    perturb_(model)
+    out = model(tiny_batch()).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.dtype == torch.float32
+
+
+def test_a_deep_copy_is_an_independent_adapted_model():
+    import copy
+
+    model = perturb_(apply(tiny_gpt2(), LoRA(r=2, targets="c_attn", modules_to_save=["lm_head"])))
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(logits(clone), logits(model), atol=0, rtol=0)
+    with torch.no_grad():
+        clone.get_submodule("transformer.h.0.attn.c_attn").lora_B.weight.add_(1.0)
+    assert not torch.equal(logits(clone), logits(model))
+    plain = unload(clone)  # the copy's wrapped layers hold the copy's own parameters
+    assert plain.get_submodule("transformer.h.0.attn.c_attn").weight is plain.state_dict(keep_vars=True)[
+        "transformer.h.0.attn.c_attn.weight"]
+    assert torch.equal(logits(plain), logits(tiny_gpt2()))

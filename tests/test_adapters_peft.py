@@ -6,13 +6,15 @@ import torch
 from safetensors.torch import load_file
 from test_adapters_layer import build, logits, perturb_
 
-from lorakit.adapters import LoRA, apply, find_targets, load_adapter, save_adapter, trainable_parameters
+from lorakit.adapters import (LoRA, apply, find_targets, load_adapter, parameter_report, save_adapter,
+                              trainable_parameters)
 from lorakit.adapters.lora_math import lora_param_count
 
 peft = pytest.importorskip("peft")
 
 CASES = {
     "llama-qv": ("llama", LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"])),
+    "llama-regex-layer1": ("llama", LoRA(r=2, alpha=2, targets=r".*\.1\.(self_attn|mlp)\.(k|up)_proj")),
     "llama-all-bias-lm_head": ("llama", LoRA(r=4, alpha=8, targets="all-linear", dropout=0.05, bias="all",
                                               modules_to_save=["lm_head"])),
     "gpt2-lora_only-rslora": ("gpt2", LoRA(r=4, alpha=16, targets="all-linear", bias="lora_only", rslora=True)),
@@ -103,3 +105,17 @@ def test_exercise_2_counts_are_lora_pairs_plus_trained_biases_plus_saved_modules
         if isinstance(getattr(base.get_submodule(m), "bias", None), torch.nn.Parameter))
     base_total = sum(p.numel() for p in base.parameters())
     assert trainable_parameters(apply(build(arch), cfg)) == (lora + biases + saved, base_total + lora + saved)
+
+
+@pytest.mark.parametrize("case", ["llama-all-bias-lm_head", "gpt2-all-lm_head"])
+def test_report_headline_is_peft_print_and_rows_add_up(case, capsys):
+    arch, cfg = CASES[case]
+    peft_model(arch, cfg).print_trainable_parameters()
+    report = parameter_report(apply(build(arch), cfg))
+    headline, header, *rows = report.splitlines()
+    assert headline == capsys.readouterr().out.strip()
+    assert header.split() == ["module", "type", "modules", "trainable", "total"]
+    numbers = [[int(cell.replace(",", "")) for cell in row.split()[-2:]] for row in rows]
+    trainable, total = trainable_parameters(apply(build(arch), cfg))
+    assert [sum(column) for column in zip(*numbers)] == [trainable, total]
+    assert any(row.startswith("LoRA A+B") for row in rows)

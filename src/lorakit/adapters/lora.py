@@ -6,6 +6,7 @@ trainable copy, with peft's semantics throughout, so the adapter saves in PEFT f
 """
 from __future__ import annotations
 
+import copy
 import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -104,7 +105,7 @@ def inject(model: nn.Module, cfg: LoRA, paths: list[str], saved: list[str]) -> n
     for path in paths:
         _check_rank(path, modules[path], cfg.r)
     model.requires_grad_(False)
-    state = AdapterState(method=cfg, targets=list(paths), saved_modules=list(saved))
+    state = AdapterState(method=copy.deepcopy(cfg), targets=list(paths), saved_modules=list(saved))
     for path in paths:  # model order: the same random-number use as peft
         layer = LoRALayer(modules[path], cfg.r, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout, init=cfg.init)
         replace_module(model, path, layer)

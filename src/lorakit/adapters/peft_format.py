@@ -96,7 +96,10 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
     raw = read_config(folder / CONFIG_NAME)
     weights = read_weights(folder / WEIGHTS_NAME, prefix=PREFIX)
     cfg = _lora_config(raw, targets=list(weights.lora), source=folder / CONFIG_NAME)
-    saved = resolve_modules_to_save(base_model, cfg.modules_to_save)
+    try:
+        saved = resolve_modules_to_save(base_model, cfg.modules_to_save)
+    except AdapterError as error:
+        raise AdapterError(f"{folder / CONFIG_NAME}: {error}") from error
     paths = validate(base_model, weights, raw, saved, source=folder / WEIGHTS_NAME)
     inject(base_model, cfg, paths, saved)
     _copy_in(base_model, weights)

@@ -152,5 +152,11 @@ def _validate_params(model: nn.Module, weights: AdapterWeights, bias: str, saved
 def _peft_selects(target_modules, path: str) -> bool:
     """peft's rule: a string is 'all-linear' or a regex (full match); a list holds names or suffixes."""
     if isinstance(target_modules, str):
-        return target_modules.lower() == ALL_LINEAR or re.fullmatch(target_modules, path) is not None
+        if target_modules.lower() == ALL_LINEAR:
+            return True
+        try:
+            return re.fullmatch(target_modules, path) is not None
+        except re.error as error:
+            raise AdapterError(f"adapter_config.json: target_modules {target_modules!r} is not a valid "
+                               f"regular expression ({error})") from error
     return any(path == t or path.endswith("." + t) for t in target_modules)
