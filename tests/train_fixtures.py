@@ -23,9 +23,24 @@ def tiny_llama(seed: int = 0, dropout: float = 0.0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                         attention_dropout=dropout, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
+                         attention_dropout=dropout, initializer_range=0.1, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2)
     config._attn_implementation = "eager"
     return LlamaForCausalLM(config)
+
+
+class TinyLM(torch.nn.Module):
+    """A non-Hugging-Face causal "LM" (no attention) whose forward returns bare logits (B, T, V)."""
+
+    def __init__(self, seed: int = 0, hidden: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(VOCAB, hidden)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.Dropout(0.1))
+        self.head = torch.nn.Linear(hidden, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embed(input_ids)  # (B, T, C)
+        return self.head(hidden + self.mlp(hidden))  # (B, T, V)
 
 
 def freeze_except(model: torch.nn.Module, *keep: str) -> torch.nn.Module:
@@ -35,14 +50,22 @@ def freeze_except(model: torch.nn.Module, *keep: str) -> torch.nn.Module:
     return model
 
 
-def make_examples(n: int, seed: int = 0, min_len: int = 4, max_len: int = 12) -> list[dict[str, list[int]]]:
-    """Examples with aligned (unshifted) labels: a prompt (untrained) then a completion (trained)."""
+def make_examples(n: int, seed: int = 0, min_len: int = 4, max_len: int = 12,
+                  learnable: bool = False) -> list[dict[str, list[int]]]:
+    """Examples with aligned (unshifted) labels: a prompt (untrained) then a completion (trained).
+
+    Tokens are random; with `learnable` each token after the first follows from the one before
+    (a fixed bigram rule), so even a few trainable matrices can bring the loss down.
+    """
     generator = torch.Generator().manual_seed(seed)
     examples = []
     for _ in range(n):
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=generator))
         prompt = int(torch.randint(1, length - 1, (1,), generator=generator))
         ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+        if learnable:
+            for t in range(1, length):
+                ids[t] = 3 + (ids[t - 1] * 7 + 5) % (VOCAB - 3)
         examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return examples
 
@@ -66,6 +89,28 @@ def epoch_batches(examples: list[dict], micro_batch_size: int, epoch: int, seed:
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
     rows = [examples[i] for i in order]
     return [pad_batch(rows[i: i + micro_batch_size]) for i in range(0, len(rows), micro_batch_size)]
+
+
+def run_tiny(run_dir: Path, model: torch.nn.Module | None = None, examples: list[dict] | None = None,
+             micro_batch_size: int = 4, eval_examples: int = 0, **overrides):
+    """Train a (default: adapter-like frozen) tiny Llama on fixed examples; returns (summary, model)."""
+    from lorakit.train import TrainConfig, train
+
+    model = model if model is not None else freeze_except(tiny_llama(seed=0), "q_proj", "v_proj")
+    examples = examples if examples is not None else make_examples(16, seed=2)
+    settings = dict(lr=1e-2, epochs=2, micro_batch_size=micro_batch_size, schedule="constant", progress="none")
+    cfg = TrainConfig(**{**settings, **overrides})
+    evals = [pad_batch(make_examples(eval_examples, seed=99))] if eval_examples else None
+    summary = train(model, cfg, train_batches=lambda epoch: epoch_batches(examples, micro_batch_size, epoch),
+                    eval_batches=evals, run_dir=run_dir)
+    return summary, model
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    """The `key` column of a run's metrics.jsonl, in step order."""
+    from lorakit.train import read_metrics
+
+    return [r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r]
 
 
 def _main() -> None:
