@@ -193,3 +193,8 @@ def test_a_deep_copy_is_an_independent_adapted_model():
     assert plain.get_submodule("transformer.h.0.attn.c_attn").weight is plain.state_dict(keep_vars=True)[
         "transformer.h.0.attn.c_attn.weight"]
     assert torch.equal(logits(plain), logits(tiny_gpt2()))
+
+
+def test_the_layer_refuses_a_module_type_it_cannot_wrap():
+    with pytest.raises(AdapterError, match="LoRA cannot wrap a module of type Embedding; supported layer types: Conv1D, Linear"):
+        LoRALayer(nn.Embedding(10, 4), r=2, alpha=2)

@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapters.lora_math import (InitMethod, delta_weight, init_lora_A_, init_lora_B_, lora_branch,
                                         merge_weight, scaling, unmerge_weight)
+from lorakit.errors import AdapterError
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,10 @@ class LoRALayer(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, init: InitMethod = "kaiming") -> None:
         super().__init__()
-        kind = LAYER_KINDS[type(base)]
+        kind = layer_kind(base)
+        if kind is None:
+            raise AdapterError(f"LoRA cannot wrap a module of type {type(base).__name__}; supported layer types: "
+                               f"{', '.join(sorted(t.__name__ for t in LAYER_KINDS))}")
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         d_in, d_out = kind.dims(base.weight)
