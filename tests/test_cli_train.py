@@ -206,3 +206,17 @@ def test_base_weights_are_bitwise_unchanged_after_lora_training(workdir, tmp_pat
     assert {k for k in state if k not in adapter_keys} == set(original)
     assert all(torch.equal(state[k], original[k]) for k in original)
     assert all(state[k].abs().max() > 0 for k in adapter_keys if ".lora_B." in k)  # B left its zero init
+
+
+def test_real_process_errors_are_one_line_with_exit_code_2(workdir):
+    unknown = run_lorakit("train", "lora.yaml", "--data.max_lenght", "3", cwd=workdir)
+    assert unknown.returncode == 2
+    assert unknown.stderr == "error: unknown key 'data.max_lenght'; did you mean 'data.max_length'?\n"
+
+    (workdir / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [ROWS[0], ROWS[1], {"prompt": "x"}]))
+    bad_row = run_lorakit("train", "lora.yaml", "--data.source", "bad.jsonl", "--data.val_fraction", "0",
+                          "--name", "bad", cwd=workdir)
+    assert bad_row.returncode == 2
+    assert "Traceback" not in bad_row.stderr
+    assert bad_row.stderr.splitlines()[-1] == "error: row 2: field 'completion' is missing (columns: prompt, completion)"
+    assert not (workdir / "runs" / "bad").exists()  # a run that never started leaves no folder

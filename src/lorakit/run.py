@@ -62,8 +62,8 @@ def check_resume_config(saved: dict, current: dict) -> None:
                           "folder's own config.yaml, or start a new run with another name")
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
-    """Create (or, on resume, check) the run folder and write the resolved config.yaml."""
+def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    """The run folder, after checking it suits a fresh run (absent or empty) or a resume."""
     run_dir = cfg.run_dir
     config_path = run_dir / CONFIG_FILE
     if resume:
@@ -73,7 +73,6 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, "
                           "or choose another name (--name)")
-    save_config(cfg, config_path)
     return run_dir
 
 
@@ -224,8 +223,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     from lorakit.train import train
 
     started = time.perf_counter()
-    run_dir = prepare_run_dir(cfg, resume)
-    log(f"run folder: {run_dir}")
+    run_dir = check_run_dir(cfg, resume)
     model, tokenizer = load_adapted_model(cfg, log)
     train_examples, val_examples, stats = tokenize_data(cfg, tokenizer, log)
     if cfg.data.packing:
@@ -235,6 +233,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     pad_id = pad_id_of(tokenizer)
     train_batches = batch_maker(train_examples, cfg, pad_id)
     eval_batches = eval_batches_of(val_examples, cfg, pad_id)
+    save_config(cfg, run_dir / CONFIG_FILE)  # only now: a run that fails to start leaves no folder
+    log(f"run folder: {run_dir}")
     summary = train(model, cfg.train, train_batches=train_batches, eval_batches=eval_batches,
                     run_dir=run_dir, resume=resume)
     saver = SAVERS.get(method_name(cfg.method), save_adapter_folder)

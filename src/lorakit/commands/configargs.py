@@ -58,11 +58,10 @@ def _shown(default: Any) -> str:
 
 
 def _add_option(group: argparse._ArgumentGroup, key: str, tp: Any, doc: str, default: Any) -> None:
-    is_flag = tp is bool
+    # Every option takes a value (booleans too: --train.compile true), so an option can never
+    # swallow the CONFIG word that follows it.
     group.add_argument(f"--{key}", dest=f"override:{key}", action=_Override, default=argparse.SUPPRESS,
-                       metavar=_metavar(tp),
-                       nargs="?" if is_flag else None, const="true" if is_flag else None,
-                       help=_help(doc, default))
+                       metavar=_metavar(tp), help=_help(doc, default))
 
 
 def _add_dataclass(group: argparse._ArgumentGroup, prefix: str, cls: type) -> None:

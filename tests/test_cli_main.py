@@ -1,0 +1,153 @@
+"""The `lorakit` entry point in-process: dispatch, --help from the dataclasses, error handling."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import pytest
+import yaml
+
+from lorakit import cli
+from lorakit.adapters import METHODS
+from lorakit.config import ModelConfig, load_config
+from lorakit.data import DataConfig
+from lorakit.errors import DataError
+from lorakit.schema import field_docs
+from lorakit.train import TrainConfig
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"source": "rows.jsonl"}, "method": {"name": "lora", "r": 4}}))
+    return path
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_top_level_help_lists_commands_without_importing_them(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_train_help_lists_every_field_with_its_doc(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = words(capsys.readouterr().out)
+    sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, **{"method": c for c in METHODS.values()}}
+    expected = [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)]
+    expected += [("method", cls) for cls in METHODS.values()]
+    for section, cls in expected:
+        for name, doc in field_docs(cls).items():
+            assert f"--{section}.{name}" in out
+            assert doc and words(doc)[:40] in out, f"{section}.{name} has no doc in --help"
+    assert sections and "--method.name {" in out and "--resume" in out
+
+
+def test_unknown_option_names_the_closest_key(capsys):
+    assert cli.main(["train", "--data.max_lenght", "3"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: unknown key 'data.max_lenght'; did you mean 'data.max_length'?\n"
+    assert cli.main(["train", "--train.l", "3"]) == 2  # no silent prefix matching
+    assert capsys.readouterr().err == "error: unknown key 'train.l'; did you mean 'train.lr'?\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data.max_lenght=3"], "unknown key 'data.max_lenght'; did you mean 'data.max_length'?"),
+    (["--train.lr", "abc"], "train.lr: expected float, got 'abc'"),
+    (["--train.lr", "1e-3", "train.lr=2e-3"], "'train.lr' is given twice ('1e-3' and '2e-3')"),
+    (["--method.r", "0"], "LoRA: r must be a positive integer (the rank), got 0"),
+    (["stray"], "unexpected argument 'stray': overrides are written key=value or --key value"),
+])
+def test_config_errors_exit_2_with_one_line(recipe, capsys, argv, message):
+    assert cli.main(["train", str(recipe), *argv]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_missing_config_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: config '{tmp_path / 'nope.yaml'}' is neither a file nor a shipped recipe")
+
+
+def test_both_override_forms_and_flags_reach_the_config(recipe, monkeypatch):
+    seen = {}
+
+    def fake_run_training(cfg, resume):
+        seen.update(cfg=cfg, resume=resume)
+        return types.SimpleNamespace(report="report.md")
+
+    monkeypatch.setattr("lorakit.run.run_training", fake_run_training)
+    assert cli.main(["train", "--train.compile", "yes", str(recipe), "method.alpha=8", "--data.columns", "{prompt: act}",
+                     "--method.targets", "[q_proj, v_proj]", "--resume", "--name", "x"]) == 0
+    cfg = seen["cfg"]
+    assert seen["resume"] is True and cfg.name == "x" and cfg.train.compile is True
+    assert (cfg.method.r, cfg.method.alpha, cfg.method.targets) == (4, 8.0, ["q_proj", "v_proj"])
+    assert cfg.data.columns == {"prompt": "act"}
+
+
+def _fake_command(monkeypatch, run):
+    module = types.ModuleType("lorakit_fake_command")
+    module.add_arguments = lambda parser: None
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.COMMANDS, "fake", (module.__name__, "a test command"))
+
+
+def test_lorakit_error_prints_message_without_traceback(monkeypatch, capsys):
+    def fail(args):
+        raise DataError("row 3: field 'completion' is missing")
+    _fake_command(monkeypatch, fail)
+    assert cli.main(["fake"]) == 2
+    assert capsys.readouterr().err == "error: row 3: field 'completion' is missing\n"
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    _fake_command(monkeypatch, interrupted)
+    assert cli.main(["fake"]) == 130
+
+
+def test_unavailable_command_does_not_break_the_others(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "ghost", ("lorakit.no_such_module", "missing"))
+    assert cli.main(["ghost"]) == 2
+    assert capsys.readouterr().err == "error: command 'ghost' is not available: module lorakit.no_such_module is missing\n"
+    assert cli.main(["--help"]) == 0
+
+
+def test_unrecognized_arguments_of_other_commands_are_usage_errors(monkeypatch, capsys):
+    _fake_command(monkeypatch, lambda args: 0)
+    assert cli.main(["fake", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_run_folder_name_is_derived_and_never_clobbers(recipe, tmp_path):
+    from lorakit.commands.train import free_run_name
+
+    cfg = load_config(recipe, [("output_dir", str(tmp_path / "runs"))])
+    assert free_run_name(cfg, "r").name == "r"
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    assert free_run_name(cfg, "r").name == "r"  # an empty folder is free
+    (tmp_path / "runs" / "r" / "config.yaml").write_text("{}")
+    assert free_run_name(cfg, "r").name == "r-2"
+
+
+def test_resume_refuses_a_changed_config(recipe, tmp_path):
+    from lorakit.config import save_config
+    from lorakit.errors import ConfigError
+    from lorakit.run import check_run_dir
+
+    cfg = load_config(recipe, [("output_dir", str(tmp_path))])
+    with pytest.raises(ConfigError, match="cannot resume: .* holds no config.yaml"):
+        check_run_dir(cfg, resume=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    with pytest.raises(ConfigError, match=r"^run folder .* already exists; pass --resume"):
+        check_run_dir(cfg, resume=False)
+    check_run_dir(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress="none")), resume=True)
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1.0))
+    with pytest.raises(ConfigError, match=r"different config \(train.lr: 0.0002 -> 1.0\)"):
+        check_run_dir(changed, resume=True)
