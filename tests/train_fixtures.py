@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
 PAD_ID = 0
 
 
-def tiny_llama(seed: int = 0, dropout: float = 0.0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
     """A 2-layer Llama with hidden size 32, fp32, eager attention (dropout supported)."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # imported here: the child process skips it
+
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
@@ -92,7 +93,7 @@ def epoch_batches(examples: list[dict], micro_batch_size: int, epoch: int, seed:
 
 
 def run_tiny(run_dir: Path, model: torch.nn.Module | None = None, examples: list[dict] | None = None,
-             micro_batch_size: int = 4, eval_examples: int = 0, **overrides):
+             micro_batch_size: int = 4, eval_examples: int = 0, resume=False, on_checkpoint=None, **overrides):
     """Train a (default: adapter-like frozen) tiny Llama on fixed examples; returns (summary, model)."""
     from lorakit.train import TrainConfig, train
 
@@ -102,7 +103,7 @@ def run_tiny(run_dir: Path, model: torch.nn.Module | None = None, examples: list
     cfg = TrainConfig(**{**settings, **overrides})
     evals = [pad_batch(make_examples(eval_examples, seed=99))] if eval_examples else None
     summary = train(model, cfg, train_batches=lambda epoch: epoch_batches(examples, micro_batch_size, epoch),
-                    eval_batches=evals, run_dir=run_dir)
+                    eval_batches=evals, run_dir=run_dir, resume=resume, on_checkpoint=on_checkpoint)
     return summary, model
 
 
@@ -113,29 +114,38 @@ def losses(run_dir: Path, key: str = "loss") -> list[float]:
     return [r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r]
 
 
+def resume_scenario(run_dir: Path, resume: bool = False, step_delay: float = 0.0) -> torch.nn.Module:
+    """The kill-and-resume test's run (dropout, accumulation, warmup, eval, checkpoints every 2 steps).
+
+    It trains the small TinyLM so the child processes start without importing transformers (the
+    in-process resume test covers a Hugging Face model).
+
+    Writes the final trainable weights to run_dir/final_trainable.safetensors; returns the model.
+    """
+    from lorakit.train import TrainConfig, train
+
+    model = freeze_except(TinyLM(seed=3), "mlp", "head")
+    if step_delay:  # slow each forward pass so the parent can kill mid-run
+        model.register_forward_pre_hook(lambda module, inputs: time.sleep(step_delay))
+    examples = make_examples(24, seed=5)
+    cfg = TrainConfig(lr=1e-2, epochs=3, micro_batch_size=4, grad_accum=2, schedule="cosine", warmup_steps=2,
+                      weight_decay=0.1, save_every=2, keep_checkpoints=2, eval_every=3, seed=11,
+                      progress="plain")
+    train(model, cfg, train_batches=lambda epoch: epoch_batches(examples, 4, epoch, seed=7),
+          eval_batches=[pad_batch(make_examples(6, seed=9))], run_dir=run_dir, resume=resume)
+    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trained, str(Path(run_dir) / "final_trainable.safetensors"))
+    return model
+
+
 def _main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--step-delay", type=float, default=0.0)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-
-    from lorakit.train import TrainConfig, train
-
-    model = freeze_except(tiny_llama(seed=3, dropout=0.1), "q_proj", "v_proj", "norm")
-    if args.step_delay:  # slow each forward pass so the parent can kill mid-run
-        model.register_forward_pre_hook(lambda module, inputs: time.sleep(args.step_delay))
-    examples = make_examples(24, seed=5)
-    cfg = TrainConfig(lr=1e-2, epochs=3, micro_batch_size=4, grad_accum=2, schedule="cosine", warmup_steps=2,
-                      weight_decay=0.1, save_every=2, keep_checkpoints=2, eval_every=3, seed=11,
-                      progress="plain")
-    summary = train(model, cfg, train_batches=lambda epoch: epoch_batches(examples, 4, epoch, seed=7),
-                    eval_batches=[pad_batch(make_examples(6, seed=9))], run_dir=args.run_dir,
-                    resume=args.resume)
-    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trained, str(args.run_dir / "final_trainable.safetensors"))
-    print("steps", summary.steps)
+    torch.set_num_threads(1)  # the parent's in-process reference run uses one thread too
+    resume_scenario(args.run_dir, resume=args.resume, step_delay=args.step_delay)
 
 
 if __name__ == "__main__":
