@@ -101,3 +101,34 @@ def test_bloomz_recipe_runs_offline_on_a_tiny_bloom(tiny_bloom_dir):
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits,
                                    atol=1e-5, rtol=0)
+
+
+def test_quickstart_recipe_is_the_run_lorakit_quickstart_makes(tmp_path):
+    """`lorakit train` (no config) and `lorakit quickstart` fine-tune with the same settings."""
+    import argparse
+    import dataclasses
+
+    from lorakit.config import config_to_dict
+    from lorakit.lab import quickstart
+    from lorakit.run import resolve_embedded_data
+
+    parser = argparse.ArgumentParser()
+    quickstart.add_arguments(parser)
+    lab = quickstart.run_config(parser.parse_args([]), Path("runs/quickstart"))
+    recipe = load_config("quickstart")
+    recipe = dataclasses.replace(recipe, data=resolve_embedded_data(recipe.data))
+    assert config_to_dict(recipe) == config_to_dict(lab)
+
+
+def test_train_without_a_config_trains_the_embedded_quickstart(tmp_path, capsys):
+    from lorakit import cli
+
+    code = cli.main(["train", "--output_dir", str(tmp_path), "--train.max_steps", "2", "--train.progress", "none",
+                     "--data.val_limit", "16"])
+    assert code == 0, capsys.readouterr().err
+    run_dir = tmp_path / "quickstart"
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.model.name_or_path == "embedded" and saved.data.source == "embedded-train"
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded"
+    out = capsys.readouterr().out
+    assert "Answer:[[" in out  # the pre-flight preview: only the answer is trained

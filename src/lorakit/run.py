@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ from lorakit.errors import ConfigError, DataError
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.md"
 # keys that may differ between a run and its resumption without changing the numbers
-RESUME_FREE_KEYS = {"train.progress", "model.device"}
+# (a run folder may be moved or renamed between the two)
+RESUME_FREE_KEYS = {"train.progress", "model.device", "name", "output_dir"}
 
 Log = Callable[[str], None]
 
@@ -112,11 +114,22 @@ def stats_line(stats: Any) -> str:
             f"{stats.n_tokens} tokens trained")
 
 
+def resolve_embedded_data(data_cfg: Any) -> Any:
+    """The data config with the embedded dataset names ('embedded-train', 'embedded-eval',
+    'embedded-general') as `source`/`val_source` replaced by their files inside lorakit."""
+    from lorakit.lab.datasets import EMBEDDED_DATASETS
+
+    named = {key: getattr(data_cfg, key) for key in ("source", "val_source")}
+    paths = {key: str(EMBEDDED_DATASETS[value]) for key, value in named.items()
+             if isinstance(value, str) and value in EMBEDDED_DATASETS}
+    return dataclasses.replace(data_cfg, **paths) if paths else data_cfg
+
+
 def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list, Any]:
     """(train examples, validation examples, train stats), after the pre-flight preview."""
     from lorakit.data import load_rows, preview_example, tokenize_rows
 
-    train_rows, val_rows = load_rows(cfg.data)
+    train_rows, val_rows = load_rows(resolve_embedded_data(cfg.data))
     train_examples, stats = tokenize_rows(train_rows, tokenizer, cfg.data)
     if not train_examples:
         raise DataError(f"no training examples are left after tokenization ({stats_line(stats)})")

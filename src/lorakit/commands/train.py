@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import textwrap
+from pathlib import Path
 
-from lorakit.commands.configargs import add_config_arguments, config_from_args
+from lorakit.commands.configargs import CONFIG_FILE, add_config_arguments, config_from_args
 from lorakit.config import RunConfig
 
 ACCEPTS_EXTRA_ARGS = True  # unknown --keys reach run() and become closest-key errors
@@ -40,12 +41,22 @@ def free_run_name(cfg: RunConfig, base: str) -> RunConfig:
     return cfg
 
 
+def is_run_folder(folder: Path) -> bool:
+    """A folder written by `lorakit train` (its config.yaml plus checkpoints)."""
+    return (folder / CONFIG_FILE).is_file() and (folder / "checkpoints").is_dir()
+
+
 def run(args: argparse.Namespace) -> int:
     """Train; print where the run folder and its report are."""
+    from lorakit.models import quiet_progress_bars
     from lorakit.run import run_training
 
     cfg, source = config_from_args(args)
-    if cfg.name is None:  # derived from the config file: never clobber an earlier run
+    quiet_progress_bars()
+    if args.resume and is_run_folder(source.parent):
+        # a run folder's own config.yaml: resume that folder, wherever it has been moved to
+        cfg = dataclasses.replace(cfg, output_dir=str(source.parent.parent), name=source.parent.name)
+    elif cfg.name is None:  # derived from the config file: never clobber an earlier run
         cfg = dataclasses.replace(cfg, name=source.stem) if args.resume else free_run_name(cfg, source.stem)
     result = run_training(cfg, resume=args.resume)
     print(f"done: {result.report}")
