@@ -37,7 +37,7 @@ def _model():
     return freeze_except(tiny_llama(seed=0, dropout=0.2), "q_proj", "v_proj", "norm")  # dropout: RNG matters
 
 
-SETTINGS = dict(epochs=3, lr=1e-2, schedule="cosine", warmup_steps=2, weight_decay=0.1, log_every=3,
+SETTINGS = dict(epochs=2, lr=1e-2, schedule="cosine", warmup_steps=2, weight_decay=0.1, log_every=3,
                 eval_every=5, eval_examples=4, save_every=2, keep_checkpoints=0, seed=5)
 
 
@@ -48,12 +48,12 @@ class Interrupt(Exception):
 def test_resume_from_an_older_checkpoint_replays_the_run_exactly(tmp_path):
     _, reference = run_tiny(tmp_path / "a", model=_model(), **SETTINGS)
 
-    def stop_at_step_8(folder: Path) -> None:
-        if folder.name == "step-8":
+    def stop_at_step_6(folder: Path) -> None:
+        if folder.name == "step-6":
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_tiny(tmp_path / "b", model=_model(), on_checkpoint=stop_at_step_8, **SETTINGS)
+        run_tiny(tmp_path / "b", model=_model(), on_checkpoint=stop_at_step_6, **SETTINGS)
     assert max(r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")) == 6
     # step 4 is not a logging step (log_every=3): the loss accumulated since step 3 must survive
     summary, resumed = run_tiny(tmp_path / "b", model=_model(), resume=tmp_path / "b" / "checkpoints" / "step-4",
@@ -61,7 +61,7 @@ def test_resume_from_an_older_checkpoint_replays_the_run_exactly(tmp_path):
     _assert_same_metrics(tmp_path / "a", tmp_path / "b")
     for (name, x), (_, y) in zip(reference.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
-    assert summary.steps == 12 and summary.resumed_from.endswith("step-4")
+    assert summary.steps == 8 and summary.resumed_from.endswith("step-4")
 
 
 def _wait_for_checkpoint(root: Path, at_least: int, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -69,7 +69,7 @@ def train(
     cfg: TrainConfig,
     *,
     train_batches: Callable[[int], list[Batch]],
-    eval_batches: list[Batch] | None,
+    eval_batches: list[Batch] | None = None,
     run_dir: Path | str,
     resume: bool | str | Path = False,
     on_checkpoint: Callable[[Path], None] | None = None,
