@@ -151,3 +151,16 @@ def test_resume_refuses_a_changed_config(recipe, tmp_path):
     changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1.0))
     with pytest.raises(ConfigError, match=r"different config \(train.lr: 0.0002 -> 1.0\)"):
         check_run_dir(changed, resume=True)
+
+
+def test_params_prints_the_lora_parameter_count_of_the_embedded_model(capsys):
+    import json
+
+    from lorakit.models import EMBEDDED_DIR
+
+    assert cli.main(["params", "--method.r", "4", "--method.targets", "[q_proj, v_proj]"]) == 0
+    config = json.loads((EMBEDDED_DIR / "config.json").read_text())
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    q_out, v_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    expected = config["num_hidden_layers"] * 4 * ((hidden + q_out) + (hidden + v_out))  # r * (d_in + d_out)
+    assert f"trainable params: {expected:,} " in capsys.readouterr().out

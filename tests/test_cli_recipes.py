@@ -53,6 +53,15 @@ def test_bloomz_recipe_is_the_lecture_recipe():
     assert (cfg.train.lr, cfg.train.epochs) == (3e-2, 2)
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread: on a busy 2-core machine, 2 threads mostly wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_bloom_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bloomz")
@@ -120,7 +129,7 @@ def test_quickstart_recipe_is_the_run_lorakit_quickstart_makes(tmp_path):
     assert config_to_dict(recipe) == config_to_dict(lab)
 
 
-def test_train_without_a_config_trains_the_embedded_quickstart(tmp_path, capsys):
+def test_train_without_a_config_trains_the_embedded_quickstart(tmp_path, capsys, one_thread):
     from lorakit import cli
 
     code = cli.main(["train", "--output_dir", str(tmp_path), "--train.max_steps", "2", "--train.progress", "none",

@@ -54,6 +54,15 @@ def compared(records: list[dict]) -> list[dict]:
     return [{k: r.get(k) for k in COMPARED} for r in records]
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread: on a busy 2-core machine, 2 threads mostly wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny Llama + byte-level BPE tokenizer folder, a prompt/completion jsonl and a run config."""
@@ -193,7 +202,7 @@ def test_full_fine_tuning_runs_through_the_same_loop(workdir):
     assert lorakit.load_tokenizer(run_dir / "model")("Copy the word apple.")["input_ids"]
 
 
-def test_base_weights_are_bitwise_unchanged_after_lora_training(workdir, tmp_path):
+def test_base_weights_are_bitwise_unchanged_after_lora_training(workdir, tmp_path, one_thread):
     """In-process run_training (what the CLI calls): base tensors equal the checkpoint's bit for bit."""
     from lorakit.run import run_training
 
