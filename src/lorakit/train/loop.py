@@ -50,18 +50,20 @@ class LoopState:
     total_steps: int = 0
 
 
-def plan_steps(cfg: TrainConfig, train_batches: Callable[[int], list[Batch]]) -> tuple[int, list[int]]:
-    """(total optimizer steps, micro-batches per epoch) for the run."""
-    per_epoch, total = [], 0
+def plan_steps(cfg: TrainConfig, train_batches: Callable[[int], list[Batch]]
+               ) -> tuple[int, list[int], list[Batch]]:
+    """(total optimizer steps, micro-batches per epoch, epoch 0's batches kept for reuse)."""
+    per_epoch, total, first = [], 0, []
     for epoch in range(cfg.epochs):
-        count = len(train_batches(epoch))
-        if count == 0:
+        batches = train_batches(epoch)
+        if not batches:
             raise LorakitError(f"train_batches({epoch}) returned no batches: the training set is empty")
-        per_epoch.append(count)
-        total += math.ceil(count / cfg.grad_accum)
+        first = first or batches
+        per_epoch.append(len(batches))
+        total += math.ceil(len(batches) / cfg.grad_accum)
         if cfg.max_steps is not None and total >= cfg.max_steps:
-            return cfg.max_steps, per_epoch
-    return total, per_epoch
+            return cfg.max_steps, per_epoch, first
+    return total, per_epoch, first
 
 
 def train(
@@ -88,12 +90,12 @@ def train(
         raise LorakitError(f"{run_dir} already holds checkpoints: pass resume to continue that run, "
                            "or choose a new run folder")
     seed_everything(cfg.seed)
-    total_steps, per_epoch = plan_steps(cfg, train_batches)
+    total_steps, per_epoch, first_epoch = plan_steps(cfg, train_batches)
     with prepared(model, cfg) as call:
         trainer = _Trainer(model, call, cfg, train_batches, eval_batches, run_dir, total_steps, on_checkpoint)
         if source is not None:
             trainer.load(source)
-        trainer.run(per_epoch)
+        trainer.run(per_epoch, first_epoch)
         return trainer.finish(source)
 
 
@@ -126,30 +128,32 @@ class _Trainer:
     def load(self, folder: Path) -> None:
         """Continue from checkpoint `folder`: weights, optimizer, RNG, data position, counters."""
         saved = ckpt.read_checkpoint(folder)
+        state = LoopState(**saved.state["loop"])
+        if state.total_steps != self.state.total_steps:
+            raise LorakitError(f"resume: {folder} belongs to a run of {state.total_steps} steps, this config "
+                               f"plans {self.state.total_steps} (epochs, max_steps, grad_accum or data changed)")
         ckpt.load_trainable_state(self.model, saved.weights, folder)
         ckpt.load_optimizer_state(self.optimizer, self.names, saved.optimizer_tensors, saved.optimizer_meta, folder)
         ckpt.restore_rng(saved.state["rng"], saved.rng_tensors)
-        total_steps = self.state.total_steps
-        self.state = LoopState(**saved.state["loop"])
-        if self.state.total_steps != total_steps:
-            raise LorakitError(f"resume: {folder} belongs to a run of {self.state.total_steps} steps, this "
-                               f"config plans {total_steps} (epochs, max_steps, grad_accum or data changed)")
+        self.state = state
         self.halving.parts = self.state.halving_parts
         self.pending_loss.fill_(self.state.pending_loss_sum)
         self.pending_trained.fill_(self.state.pending_trained)
 
     # ---- the loop ------------------------------------------------------------------------
-    def run(self, per_epoch: list[int]) -> None:
-        """Train from the current state to the last step."""
+    def run(self, per_epoch: list[int], first_epoch: list[Batch]) -> None:
+        """Train from the current state to the last step (`first_epoch`: epoch 0's batches, if known)."""
         resume_step = self.state.step if self.state.step else None
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE, resume_step=resume_step)
         self.progress = make_progress(self.cfg.progress, self.state.total_steps, self.state.step)
         try:
             while self.state.step < self.state.total_steps:
-                batches = self.train_batches(self.state.epoch)
-                if len(batches) != per_epoch[self.state.epoch]:
-                    raise LorakitError(f"train_batches({self.state.epoch}) returned {len(batches)} batches, "
-                                       f"{per_epoch[self.state.epoch]} when counted: it must be deterministic")
+                epoch = self.state.epoch
+                batches = first_epoch if epoch == 0 and first_epoch else self.train_batches(epoch)
+                first_epoch = []
+                if len(batches) != per_epoch[epoch]:
+                    raise LorakitError(f"train_batches({epoch}) returned {len(batches)} batches, "
+                                       f"{per_epoch[epoch]} when counted: it must be deterministic")
                 self._run_epoch(batches)
         finally:
             self.progress.close()
