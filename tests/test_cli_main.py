@@ -13,7 +13,7 @@ from lorakit.adapters import METHODS
 from lorakit.config import ModelConfig, load_config
 from lorakit.data import DataConfig
 from lorakit.errors import DataError
-from lorakit.schema import field_docs
+from lorakit.fielddocs import field_docs
 from lorakit.train import TrainConfig
 
 

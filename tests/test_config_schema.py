@@ -8,7 +8,8 @@ import pytest
 
 from lorakit.config import ModelConfig, Schema, apply_overrides, build_config, config_to_dict, config_to_yaml
 from lorakit.errors import ConfigError
-from lorakit.schema import coerce, field_docs, from_dict
+from lorakit.fielddocs import field_docs
+from lorakit.schema import coerce, from_dict
 
 
 @dataclass

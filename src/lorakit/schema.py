@@ -6,16 +6,12 @@ The config system and the CLI are built from the dataclasses the rooms already d
 - `from_dict(cls, raw, prefix)` builds a dataclass from a YAML/CLI mapping, coercing each value
   to the field's annotated type; an unknown key is a `ConfigError` naming the closest valid key.
 - `to_dict(obj)` is the inverse (plain YAML-safe values), so load -> dump -> load is lossless.
-- `field_docs(cls)` reads each field's help: `field(metadata={"help": ...})`, an attribute
-  docstring under the field, or a `#` comment on/above it.
+- `type_name(tp)` spells an annotation for `--help` (the docs come from `lorakit.fielddocs`).
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
-import textwrap
 import types
 import typing
 from pathlib import Path
@@ -246,68 +242,3 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-# ----------------------------------------------------------------------------- field docs
-
-
-def _comment(line: str) -> str:
-    """The text of a trailing `# comment` on a source line ('' when none)."""
-    import io
-    import tokenize
-
-    try:
-        for token in tokenize.generate_tokens(io.StringIO(line).readline):
-            if token.type == tokenize.COMMENT:
-                return token.string.lstrip("#").strip()
-    except (tokenize.TokenError, IndentationError):
-        pass
-    return ""
-
-
-def _source_docs(cls: type) -> dict[str, str]:
-    """Docs written in the class source: attribute docstrings, trailing or preceding comments."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    lines = source.splitlines()
-    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for index, node in enumerate(body):
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        following = body[index + 1] if index + 1 < len(body) else None
-        if isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None), ast.Constant) \
-                and isinstance(following.value.value, str):
-            docs[node.target.id] = " ".join(following.value.value.split())
-            continue
-        text = _comment(lines[node.end_lineno - 1])
-        row = node.lineno - 2
-        above: list[str] = []
-        while not text and row >= 0 and lines[row].strip().startswith("#"):
-            above.insert(0, lines[row].strip().lstrip("#").strip())
-            row -= 1
-        docs[node.target.id] = text or " ".join(above)
-    return docs
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Help text of each field of dataclass `cls` (metadata 'help' wins over source docs)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):  # inherited fields keep their parent's docs
-        if dataclasses.is_dataclass(klass):
-            docs.update({k: v for k, v in _source_docs(klass).items() if v})
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("help"):
-            docs[f.name] = str(f.metadata["help"])
-    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls) if f.init}
-
-
-def field_default(f: dataclasses.Field) -> Any:
-    """A field's default value (or dataclasses.MISSING)."""
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return dataclasses.MISSING

@@ -17,7 +17,8 @@ from typing import Any, Literal, Sequence
 from lorakit.config import (TOP_LEVEL, RunConfig, Schema, apply_overrides, build_config, default_schema, find_recipe,
                             read_yaml)
 from lorakit.errors import ConfigError
-from lorakit.schema import field_default, field_docs, type_hints, type_name, unknown_key_error
+from lorakit.fielddocs import field_default, field_docs
+from lorakit.schema import type_hints, type_name, unknown_key_error
 
 _KEY_VALUE = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)=(.*)$", re.S)
 CONFIG_FILE = "config.yaml"
