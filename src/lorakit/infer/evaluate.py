@@ -103,8 +103,9 @@ def _data_path(name: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Load, score and print; returns the exit status."""
-    from lorakit.models import load_model, load_tokenizer
+    from lorakit.models import load_model, load_tokenizer, quiet_progress_bars
 
+    quiet_progress_bars()
     rows = read_rows(_data_path(args.data), prompt_column=args.prompt_column,
                      completion_column=args.completion_column, limit=args.limit)
     model = load_model(args.model, dtype=args.dtype, device=args.device,

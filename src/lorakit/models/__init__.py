@@ -87,4 +87,14 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-__all__ = ["EMBEDDED_DIR", "EMBEDDED_NAME", "load_model", "load_tokenizer", "resolve", "to_dtype"]
+def quiet_progress_bars() -> None:
+    """Hide the loaders' own progress bars (weight loading, dataset splits), for clean CLI output."""
+    import datasets
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+__all__ = ["EMBEDDED_DIR", "EMBEDDED_NAME", "load_model", "load_tokenizer", "quiet_progress_bars",
+           "resolve", "to_dtype"]
