@@ -106,6 +106,7 @@ def test_method_is_picked_by_name_and_defaults_to_lora():
     ({"method": {"name": "full", "r": 4}}, [], "unknown key 'method.r' for method 'full'; valid keys: method.name"),
     ({"method": "lorra"}, [], "method.name: unknown method 'lorra'; did you mean 'lora'?"),
     ({"outptu_dir": "x"}, [], "unknown key 'outptu_dir'; did you mean 'output_dir'?"),
+    ({"data": {"colums": {"prompt": "act"}}}, [], "unknown key 'data.colums'; did you mean 'data.columns'?"),
 ])
 def test_unknown_keys_name_the_closest_valid_key(raw, overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -163,10 +163,9 @@ def _build_method(raw: Any, schema: Schema) -> Any:
         raise ConfigError(f"method.name: unknown method '{name}'; {hint}")
     cls = schema.methods[name]
     valid = set(type_hints(cls))
-    for key, value in fields.items():
+    for key in fields:
         if key not in valid:
-            bad = leaf_keys(value, f"method.{key}")[0]
-            raise unknown_key_error(bad, [f"method.{k}" for k in valid | {"name"}], f"for method '{name}'")
+            raise unknown_key_error(f"method.{key}", [f"method.{k}" for k in valid | {"name"}], f"for method '{name}'")
     return from_dict(cls, fields, "method")
 
 
@@ -176,7 +175,7 @@ def build_config(raw: Mapping | None, schema: Schema | None = None) -> RunConfig
     raw = _normalise(raw)
     known = set(TOP_LEVEL) | set(schema.sections) | {"method"}
     for key, value in raw.items():
-        if key not in known:
+        if key not in known:  # a misspelt section is matched through its first key: 'trian.lr'
             raise unknown_key_error(leaf_keys(value, str(key))[0], schema.keys())
     sections = {name: from_dict(cls, raw.get(name), name) for name, cls in schema.sections.items()}
     hints = type_hints(RunConfig)

@@ -141,8 +141,11 @@ def _union_order(option: Any) -> int:
 def _coerce_union(value: Any, args: tuple, key: str, tp: Any) -> Any:
     if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NULL_WORDS)):
         return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # `X | None`: X's own, more specific, message
+        return coerce(value, options[0], key)
     value = _parse_yaml_text(value)
-    for option in sorted((a for a in args if a is not type(None)), key=_union_order):
+    for option in sorted(options, key=_union_order):
         try:
             return coerce(value, option, key)
         except ConfigError:
@@ -218,10 +221,9 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{prefix}: expected a mapping of {cls.__name__} fields, got {raw!r}")
     hints = type_hints(cls)
-    for name, value in raw.items():
+    for name in raw:
         if name not in hints:
-            bad = leaf_keys(value, f"{prefix}.{name}")[0]
-            raise unknown_key_error(bad, [f"{prefix}.{k}" for k in hints])
+            raise unknown_key_error(f"{prefix}.{name}", [f"{prefix}.{k}" for k in hints])
     kwargs = {name: coerce(value, hints[name], f"{prefix}.{name}") for name, value in raw.items()}
     try:
         return cls(**kwargs)
