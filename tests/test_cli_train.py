@@ -229,3 +229,24 @@ def test_real_process_errors_are_one_line_with_exit_code_2(workdir):
     assert "Traceback" not in bad_row.stderr
     assert bad_row.stderr.splitlines()[-1] == "error: row 2: field 'completion' is missing (columns: prompt, completion)"
     assert not (workdir / "runs" / "bad").exists()  # a run that never started leaves no folder
+
+
+def test_packed_and_accumulated_run_equals_one_padded_full_batch(workdir, tmp_path, one_thread):
+    """Real process: packed rows, 1 per micro-batch, accumulated into one step per epoch. It must
+    follow the same trajectory as an in-process run on one padded batch of every example."""
+    from lorakit.run import run_training
+
+    common = [("output_dir", str(tmp_path)), ("train.epochs", "3"), ("train.save_every", "0"),
+              ("train.eval_every", "1"), ("train.lr", "1e-2")]
+    packed = run_lorakit("train", "lora.yaml", *(f"{k}={v}" for k, v in common), "name=packed",
+                         "data.packing=true", "train.micro_batch_size=1", "train.grad_accum=28", cwd=workdir)
+    assert packed.returncode == 0, packed.stderr
+    cfg = load_config(workdir / "lora.yaml", [*common, ("name", "padded"), ("train.micro_batch_size", "28"),
+                                               ("train.grad_accum", "1"), ("train.progress", "none")])
+    run_training(cfg, log=lambda line: None)
+    ours, reference = metrics(tmp_path / "packed"), metrics(tmp_path / "padded")
+    assert [r["step"] for r in ours] == [r["step"] for r in reference] == [1, 2, 3]
+    for mine, theirs in zip(ours, reference):
+        assert mine["trained_tokens"] == theirs["trained_tokens"]
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+        assert mine["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
