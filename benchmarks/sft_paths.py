@@ -1,0 +1,245 @@
+"""The two pipelines under test, each run in its own child process, and how they are measured.
+
+trainer: the tutorial pipeline: datasets.map tokenization, peft.get_peft_model,
+         DataCollatorForSeq2Seq (dynamic padding to the longest row of a batch), Trainer.
+lorakit: lorakit.data.tokenize_rows + make_batches(pack=True), lorakit.adapters.apply,
+         lorakit.train.train.
+
+Both count the same thing: target tokens (positions whose next-token label is not -100), so
+padding a pipeline computes on but does not learn from shows up as lost throughput. Steady
+state: the first `warmup` optimizer steps are run but not timed.
+"""
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sft_workload import LORA, PROMPT_TEMPLATE, Size, examples_digest
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Job:
+    """Everything a pipeline needs; built identically in both child processes."""
+
+    size: Size
+    model: Any  # fp32 Llama on the CPU, not yet adapted
+    tokenizer: Any
+    rows: list[dict[str, str]]
+    steps: int  # optimizer steps, warmup included
+    warmup: int  # optimizer steps run before the clock starts
+    lr: float
+    seed: int
+    device: str
+    precision: str  # fp32 | bf16-autocast | bf16 (lorakit's names)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class MemoryMeter:
+    """Peak memory of the training phase: CUDA allocator peak, or the process's peak RSS (VmHWM).
+
+    On the CPU the RSS high-water mark is reset through /proc/self/clear_refs (Linux >= 4.0) when
+    training starts, so the peak excludes imports and model construction.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.baseline_mb = 0.0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline_mb = torch.cuda.memory_allocated() / 2**20
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.baseline_mb = _status_kb("VmRSS") / 1024
+
+    def peak_mb(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return _status_kb("VmHWM") / 1024
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work, so a clock reading covers it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def summarise(job: Job, ends: list[float], step_tokens: list[int], losses: list[float],
+              extra_seconds: float = 0.0) -> dict[str, Any]:
+    """Steady-state numbers from per-step end times (s), target tokens and losses."""
+    if len(ends) != job.steps:
+        raise RuntimeError(f"expected {job.steps} optimizer steps, the pipeline ran {len(ends)}")
+    seconds = ends[-1] - ends[job.warmup - 1] if job.warmup else ends[-1]
+    seconds += extra_seconds
+    tokens = sum(step_tokens[job.warmup:])
+    measured = job.steps - job.warmup
+    return {"steps": job.steps, "measured_steps": measured, "train_seconds": seconds,
+            "step_seconds": seconds / measured, "target_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "losses": losses, "first_loss": losses[0], "final_loss": sum(losses[-3:]) / len(losses[-3:])}
+
+
+# ----------------------------------------------------------------------------- trainer + peft
+
+
+def tutorial_tokenize(tokenizer: Any) -> Callable[[dict[str, str]], dict[str, list[int]]]:
+    """The usual tutorial map function: prompt ids masked with -100, completion + EOS trained."""
+
+    def tokenize(row: dict[str, str]) -> dict[str, list[int]]:
+        prompt = tokenizer(PROMPT_TEMPLATE.format(prompt=row["prompt"]))["input_ids"]
+        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = prompt + answer
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + answer}
+
+    return tokenize
+
+
+class CountingCollator:
+    """Wraps a collator; records per micro-batch the target tokens, real tokens and positions."""
+
+    def __init__(self, inner: Callable[[list[dict]], dict]) -> None:
+        self.inner = inner
+        self.targets: list[int] = []
+        self.real: list[int] = []
+        self.positions: list[int] = []
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.inner(features)
+        self.targets.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))  # the model shifts by one
+        self.real.append(int(batch["attention_mask"].sum()))
+        self.positions.append(batch["input_ids"].numel())
+        return batch
+
+
+def run_trainer(job: Job, workdir: Path) -> dict[str, Any]:
+    """Train with transformers.Trainer + peft, as most tutorials do."""
+    from datasets import Dataset, disable_progress_bars
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    disable_progress_bars()
+    dataset = Dataset.from_list(job.rows).map(tutorial_tokenize(job.tokenizer), remove_columns=["prompt", "completion"])
+    model = job.model.to(torch.bfloat16) if job.precision == "bf16" else job.model
+    model.config.use_cache = False  # the tutorials' "silence the warnings" line
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules=LORA["targets"], task_type="CAUSAL_LM"))
+    model.to(job.device)
+    collator = CountingCollator(DataCollatorForSeq2Seq(job.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
+    ends: list[float] = []
+    losses: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(job.device)
+            ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    args = TrainingArguments(
+        output_dir=str(workdir / "trainer"), per_device_train_batch_size=job.size.micro_batch,
+        gradient_accumulation_steps=job.size.grad_accum, learning_rate=job.lr, max_steps=job.steps,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=job.seed, use_cpu=job.device == "cpu",
+        bf16=job.precision != "fp32")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[StepClock()])
+    trainer.remove_callback(PrinterCallback)  # keep the table readable; losses arrive through StepClock
+    meter = MemoryMeter(job.device)
+    meter.start()
+    trainer.train()
+    peak = meter.peak_mb()
+    accum = job.size.grad_accum
+    step_tokens = [sum(collator.targets[k * accum:(k + 1) * accum]) for k in range(job.steps)]
+    result = summarise(job, ends, step_tokens, losses)
+    examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
+    return {**result, "peak_mb": peak, "baseline_mb": meter.baseline_mb, "peak_delta_mb": peak - meter.baseline_mb,
+            "micro_batch_rows": job.size.micro_batch, "grad_accum": accum,
+            "padding_fraction": 1 - sum(collator.real) / sum(collator.positions),
+            "examples_digest": examples_digest(examples)}
+
+
+# ----------------------------------------------------------------------------- lorakit
+
+
+def packed_rows_per_micro_batch(n_rows: int, job: Job) -> int:
+    """Rows per micro-batch so that one pass over the packed rows takes about `steps` steps."""
+    return max(1, round(n_rows / (job.steps * job.size.grad_accum)))
+
+
+def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
+    """Train with lorakit: packed batches, lorakit's LoRA, lorakit's loop."""
+    from lorakit.adapters import LoRA, apply
+    from lorakit.data import DataConfig, check_packing, make_batches, tokenize_rows
+    from lorakit.train import TrainConfig, read_metrics, train
+
+    data_cfg = DataConfig(format="prompt_completion", prompt_template=PROMPT_TEMPLATE,
+                          max_length=job.size.max_length, packing=True)
+    examples, _ = tokenize_rows(job.rows, job.tokenizer, data_cfg)
+    model = apply(job.model, LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+                                  targets=LORA["targets"])).to(job.device)
+    check_packing(model)
+    pad_id = job.tokenizer.pad_token_id
+    batch_of = dict(max_length=job.size.max_length, pad_id=pad_id, seed=job.seed, pack=True)
+    rows = packed_rows_per_micro_batch(len(make_batches(examples, 1, epoch=0, **batch_of)), job)
+    memo: dict[int, list[dict]] = {}
+    batching_seconds: list[float] = []
+
+    def train_batches(epoch: int) -> list[dict]:
+        if epoch not in memo:
+            start = time.perf_counter()
+            memo[epoch] = make_batches(examples, rows, epoch=epoch, **batch_of)
+            batching_seconds.append(time.perf_counter() - start)
+        return memo[epoch]
+
+    cfg = TrainConfig(lr=job.lr, epochs=2, max_steps=job.steps, micro_batch_size=rows,
+                      grad_accum=job.size.grad_accum, schedule="linear", warmup_steps=0, weight_decay=0.0,
+                      max_grad_norm=1.0, precision=job.precision, seed=job.seed, log_every=1, progress="none")
+    meter = MemoryMeter(job.device)
+    meter.start()
+    train(model, cfg, train_batches=train_batches, eval_batches=None, run_dir=workdir / "lorakit")
+    peak = meter.peak_mb()
+    records = read_metrics(workdir / "lorakit" / "metrics.jsonl")
+    cumulative = [0] + [r["trained_tokens"] for r in records]
+    step_tokens = [b - a for a, b in zip(cumulative, cumulative[1:])]
+    # the loop's `elapsed` clock starts at its first step; batching for the measured share is added
+    # back in, so lorakit pays for building its batches as the Trainer pays for collating its own
+    measured_share = (job.steps - job.warmup) / job.steps
+    result = summarise(job, [r["elapsed"] for r in records], step_tokens, [r["loss"] for r in records],
+                       extra_seconds=sum(batching_seconds) * measured_share)
+    epoch0 = memo[0]
+    real = sum(len(ex["input_ids"]) for ex in examples)
+    return {**result, "peak_mb": peak, "baseline_mb": meter.baseline_mb, "peak_delta_mb": peak - meter.baseline_mb,
+            "micro_batch_rows": rows, "grad_accum": job.size.grad_accum,
+            "padding_fraction": 1 - real / sum(b["input_ids"].numel() for b in epoch0),
+            "batching_seconds": sum(batching_seconds), "examples_digest": examples_digest(examples)}
+
+
+PIPELINES: dict[str, Callable[[Job, Path], dict[str, Any]]] = {"trainer": run_trainer, "lorakit": run_lorakit}
+
+
+def run_pipeline(name: str, job: Job) -> dict[str, Any]:
+    """Run one pipeline in a scratch folder; returns its measurements."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as scratch:
+        return {"pipeline": name, **PIPELINES[name](job, Path(scratch))}
