@@ -164,3 +164,13 @@ def test_params_prints_the_lora_parameter_count_of_the_embedded_model(capsys):
     q_out, v_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
     expected = config["num_hidden_layers"] * 4 * ((hidden + q_out) + (hidden + v_out))  # r * (d_in + d_out)
     assert f"trainable params: {expected:,} " in capsys.readouterr().out
+
+
+def test_method_switch_drops_the_files_method_keys_but_method_name_keeps_them(recipe, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr("lorakit.run.run_training",
+                        lambda cfg, resume: seen.update(cfg=cfg) or types.SimpleNamespace(report="r"))
+    assert cli.main(["train", str(recipe), "--method", "full"]) == 0
+    assert type(seen["cfg"].method).name == "full"
+    assert cli.main(["train", str(recipe), "--method.name", "full"]) == 2  # the file's r: 4 does not fit full
+    assert capsys.readouterr().err == "error: unknown key 'method.r' for method 'full'; valid keys: method.name\n"

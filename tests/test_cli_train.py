@@ -186,7 +186,7 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(lora_run, workdir):
 
 
 def test_full_fine_tuning_runs_through_the_same_loop(workdir):
-    result = run_lorakit("train", "lora.yaml", "method=full", "--name", "full", "--train.lr", "1e-3",
+    result = run_lorakit("train", "lora.yaml", "--method", "full", "--name", "full", "--train.lr", "1e-3",
                          "--train.epochs", "4", "--train.save_every", "0", cwd=workdir)
     assert result.returncode == 0, result.stderr
     run_dir = workdir / "runs" / "full"

@@ -55,7 +55,7 @@ class RunConfig:
     data: Any  # lorakit.data.DataConfig
     train: Any  # lorakit.train.TrainConfig
     name: str | None = None
-    """Run folder name; null means the config file's stem (or 'quickstart' with no config)."""
+    """Run folder name; null: the config file's stem (quickstart with no config), plus -2, -3, ... if taken."""
     output_dir: str = "runs"
     """Parent folder of run folders; the run writes to output_dir/name."""
 

@@ -76,8 +76,12 @@ def _add_method_options(parser: argparse.ArgumentParser, schema: Schema) -> None
     group = parser.add_argument_group(
         "method", "method.name picks the adaptation method; the other keys are that method's fields "
                   "(the methods that have a key are listed in brackets).")
+    group.add_argument("--method", dest="override:method", action=_Override, default=argparse.SUPPRESS,
+                       metavar="{" + ",".join(schema.methods) + "}",
+                       help="switch to this method with its defaults, dropping the config file's method keys")
     group.add_argument("--method.name", dest="override:method.name", action=_Override, default=argparse.SUPPRESS,
-                       metavar="{" + ",".join(schema.methods) + "}", help=f"default: {schema.default_method!r}")
+                       metavar="{" + ",".join(schema.methods) + "}",
+                       help=f"the method; its keys follow (default: {schema.default_method!r})")
     seen: dict[str, list[str]] = {}
     first: dict[str, tuple[Any, str, Any]] = {}
     for method, cls in schema.methods.items():

@@ -15,7 +15,7 @@ EXAMPLES = """\
 examples:
   lorakit train                                   # the embedded quickstart recipe
   lorakit train configs/bloomz-awesome-prompts.yaml --train.lr 3e-4 --method.r 8
-  lorakit train my.yaml data.source=rows.jsonl method.name=full
+  lorakit train my.yaml data.source=rows.jsonl method=full   # switch method, drop the file's method keys
   lorakit train runs/my --resume                  # continue a run from its latest checkpoint
 """
 
@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = textwrap.dedent("""\
         Fine-tune a causal LM from a YAML config. Every config field below can be overridden
         as --section.key VALUE or section.key=VALUE; lists and mappings take YAML text,
-        e.g. --method.targets '[q_proj, v_proj]' or data.columns='{prompt: act}'.""")
+        e.g. --method.targets '[q_proj, v_proj]' or data.columns='{prompt: act}'.
+        method=NAME (or --method NAME) switches the method and drops the file's method keys.""")
     parser.epilog = EXAMPLES
     parser.add_argument("--resume", action="store_true",
                         help="continue the run folder's latest checkpoint (the config must match the run's)")
