@@ -1,0 +1,174 @@
+"""`lorakit quickstart`: the lecture's demo, offline. Base model vs instruction-tuned, side by side.
+
+The embedded base model knows facts about countries (it read them in pre-training) but has
+never seen a question. LoRA fine-tuning on question/answer pairs about 60% of the countries
+teaches it to answer; the held-out 40% show that it answers from what it already knew.
+Pre-training teaches knowledge, post-training teaches behaviour.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lorakit.lab.datasets import EMBEDDED_DATASETS, qa_row, read_jsonl
+from lorakit.lab.facts import country
+from lorakit.lab.report import accuracy_by_kind, markdown_report, terminal_report
+
+# (country, question kind) shown side by side; all held out from fine-tuning
+SHOWN = (("the Netherlands", "capital"), ("Japan", "capital"), ("Kenya", "currency"),
+         ("Peru", "continent"), ("Canada", "capital"), ("Norway", "currency"))
+DEFAULT_OUT = Path("runs/quickstart")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `lorakit quickstart` (the defaults are the README's demo)."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"run folder (default: {DEFAULT_OUT}, or {DEFAULT_OUT}-2, ... if taken)")
+    parser.add_argument("--epochs", type=int, default=6, help="passes over the training questions")
+    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (short test runs)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--alpha", type=float, default=32, help="LoRA alpha (scale = alpha / r)")
+    parser.add_argument("--batch-size", type=int, default=16, help="questions per step")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init and data order")
+    parser.add_argument("--progress", default="auto", help="auto, bar, plain or none")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch; the model is tiny, so one thread is as fast and "
+                             "far faster on a busy machine (0: torch's default)")
+
+
+def free_run_dir(out: Path | None) -> Path:
+    """`out` as given, or the first of runs/quickstart, runs/quickstart-2, ... not yet used."""
+    if out is not None:
+        return Path(out)
+    candidate, n = DEFAULT_OUT, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}-{n}")
+    return candidate
+
+
+def run_config(args: argparse.Namespace, run_dir: Path):
+    """The RunConfig of the LoRA fine-tuning (the same thing `lorakit train` would run)."""
+    from lorakit.adapters import LoRA
+    from lorakit.config import ModelConfig, RunConfig
+    from lorakit.data import DataConfig
+    from lorakit.train import TrainConfig
+
+    data = DataConfig(source=str(EMBEDDED_DATASETS["embedded-train"]), format="prompt_completion",
+                      val_source=str(EMBEDDED_DATASETS["embedded-eval"]), max_length=64)
+    train = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.steps,
+                        micro_batch_size=args.batch_size, schedule="linear", warmup_steps=10,
+                        eval_every=25, seed=args.seed, log_every=5, progress=args.progress)
+    return RunConfig(model=ModelConfig(name_or_path="embedded"),
+                     method=LoRA(r=args.r, alpha=args.alpha, targets="all-linear"),
+                     data=data, train=train, name=run_dir.name, output_dir=str(run_dir.parent))
+
+
+def score(model, tokenizer, eval_rows: list[dict], general_rows: list[dict]) -> dict:
+    """Held-out accuracy by kind, predictions, and the loss on general text (forgetting)."""
+    from lorakit.infer.evaluate import evaluate
+
+    qa = evaluate(model, tokenizer, eval_rows, max_new_tokens=16, batch_size=64)
+    general = evaluate(model, tokenizer, general_rows, batch_size=64)
+    return {"accuracy": accuracy_by_kind(eval_rows, qa["predictions"]),
+            "contains": qa["contains"], "qa_loss": qa["loss"], "general_loss": general["loss"],
+            "predictions": qa["predictions"]}
+
+
+def examples(eval_rows: list[dict], base: dict, tuned: dict) -> list[dict]:
+    """The SHOWN questions with both models' answers."""
+    index = {(row["country"], row["kind"]): i for i, row in enumerate(eval_rows)}
+    shown = []
+    for name, kind in SHOWN:
+        row = qa_row(country(name), kind)
+        i = index[(row["country"], kind)]
+        shown.append({"prompt": row["prompt"], "reference": row["completion"],
+                      "base": base["predictions"][i], "tuned": tuned["predictions"][i]})
+    return shown
+
+
+def build_report(result, cfg, base: dict, tuned: dict, eval_rows: list[dict],
+                 train_rows: list[dict], general_rows: list[dict], wall_s: float) -> dict:
+    """Everything the terminal, report.md and report.json show."""
+    summary = result.summary
+    return {
+        "model": "embedded", "method": f"LoRA r={cfg.method.r}, alpha={cfg.method.alpha}, all-linear",
+        "run_dir": str(result.run_dir), "adapter": str(result.output),
+        "loss_curve": str(result.run_dir / "loss_curve.png"), "loss_curve_name": "loss_curve.png",
+        "data": {"train_rows": len(train_rows), "eval_rows": len(eval_rows),
+                 "train_countries": len({r["country"] for r in train_rows}),
+                 "eval_countries": len({r["country"] for r in eval_rows}),
+                 "general_rows": len(general_rows)},
+        "base": {k: v for k, v in base.items() if k != "predictions"},
+        "tuned": {k: v for k, v in tuned.items() if k != "predictions"},
+        "examples": examples(eval_rows, base, tuned),
+        "parameters": {"trainable": summary.trainable_params, "total": summary.total_params},
+        "training": {"steps": summary.steps, "epochs": summary.epochs,
+                     "wall_time_s": summary.wall_time_s, "tokens_per_s": summary.tokens_per_s,
+                     "final_loss": summary.final_loss},
+        "wall_time_s": wall_s,
+    }
+
+
+def write_predictions(eval_rows: list[dict], base: dict, tuned: dict, run_dir: Path) -> Path:
+    """predictions.jsonl: every held-out question with the reference and both models' answers."""
+    path = run_dir / "predictions.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for row, before, after in zip(eval_rows, base["predictions"], tuned["predictions"]):
+            record = {"country": row["country"], "kind": row["kind"], "prompt": row["prompt"],
+                      "reference": row["completion"], "base": before, "tuned": after}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_report(report: dict, run_dir: Path) -> None:
+    """report.json, and report.md: the side-by-side first, then the training run's own report."""
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report_md = run_dir / "report.md"
+    run_part = report_md.read_text(encoding="utf-8") if report_md.is_file() else ""
+    report_md.write_text(markdown_report(report) + "\n" + run_part.replace("# Run", "## Training run", 1),
+                         encoding="utf-8")
+
+
+def quickstart(args: argparse.Namespace, log=print) -> dict:
+    """Score the base model, LoRA-tune it, score again; write and return the report."""
+    from lorakit.adapters import load_adapter
+    from lorakit.models import load_model, load_tokenizer
+    from lorakit.run import run_training
+
+    started = time.perf_counter()
+    run_dir = free_run_dir(args.out)
+    train_rows, eval_rows, general_rows = (read_jsonl(EMBEDDED_DATASETS[name]) for name in
+                                           ("embedded-train", "embedded-eval", "embedded-general"))
+    tokenizer = load_tokenizer("embedded")
+    log(f"scoring the base model on {len(eval_rows)} held-out questions ...")
+    base = score(load_model("embedded"), tokenizer, eval_rows, general_rows)
+    cfg = run_config(args, run_dir)
+    log(f"LoRA fine-tuning on {len(train_rows)} questions about other countries ...")
+    result = run_training(cfg, log=log)
+    tuned_model = load_adapter(load_model("embedded"), result.output)
+    log("scoring the tuned model ...")
+    tuned = score(tuned_model, tokenizer, eval_rows, general_rows)
+    report = build_report(result, cfg, base, tuned, eval_rows, train_rows, general_rows,
+                          time.perf_counter() - started)
+    write_report(report, result.run_dir)
+    write_predictions(eval_rows, base, tuned, result.run_dir)
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `lorakit quickstart` command."""
+    from lorakit.models import quiet_progress_bars
+
+    quiet_progress_bars()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = quickstart(args)
+    print(terminal_report(report))
+    print(f"\n  whole command         {report['wall_time_s']:.0f} s")
+    return 0
