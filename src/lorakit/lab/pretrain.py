@@ -57,12 +57,12 @@ def model_config(cfg: PretrainConfig, tokenizer):
 
 
 def text_batches(documents: list[str], tokenizer, cfg: PretrainConfig):
-    """(batches for an epoch: Callable[[int], list[dict]], token count) in packed text mode."""
+    """train_batches(epoch) for the loop: the documents as plain text, packed into rows."""
     from lorakit.data import DataConfig, make_batches, tokenize_rows
 
     data_cfg = DataConfig(format="text", max_length=cfg.max_length, truncation="end",
                           packing=True)
-    examples, stats = tokenize_rows([{"text": d} for d in documents], tokenizer, data_cfg)
+    examples, _ = tokenize_rows([{"text": d} for d in documents], tokenizer, data_cfg)
 
     memo: dict[int, list[dict]] = {}  # the loop may ask for an epoch more than once
 
@@ -74,7 +74,7 @@ def text_batches(documents: list[str], tokenizer, cfg: PretrainConfig):
                                        seed=cfg.seed, epoch=epoch)
         return memo[epoch]
 
-    return batches, stats.n_tokens
+    return batches
 
 
 def train_model(documents: list[str], tokenizer, cfg: PretrainConfig, run_dir: Path):
@@ -85,7 +85,7 @@ def train_model(documents: list[str], tokenizer, cfg: PretrainConfig, run_dir: P
 
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(model_config(cfg, tokenizer))
-    batches, _ = text_batches(documents, tokenizer, cfg)
+    batches = text_batches(documents, tokenizer, cfg)
     train_cfg = TrainConfig(
         lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, micro_batch_size=cfg.batch_size,
         schedule="cosine", warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
