@@ -26,7 +26,7 @@ from sft_workload import SIZES, describe
 
 PIPELINE_NAMES = ("trainer", "lorakit")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
-MEDIAN_KEYS = ("tokens_per_s", "step_seconds", "peak_mb", "peak_delta_mb", "final_loss", "first_loss",
+MEDIAN_KEYS = ("tokens_per_s", "tokens_per_cpu_s", "step_seconds", "peak_mb", "peak_delta_mb", "final_loss", "first_loss",
                "padding_fraction")
 
 
@@ -141,6 +141,7 @@ def summarise_runs(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict
         "runs": runs,
         "summary": summary,
         "ratios": {"tokens_per_s": lorakit["tokens_per_s"] / trainer["tokens_per_s"],
+                   "tokens_per_cpu_s": lorakit["tokens_per_cpu_s"] / trainer["tokens_per_cpu_s"],
                    "step_seconds": lorakit["step_seconds"] / trainer["step_seconds"],
                    "peak_memory": lorakit["peak_mb"] / trainer["peak_mb"],
                    "peak_memory_delta": lorakit["peak_delta_mb"] / trainer["peak_delta_mb"]},
@@ -162,6 +163,7 @@ def table(result: dict[str, Any]) -> str:
     s, r = result["summary"], result["ratios"]
     lines = [f"{'':24}{'trainer+peft':>14}{'lorakit':>14}{'lorakit/trainer':>18}"]
     rows = [("target tokens/s", "tokens_per_s", "{:.0f}", r["tokens_per_s"]),
+            ("target tokens/CPU-s", "tokens_per_cpu_s", "{:.0f}", r["tokens_per_cpu_s"]),
             ("seconds / step", "step_seconds", "{:.3f}", r["step_seconds"]),
             ("peak memory MiB", "peak_mb", "{:.0f}", r["peak_memory"]),
             ("  of which training", "peak_delta_mb", "{:.0f}", r["peak_memory_delta"]),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sft_workload import LORA, PROMPT_TEMPLATE, Size, examples_digest
 
@@ -39,6 +40,9 @@ class Job:
     seed: int
     device: str
     precision: str  # fp32 | bf16-autocast | bf16 (lorakit's names)
+    lora_dropout: float = LORA["dropout"]
+    pack: bool = True  # lorakit only: packed rows (False: one example per row, padded like the Trainer's)
+    compile: bool = False  # lorakit only: TrainConfig(compile=True)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -85,17 +89,52 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def summarise(job: Job, ends: list[float], step_tokens: list[int], losses: list[float],
+class StepClock:
+    """Wall and process-CPU time at the end of every optimizer step, for any pipeline.
+
+    It is a global optimizer step post-hook, so both pipelines are timed by the same code at the
+    same point (right after `optimizer.step()`) without touching either training loop. CPU time
+    is robust to other processes competing for the cores (with one thread, it is the compute
+    time); wall time is what a user waits.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._handle = None
+
+    def __enter__(self) -> "StepClock":
+        self._handle = register_optimizer_step_post_hook(self._tick)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _tick(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        sync(self.device)
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+
+def summarise(job: Job, clock: StepClock, step_tokens: list[int], losses: list[float],
               extra_seconds: float = 0.0) -> dict[str, Any]:
-    """Steady-state numbers from per-step end times (s), target tokens and losses."""
-    if len(ends) != job.steps:
-        raise RuntimeError(f"expected {job.steps} optimizer steps, the pipeline ran {len(ends)}")
-    seconds = ends[-1] - ends[job.warmup - 1] if job.warmup else ends[-1]
-    seconds += extra_seconds
+    """Steady-state numbers from the step clock, per-step target tokens and per-step losses.
+
+    `extra_seconds` is work the pipeline did outside its steps that belongs to them (added to
+    both clocks, prorated by the caller).
+    """
+    if len(clock.wall) != job.steps or len(step_tokens) != job.steps or len(losses) != job.steps:
+        raise RuntimeError(f"expected {job.steps} optimizer steps, got {len(clock.wall)} clock ticks, "
+                           f"{len(step_tokens)} token counts and {len(losses)} losses")
+    first = job.warmup - 1  # the clock starts when the last warmup step ends
+    seconds = (clock.wall[-1] - clock.wall[first] if job.warmup else clock.wall[-1]) + extra_seconds
+    cpu_seconds = (clock.cpu[-1] - clock.cpu[first] if job.warmup else clock.cpu[-1]) + extra_seconds
     tokens = sum(step_tokens[job.warmup:])
     measured = job.steps - job.warmup
     return {"steps": job.steps, "measured_steps": measured, "train_seconds": seconds,
             "step_seconds": seconds / measured, "target_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "cpu_seconds": cpu_seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
             "losses": losses, "first_loss": losses[0], "final_loss": sum(losses[-3:]) / len(losses[-3:])}
 
 
@@ -142,18 +181,13 @@ def run_trainer(job: Job, workdir: Path) -> dict[str, Any]:
     dataset = Dataset.from_list(job.rows).map(tutorial_tokenize(job.tokenizer), remove_columns=["prompt", "completion"])
     model = job.model.to(torch.bfloat16) if job.precision == "bf16" else job.model
     model.config.use_cache = False  # the tutorials' "silence the warnings" line
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=job.lora_dropout,
                                              target_modules=LORA["targets"], task_type="CAUSAL_LM"))
     model.to(job.device)
     collator = CountingCollator(DataCollatorForSeq2Seq(job.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
-    ends: list[float] = []
     losses: list[float] = []
 
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            sync(job.device)
-            ends.append(time.perf_counter())
-
+    class LossLog(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
@@ -164,15 +198,16 @@ def run_trainer(job: Job, workdir: Path) -> dict[str, Any]:
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
         save_strategy="no", report_to="none", disable_tqdm=True, seed=job.seed, use_cpu=job.device == "cpu",
         bf16=job.precision != "fp32")
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[StepClock()])
-    trainer.remove_callback(PrinterCallback)  # keep the table readable; losses arrive through StepClock
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[LossLog()])
+    trainer.remove_callback(PrinterCallback)  # keep the table readable; losses arrive through LossLog
     meter = MemoryMeter(job.device)
     meter.start()
-    trainer.train()
+    with StepClock(job.device) as clock:
+        trainer.train()
     peak = meter.peak_mb()
     accum = job.size.grad_accum
     step_tokens = [sum(collator.targets[k * accum:(k + 1) * accum]) for k in range(job.steps)]
-    result = summarise(job, ends, step_tokens, losses)
+    result = summarise(job, clock, step_tokens, losses)
     examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
     return {**result, "peak_mb": peak, "baseline_mb": meter.baseline_mb, "peak_delta_mb": peak - meter.baseline_mb,
             "micro_batch_rows": job.size.micro_batch, "grad_accum": accum,
@@ -197,12 +232,14 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     data_cfg = DataConfig(format="prompt_completion", prompt_template=PROMPT_TEMPLATE,
                           max_length=job.size.max_length, packing=True)
     examples, _ = tokenize_rows(job.rows, job.tokenizer, data_cfg)
-    model = apply(job.model, LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+    model = apply(job.model, LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=job.lora_dropout,
                                   targets=LORA["targets"])).to(job.device)
-    check_packing(model)
-    pad_id = job.tokenizer.pad_token_id
-    batch_of = dict(max_length=job.size.max_length, pad_id=pad_id, seed=job.seed, pack=True)
-    rows = packed_rows_per_micro_batch(len(make_batches(examples, 1, epoch=0, **batch_of)), job)
+    batch_of = dict(max_length=job.size.max_length, pad_id=job.tokenizer.pad_token_id, seed=job.seed, pack=job.pack)
+    if job.pack:
+        check_packing(model)
+        rows = packed_rows_per_micro_batch(len(make_batches(examples, 1, epoch=0, **batch_of)), job)
+    else:
+        rows = job.size.micro_batch
     memo: dict[int, list[dict]] = {}
     batching_seconds: list[float] = []
 
@@ -215,18 +252,20 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
 
     cfg = TrainConfig(lr=job.lr, epochs=2, max_steps=job.steps, micro_batch_size=rows,
                       grad_accum=job.size.grad_accum, schedule="linear", warmup_steps=0, weight_decay=0.0,
-                      max_grad_norm=1.0, precision=job.precision, seed=job.seed, log_every=1, progress="none")
+                      max_grad_norm=1.0, precision=job.precision, seed=job.seed, log_every=1, progress="none",
+                      compile=job.compile)
     meter = MemoryMeter(job.device)
     meter.start()
-    train(model, cfg, train_batches=train_batches, eval_batches=None, run_dir=workdir / "lorakit")
+    with StepClock(job.device) as clock:
+        train(model, cfg, train_batches=train_batches, eval_batches=None, run_dir=workdir / "lorakit")
     peak = meter.peak_mb()
     records = read_metrics(workdir / "lorakit" / "metrics.jsonl")
     cumulative = [0] + [r["trained_tokens"] for r in records]
     step_tokens = [b - a for a, b in zip(cumulative, cumulative[1:])]
-    # the loop's `elapsed` clock starts at its first step; batching for the measured share is added
-    # back in, so lorakit pays for building its batches as the Trainer pays for collating its own
+    # the loop builds its batches before the first step; their share for the measured steps is
+    # added, so lorakit pays for batching as the Trainer pays for collating inside its steps
     measured_share = (job.steps - job.warmup) / job.steps
-    result = summarise(job, [r["elapsed"] for r in records], step_tokens, [r["loss"] for r in records],
+    result = summarise(job, clock, step_tokens, [r["loss"] for r in records],
                        extra_seconds=sum(batching_seconds) * measured_share)
     epoch0 = memo[0]
     real = sum(len(ex["input_ids"]) for ex in examples)
