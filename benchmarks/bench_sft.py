@@ -100,9 +100,14 @@ def child_main(args: argparse.Namespace, pipeline: str, out: Path) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
+def start_method(device: str) -> str:
+    """fork on the CPU (children inherit the preloaded imports); spawn for CUDA (CUDA cannot fork)."""
+    return "spawn" if device == "cuda" else "fork"
+
+
 def run_child(args: argparse.Namespace, pipeline: str) -> dict[str, Any]:
-    """Run one pipeline in a child process: forked on the CPU, spawned for CUDA (CUDA cannot fork)."""
-    context = multiprocessing.get_context("spawn" if args.device == "cuda" else "fork")
+    """Run one pipeline in a child process and return its measurements."""
+    context = multiprocessing.get_context(start_method(args.device))
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as scratch:
         out = Path(scratch) / "result.json"
         child = context.Process(target=child_main, args=(args, pipeline, out), name=f"bench-{pipeline}")
