@@ -230,7 +230,7 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     from lorakit.train import TrainConfig, read_metrics, train
 
     data_cfg = DataConfig(format="prompt_completion", prompt_template=PROMPT_TEMPLATE,
-                          max_length=job.size.max_length, packing=True)
+                          max_length=job.size.max_length, packing=job.pack)
     examples, _ = tokenize_rows(job.rows, job.tokenizer, data_cfg)
     model = apply(job.model, LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=job.lora_dropout,
                                   targets=LORA["targets"])).to(job.device)
