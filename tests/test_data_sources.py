@@ -102,3 +102,22 @@ def test_unknown_split_of_a_local_file_names_the_file(tmp_path):
 def test_val_fraction_that_leaves_nothing_is_refused():
     with pytest.raises(DataError, match="leaves no training rows"):
         load_rows(DataConfig(val_fraction=0.5), rows=ROWS[:1])
+
+
+def test_a_bad_row_is_named_by_its_place_in_the_file_after_shuffle_and_hold_out(tmp_path):
+    from _tiny import tiny_tokenizer
+
+    from lorakit.data import tokenize_rows
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(12)]
+    rows[7] = {"prompt": "p7", "answer": "c7"}  # the eighth line: row 7, counted from 0
+    source = write(tmp_path / "rows.jsonl", rows)
+    config = cfg(tmp_path, source=str(source), shuffle=True, seed=3, val_fraction=0.25,
+                 format="prompt_completion")
+    train, val = load_rows(config)
+    assert sorted(train.numbers + val.numbers) == list(range(12))
+    bad_split = train if 7 in train.numbers else val
+    with pytest.raises(DataError) as error:
+        tokenize_rows(bad_split, tiny_tokenizer(), config)
+    # datasets fills the column the row lacks with null, so the column list names it too
+    assert str(error.value).startswith("row 7: field 'completion' is missing (columns: ")

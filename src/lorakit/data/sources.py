@@ -50,14 +50,23 @@ def read_source(source: str | list[dict[str, Any]], split: str, cfg: DataConfig)
     return _load_dataset(source, split, cfg, name=cfg.subset)
 
 
-def take(rows: Rows, indices: list[int]) -> list[dict[str, Any]]:
-    """The rows at `indices`, as plain dicts."""
+class NumberedRows(list):
+    """A list of rows that remembers each row's number in its source (0-based, before shuffling,
+    limiting or holding out), so an error about a bad row names the row the user can find."""
+
+    def __init__(self, rows: list[dict[str, Any]], numbers: list[int]):
+        super().__init__(rows)
+        self.numbers = numbers
+
+
+def take(rows: Rows, indices: list[int]) -> NumberedRows:
+    """The rows at `indices`, as plain dicts numbered by their place in `rows`."""
     if isinstance(rows, list):
-        return [rows[i] for i in indices]
-    return rows.select(indices).to_list()
+        return NumberedRows([rows[i] for i in indices], list(indices))
+    return NumberedRows(rows.select(indices).to_list(), list(indices))
 
 
-def _first(rows: Rows, limit: int | None) -> list[dict[str, Any]]:
+def _first(rows: Rows, limit: int | None) -> NumberedRows:
     return take(rows, list(range(len(rows) if limit is None else min(limit, len(rows)))))
 
 

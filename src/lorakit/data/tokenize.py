@@ -150,7 +150,8 @@ def _keep_front(ids: list[int], bos: list[int], tokenizer: Any) -> int:
 def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> tuple[list[Example], TokenizeStats]:
     """Render, tokenize, mask and truncate rows. Raises DataError naming the first bad row.
 
-    Rows are numbered from 0 in the order given. Bad rows are skipped and counted when
+    Rows are numbered from 0 in their source's order when they come from load_rows (which
+    records it), else in the order given. Bad rows are skipped and counted when
     cfg.skip_bad_rows is on. An example with no trained token (after truncation) is an error
     naming the row unless cfg.drop_untrained is on; so is a list of rows that yields nothing.
     """
@@ -162,7 +163,8 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
     encode_segment = segment_encoder(tokenizer)
     stats = TokenizeStats(n_rows=len(rows))
     examples: list[Example] = []
-    for i, row in enumerate(rows):
+    numbers = getattr(rows, "numbers", None) or range(len(rows))
+    for i, row in zip(numbers, rows):
         try:
             rendered = fmt.render(apply_columns(row, cfg.columns), tokenizer, cfg)
         except RowError as error:
