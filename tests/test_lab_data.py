@@ -68,3 +68,23 @@ def test_general_text_is_fresh():
     rows = general_rows(50, seed=99, exclude=corpus)
     assert len(rows) == 50
     assert not {r["text"] for r in rows} & set(corpus)
+
+
+def test_chat_rows_and_prompt_completion_rows_teach_the_embedded_model_one_format():
+    """The embedded chat template renders a Q/A turn to the same token ids and trained span as
+    the prompt/completion row it came from, and separates turns with a newline."""
+    from lorakit.data import DataConfig, tokenize_rows
+    from lorakit.models import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    row = {"prompt": "Question: What is the capital of Peru?\nAnswer:", "completion": " Lima"}
+    chat = {"messages": [{"role": "user", "content": "What is the capital of Peru?"},
+                         {"role": "assistant", "content": "Lima"}]}
+    plain, _ = tokenize_rows([row], tok, DataConfig(format="prompt_completion"))
+    chatted, _ = tokenize_rows([chat], tok, DataConfig(format="chat"))
+    assert chatted[0]["labels"][:len(plain[0]["labels"])] == plain[0]["labels"]
+    assert chatted[0]["input_ids"][:len(plain[0]["input_ids"])] == plain[0]["input_ids"]
+    two_turns = chat["messages"] + [{"role": "user", "content": "And of Chile?"},
+                                    {"role": "assistant", "content": "Santiago"}]
+    text = tok.apply_chat_template(two_turns, tokenize=False)
+    assert "<|endoftext|>\nQuestion: And of Chile?\nAnswer: Santiago<|endoftext|>" in text

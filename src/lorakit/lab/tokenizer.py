@@ -19,8 +19,11 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
     "{% elif message['role'] == 'user' %}Question: {{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}Answer: {% generation %}{{ message['content'] }}"
-    "{{ eos_token }}{% endgeneration %}\n"
+    # the space before the answer sits inside the trained span, as in the prompt/completion rows
+    # (" Africa"); the newline is an expression because transformers renders with trim_blocks,
+    # which would eat a literal newline right after {% endgeneration %}
+    "{% elif message['role'] == 'assistant' %}Answer:{% generation %} {{ message['content'] }}"
+    "{{ eos_token }}{% endgeneration %}{{ '\\n' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}Answer:{% endif %}"
 )
