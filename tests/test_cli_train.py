@@ -162,8 +162,27 @@ def test_run_folder_holds_config_report_curve_and_summary(lora_run, workdir):
     assert (lora_run / "adapter" / "adapter_model.safetensors").is_file()
 
 
+# The real CLI main, except that the first checkpoint write is followed by a long pause, so the
+# SIGKILL lands mid-run however slowly the test process is scheduled on a busy machine (without
+# it, a tiny run could finish between two polls).
+PAUSE_AFTER_FIRST_CHECKPOINT = """
+import sys, time
+from lorakit.train import checkpoint
+write = checkpoint.write_checkpoint
+def write_then_pause(*args, **kwargs):
+    path = write(*args, **kwargs)
+    time.sleep(600)
+    return path
+checkpoint.write_checkpoint = write_then_pause
+from lorakit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_resume_after_sigkill_matches_the_uninterrupted_run(lora_run, workdir):
-    process = lorakit_process("train", "lora.yaml", "--output_dir", "killed", "train.seed=3", cwd=workdir)
+    process = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_CHECKPOINT, "train", "lora.yaml",
+                                "--output_dir", "killed", "train.seed=3"], cwd=workdir, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = workdir / "killed" / "lora"
     deadline = time.monotonic() + 240
     while not (run_dir / "checkpoints" / "latest").exists():  # kill right after the first checkpoint
