@@ -12,8 +12,7 @@ fast) and each name still lives in exactly one room:
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorakit._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -36,13 +35,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -12,8 +12,7 @@ Names are exported lazily, so reading DataConfig (e.g. for --help) does not impo
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorakit._lazy import lazy_exports
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -42,13 +41,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lorakit.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
