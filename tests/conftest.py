@@ -6,6 +6,7 @@ Import them with `from conftest import tiny_llama`; keyword overrides go to the 
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import (BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
@@ -47,3 +48,12 @@ def tiny_batch(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
     """Random token ids (batch, length) inside the tiny vocabulary."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread: on a busy 2-core machine, 2 threads mostly wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

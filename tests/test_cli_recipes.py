@@ -53,13 +53,6 @@ def test_bloomz_recipe_is_the_lecture_recipe():
     assert (cfg.train.lr, cfg.train.epochs) == (3e-2, 2)
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training on one thread: on a busy 2-core machine, 2 threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -54,13 +54,6 @@ def compared(records: list[dict]) -> list[dict]:
     return [{k: r.get(k) for k in COMPARED} for r in records]
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training on one thread: on a busy 2-core machine, 2 threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
