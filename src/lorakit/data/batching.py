@@ -12,6 +12,9 @@ Packed batch:  input_ids (B, T), labels (B, T), position_ids (B, T) restarting a
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from typing import Callable, overload
+
 import torch
 
 from lorakit.data.packing import block_causal_mask, pack_lengths
@@ -79,9 +82,44 @@ def _check_lengths(examples: list[Example], max_length: int) -> None:
                             f"{max_length} tokens (tokenize_rows truncates them)")
 
 
+class LazyBatches(Sequence):
+    """An epoch's batches as a read-only list whose items are collated when read.
+
+    Only the grouping of examples is kept; a batch's tensors (for packed rows, a B*T*T float
+    mask) exist while the caller holds them, so an epoch costs memory for one batch, not all.
+    Reading the same index twice builds equal tensors again.
+    """
+
+    def __init__(self, groups: list[list], collate: Callable[[list], dict[str, torch.Tensor]],
+                 row_length: Callable[[object], int]) -> None:
+        self._groups = groups  # per batch: the examples (padded) or rows of examples (packed)
+        self._collate = collate
+        self._row_length = row_length  # real tokens in one row of a group
+
+    def row_lengths(self) -> list[list[int]]:
+        """Per batch, the real tokens of each row (without collating anything)."""
+        return [[self._row_length(row) for row in group] for group in self._groups]
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, torch.Tensor]]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._collate(group) for group in self._groups[index]]
+        return self._collate(self._groups[index])
+
+    def __repr__(self) -> str:
+        return f"LazyBatches({len(self)} batches)"
+
+
 def make_batches(examples: list[Example], batch_size: int, *, pack: bool, max_length: int,
-                 pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> list[dict[str, torch.Tensor]]:
-    """One epoch of batches; deterministic for a given (seed, epoch).
+                 pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> LazyBatches:
+    """One epoch of batches (a list-like, collated on access); deterministic for a given (seed, epoch).
 
     Padded mode: batch_size examples per batch. Packed mode: examples (in epoch order) are
     packed best-fit into rows of at most max_length tokens, batch_size rows per batch; use
@@ -92,9 +130,20 @@ def make_batches(examples: list[Example], batch_size: int, *, pack: bool, max_le
     _check_lengths(examples, max_length)
     order = epoch_order(len(examples), seed, epoch, shuffle)
     if not pack:
-        return [collate_padded([examples[i] for i in order[k:k + batch_size]], pad_id)
-                for k in range(0, len(order), batch_size)]
+        groups = [[examples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+        return LazyBatches(groups, lambda group: collate_padded(group, pad_id),
+                           lambda ex: len(ex["input_ids"]))
     bins = pack_lengths([len(examples[i]["input_ids"]) for i in order], max_length)
     rows = [[examples[order[j]] for j in row] for row in bins]
-    return [collate_packed(rows[k:k + batch_size], pad_id) for k in range(0, len(rows), batch_size)]
+    groups = [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+    return LazyBatches(groups, lambda group: collate_packed(group, pad_id),
+                       lambda row: sum(len(ex["input_ids"]) for ex in row))
 
+
+def packing_efficiency(batches: LazyBatches) -> float:
+    """Share of computed positions that hold a real token (not padding), over an epoch's batches."""
+    real = computed = 0
+    for row_lengths in batches.row_lengths():
+        real += sum(row_lengths)
+        computed += len(row_lengths) * max(row_lengths)  # rows are padded to the batch's longest
+    return real / max(1, computed)

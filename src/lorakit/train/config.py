@@ -66,7 +66,16 @@ class TrainConfig:
         metadata={"help": "Recompute layer activations in the backward pass to save memory (Hugging Face "
                           "models; non-reentrant, so frozen embeddings work with adapters)."},
     )
-    compile: bool = field(default=False, metadata={"help": "Run the forward pass through torch.compile."})
+    compile: bool = field(default=False, metadata={"help": "Compile each decoder layer with torch.compile "
+                                                           "(dynamic shapes; the whole model when no layer "
+                                                           "list is found)."})
+    chunked_loss: bool = field(
+        default=False,
+        metadata={"help": "Take the loss from the backbone's hidden states in chunks over trained positions "
+                          "only, never building full-vocabulary logits (models with a plain linear head; "
+                          "others use the plain path). Faster and leaner with large vocabularies; equal to "
+                          "the plain loss up to float rounding."},
+    )
     eval_every: int = field(
         default=0,
         metadata={"help": "Validation loss every N optimizer steps (and always after the last step); 0 means "

@@ -113,7 +113,7 @@ class _Trainer:
         self.params = [p for _, p in self.named]
         self.optimizer = build_optimizer(self.named, cfg)
         device = self.params[0].device
-        self.loss_sum = make_loss_sum(call, device, PRECISIONS[cfg.precision])
+        self.loss_sum = make_loss_sum(call, device, PRECISIONS[cfg.precision], chunked=cfg.chunked_loss)
         self.state = LoopState(total_steps=total_steps)
         self.halving = Halving(enabled=cfg.auto_batch_halving)
         self.warmup = cfg.resolve_warmup(total_steps)

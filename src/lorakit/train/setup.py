@@ -96,6 +96,36 @@ def _no_kv_cache(model: nn.Module) -> Iterator[None]:
         config.use_cache = before
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's repeated blocks: the longest ModuleList whose items all share one class."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+            best = module if best is None or len(module) > len(best) else best
+    return best
+
+
+@contextlib.contextmanager
+def compiled_layers(model: nn.Module, backend: str = "inductor") -> Iterator[nn.Module]:
+    """Compile each decoder layer in place (shapes marked dynamic); yields the callable to run.
+
+    Layers share one compiled graph (same code, parameters passed as inputs), so a 30-layer
+    model compiles once, and dynamic shapes keep packed batches of varying width from
+    recompiling. Without a layer list the whole model is compiled instead. Undone on exit.
+    """
+    layers = decoder_layers(model)
+    if layers is None:
+        yield torch.compile(model, backend=backend, dynamic=True)
+        return
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # nn.Module.compile's slot; None restores eager calls
+
+
 @contextlib.contextmanager
 def prepared(model: nn.Module, cfg: TrainConfig) -> Iterator[nn.Module]:
     """Ready `model` for training per `cfg`; yields the callable to run (compiled or not).
@@ -110,7 +140,8 @@ def prepared(model: nn.Module, cfg: TrainConfig) -> Iterator[nn.Module]:
             stack.enter_context(_enable_checkpointing(model))
         stack.enter_context(_no_kv_cache(model))
         model.train()
+        call = stack.enter_context(compiled_layers(model)) if cfg.compile else model
         try:
-            yield torch.compile(model) if cfg.compile else model
+            yield call
         finally:
             model.train(was_training)

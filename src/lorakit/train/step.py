@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.train.fastloss import chunked_loss_sum, split_head
 from lorakit.train.precision import Precision
 
 IGNORE_INDEX = -100
@@ -80,12 +81,22 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
-def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision) -> Callable[[Batch], torch.Tensor]:
-    """A function batch -> summed token loss, running `call` (the model, maybe compiled) on `device`."""
+def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision, *,
+                  chunked: bool = False) -> Callable[[Batch], torch.Tensor]:
+    """A function batch -> summed token loss, running `call` (the model, maybe compiled) on `device`.
+
+    chunked=True: when `call` is a causal LM whose head `fastloss.split_head` recognises, run its
+    backbone and take the loss in chunks over trained positions only (no full-vocabulary
+    logits); otherwise, or for other models, the plain path: logits, then `token_loss_sum`.
+    """
+    split = split_head(call) if chunked else None
 
     def loss_sum(batch: Batch) -> torch.Tensor:
         batch = to_device(batch, device)
         with precision.autocast(device):
+            if split is not None:
+                hidden = split.backbone(**model_inputs(batch)).last_hidden_state  # (B, T, C)
+                return chunked_loss_sum(hidden, split.head, batch["labels"])
             output = call(**model_inputs(batch))
         return token_loss_sum(logits_of(output), batch["labels"])
 
