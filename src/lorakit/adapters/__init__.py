@@ -13,17 +13,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorakit.adapters.full import Full
+from lorakit.adapters.full import Full  # registered first: --help and errors list full and lora first
 from lorakit.adapters.lora import LoRA
+from lorakit.adapters.bottleneck import Bottleneck  # noqa: I001
+from lorakit.adapters.dispatch import load_adapter, merge, save_adapter, unload, unmerge
 from lorakit.adapters.match import find_targets
-from lorakit.adapters.ops import merge, unload, unmerge
-from lorakit.adapters.peft_format import load_adapter, save_adapter
+from lorakit.adapters.mole import MoLE
+from lorakit.adapters.prompt_tuning import PromptTuning
 from lorakit.adapters.registry import METHODS, register_method
 from lorakit.adapters.report import parameter_report, trainable_parameters
 from lorakit.errors import ConfigError
 
-__all__ = ["METHODS", "Full", "LoRA", "apply", "find_targets", "load_adapter", "merge", "parameter_report",
-           "register_method", "save_adapter", "trainable_parameters", "unload", "unmerge"]
+__all__ = ["METHODS", "Bottleneck", "Full", "LoRA", "MoLE", "PromptTuning", "apply", "find_targets", "load_adapter",
+           "merge", "parameter_report", "register_method", "save_adapter", "trainable_parameters", "unload", "unmerge"]
 
 
 def apply(model: nn.Module, method_cfg) -> nn.Module:

@@ -53,7 +53,8 @@ def read_config(path: Path) -> dict:
         raise AdapterError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {raw.get('peft_type')!r}; lorakit.load_adapter reads LoRA "
-                           "adapters (peft_type 'LORA')")
+                           "adapters (peft_type 'LORA'), prompt tuning ('PROMPT_TUNING') and lorakit's own "
+                           "folders ('lorakit_method')")
     used = [name for name in _UNSUPPORTED if raw.get(name)]
     if used:
         raise AdapterError(f"{path}: the adapter uses {', '.join(used)}, which lorakit's LoRA does not support")

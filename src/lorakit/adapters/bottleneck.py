@@ -1,0 +1,168 @@
+"""Bottleneck adapters (Houlsby et al. 2019, arXiv:1902.00751).
+
+After the attention and/or MLP sub-block of every decoder layer, the sub-block's output y goes
+through a small residual bottleneck:
+
+    y' = y + W_up f(W_down y),     W_down (size x d), W_up (d x size), W_up = 0 at init,
+
+so the adapted model starts exactly equal to the base. The adapter is a child module
+`lorakit_bottleneck` of the sub-block, applied by a forward hook on it: the base modules keep
+their names and classes, so the same code serves Llama-, GPT-2- and BLOOM-style layers.
+(BLOOM adds the residual inside its sub-blocks, so there the adapter sees x + sublayer(x).)
+
+Saved in lorakit's own folder format (see `own_format`): peft has no such method.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.adapters import own_format
+from lorakit.adapters.layers import adapter_dtype
+from lorakit.adapters.registry import register_method
+from lorakit.adapters.state import AdapterState, attach_state, detach_state, ensure_plain, require_state
+from lorakit.errors import AdapterError, ConfigError
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+# the child names under which decoder layers keep their sub-blocks, across model families
+SUBLAYER_NAMES = {"attention": ("self_attn", "attn", "self_attention", "attention"),
+                  "mlp": ("mlp", "feed_forward", "ffn")}
+PLACEMENTS = {"attention": ("attention",), "mlp": ("mlp",), "both": ("attention", "mlp")}
+CHILD = "lorakit_bottleneck"
+
+
+@register_method
+@dataclass
+class Bottleneck:
+    """Houlsby bottleneck adapters after the attention and/or MLP sub-block of each decoder layer."""
+
+    name: ClassVar[str] = "bottleneck"
+
+    size: int = 16
+    """Bottleneck width: each adapter trains 2 * size * d + size + d numbers (d = hidden size)."""
+    placement: Literal["attention", "mlp", "both"] = "both"
+    """Which sub-blocks get an adapter after them: attention, mlp, or both (Houlsby's choice)."""
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """The nonlinearity f between the down- and up-projection."""
+    init_scale: float = 0.01
+    """Std of the normal init of W_down (Houlsby: near-zero); W_up and both biases start at 0."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0:
+            raise ConfigError(f"Bottleneck: size must be a positive integer, got {self.size!r}")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"Bottleneck: placement must be one of {', '.join(PLACEMENTS)}; got {self.placement!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"Bottleneck: activation must be one of {', '.join(ACTIVATIONS)}; "
+                              f"got {self.activation!r}")
+        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, numbers.Real) or self.init_scale < 0:
+            raise ConfigError(f"Bottleneck: init_scale must be a number >= 0, got {self.init_scale!r}")
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Add an adapter after each chosen sub-block, freeze the base; returns the model."""
+        ensure_plain(model)
+        paths = find_sublayers(model, self.placement)
+        d = _hidden_size(model)
+        model.requires_grad_(False)
+        for path in paths:
+            sublayer = model.get_submodule(path)
+            weight = next(sublayer.parameters())
+            adapter = BottleneckAdapter(d, self.size, self.activation, self.init_scale)
+            setattr(sublayer, CHILD, adapter.to(weight.device, adapter_dtype(weight.dtype)))
+            sublayer.register_forward_hook(_adapt_output)
+        attach_state(model, AdapterState(method=self, targets=paths))
+        return model
+
+    def save(self, model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        """Write the adapter in lorakit's own folder format."""
+        return own_format.write_folder(path, self, own_format.trainable_tensors(model), base_model_name_or_path)
+
+    def merge(self, model: nn.Module, **_: object) -> nn.Module:
+        """Refused: W_up f(W_down y) is nonlinear in y, so no weight of the base can absorb it."""
+        raise AdapterError("bottleneck adapters cannot be merged: the adapter applies a nonlinearity to the "
+                           "sub-block output, which no base weight can express; keep the adapter or unload it")
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Remove every adapter and its hook: the base model as before `apply`."""
+        for path in require_state(model).targets:
+            sublayer = model.get_submodule(path)
+            for key in [k for k, hook in sublayer._forward_hooks.items() if hook is _adapt_output]:
+                del sublayer._forward_hooks[key]
+            delattr(sublayer, CHILD)
+        detach_state(model)
+        return model
+
+
+class BottleneckAdapter(nn.Module):
+    """y -> y + W_up f(W_down y + b_down) + b_up, with W_up and b_up zero at init."""
+
+    def __init__(self, d: int, size: int, activation: str, init_scale: float) -> None:
+        super().__init__()
+        self.down = nn.Linear(d, size)  # weight (size, d)
+        self.up = nn.Linear(size, d)  # weight (d, size)
+        self.activation = activation
+        with torch.no_grad():
+            nn.init.normal_(self.down.weight, std=init_scale)
+            for tensor in (self.down.bias, self.up.weight, self.up.bias):
+                tensor.zero_()
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
+        h = y if y.dtype == self.down.weight.dtype else y.to(self.down.weight.dtype)
+        return (h + self.up(ACTIVATIONS[self.activation](self.down(h)))).to(y.dtype)
+
+
+def _adapt_output(sublayer: nn.Module, args, output):
+    """Forward hook: pass the sub-block's hidden states (first element of a tuple) through its adapter."""
+    adapter = getattr(sublayer, CHILD)
+    if isinstance(output, tuple):
+        return (adapter(output[0]),) + output[1:]
+    return adapter(output)
+
+
+def find_sublayers(model: nn.Module, placement: str) -> list[str]:
+    """Paths of the decoder sub-blocks that `placement` selects, in model order."""
+    kinds = PLACEMENTS[placement]
+    found: list[str] = []
+    for path, module in model.named_modules():
+        children = dict(module.named_children())
+        for kind in kinds:
+            name = next((n for n in SUBLAYER_NAMES[kind] if n in children), None)
+            if name is not None and _is_decoder_layer(children, kind):
+                found.append(f"{path}.{name}" if path else name)
+    for kind in kinds:
+        if not any(p.rpartition(".")[2] in SUBLAYER_NAMES[kind] for p in found):
+            raise AdapterError(f"bottleneck placement {placement!r}: {type(model).__name__} has no decoder layer "
+                               f"with a {kind} sub-block named {' / '.join(SUBLAYER_NAMES[kind])}")
+    return found
+
+
+def _is_decoder_layer(children: dict[str, nn.Module], kind: str) -> bool:
+    """A decoder layer holds both an attention and an MLP sub-block as direct children."""
+    other = "mlp" if kind == "attention" else "attention"
+    return any(n in children for n in SUBLAYER_NAMES[other])
+
+
+def _hidden_size(model: nn.Module) -> int:
+    d = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(d, int):
+        raise AdapterError(f"{type(model).__name__} has no config.hidden_size to size the bottleneck adapters by")
+    return d
+
+
+def load(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+    """Apply the folder's bottleneck config to `base_model` and copy its weights in."""
+    cfg = own_format.method_config(raw, Bottleneck, folder / own_format.CONFIG_NAME)
+    cfg.apply(base_model)
+    try:
+        own_format.copy_into(base_model, folder)
+    except AdapterError:
+        cfg.unload(base_model)  # leave the base model as it was
+        raise
+    return base_model

@@ -1,0 +1,212 @@
+"""Mixture of LoRA experts: k LoRA pairs per target layer, mixed per token by a learned router.
+
+    g = softmax(R x)                              (k gates per token; optionally top-k, renormalised)
+    h = W x + s * sum_e g_e * B_e (A_e x)
+
+Each expert is a plain LoRA pair (lora_math.lora_branch), so with k = 1 the gate is exactly 1
+and the layer equals a LoRA layer with the same A and B. The router R (k x d_in) starts at zero
+(uniform gates) or small normal values; every B starts at zero, so the model starts equal to the base.
+
+Load balancing: each layer records the Switch-Transformer auxiliary loss (Fedus et al. 2021,
+arXiv:2101.03961) k * sum_e f_e * P_e, where f_e is the fraction of token-slots routed to expert
+e and P_e its mean gate probability (1 when perfectly balanced). `auxiliary_loss()` hands it to
+the training loop, weighted by aux_loss_weight. The mixture depends on the input, so it cannot
+be merged into W. Saved in lorakit's own folder format (see `own_format`).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.adapters import own_format
+from lorakit.adapters.layers import LAYER_KINDS, adapter_dtype, layer_kind
+from lorakit.adapters.lora import LoRA
+from lorakit.adapters.lora_math import init_lora_A_, lora_branch, scaling
+from lorakit.adapters.match import find_targets
+from lorakit.adapters.registry import register_method
+from lorakit.adapters.state import AdapterState, attach_state, detach_state, ensure_plain, replace_module
+from lorakit.errors import AdapterError, ConfigError
+
+ROUTER_INITS = ("zeros", "normal")
+
+
+@register_method
+@dataclass
+class MoLE:
+    """Mixture of LoRA experts: k LoRA pairs per target layer and a per-token softmax router."""
+
+    name: ClassVar[str] = "mole"
+
+    r: int = 8
+    """Rank of the update B A; each target layer trains r * (d_in + d_out) numbers per expert."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) with rslora), per expert."""
+    targets: str | list[str] = "all-linear"
+    """Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or 'all-linear'."""
+    rslora: bool = False
+    """Rank-stabilised scaling s = alpha / sqrt(r)."""
+    num_experts: int = 4
+    """k: LoRA experts per target layer; each layer trains k * r * (d_in + d_out) + k * d_in numbers."""
+    top_k: int | None = None
+    """Keep only the top_k gates per token and renormalise them; None mixes all k experts."""
+    router_init: Literal["zeros", "normal"] = "zeros"
+    """Router weights at start: zeros (uniform gates) or normal with std 0.02."""
+    aux_loss_weight: float = 0.01
+    """Weight of the load-balancing loss added to the training loss (0 disables it)."""
+
+    def __post_init__(self) -> None:
+        lora_fields = {f.name: getattr(self, f.name) for f in fields(self) if f.name in LoRA.__dataclass_fields__}
+        try:
+            LoRA(**lora_fields)  # the shared LoRA field checks
+        except ConfigError as error:
+            raise ConfigError(str(error).replace("LoRA:", "MoLE:", 1)) from error
+        k = self.num_experts
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ConfigError(f"MoLE: num_experts must be a positive integer, got {k!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or not 1 <= self.top_k <= k):
+            raise ConfigError(f"MoLE: top_k must be between 1 and num_experts={k}, got {self.top_k!r}")
+        if self.router_init not in ROUTER_INITS:
+            raise ConfigError(f"MoLE: router_init must be one of {', '.join(ROUTER_INITS)}; got {self.router_init!r}")
+        weight = self.aux_loss_weight
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight < 0:
+            raise ConfigError(f"MoLE: aux_loss_weight must be a number >= 0, got {weight!r}")
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Wrap each target layer in a MoLELayer, freeze the rest; returns the model."""
+        ensure_plain(model)
+        paths = find_targets(model, self.targets)
+        modules = dict(model.named_modules())
+        model.requires_grad_(False)
+        for path in paths:
+            replace_module(model, path, MoLELayer(modules[path], self))
+        attach_state(model, AdapterState(method=self, targets=paths))
+        return model
+
+    def save(self, model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        """Write the adapter in lorakit's own folder format."""
+        return own_format.write_folder(path, self, own_format.trainable_tensors(model), base_model_name_or_path)
+
+    def merge(self, model: nn.Module, **_: object) -> nn.Module:
+        """Refused: the gates depend on each token, so no single weight equals the mixture."""
+        raise AdapterError("a mixture of LoRA experts cannot be merged: its router mixes the experts differently "
+                           "for every token, which no single base weight can express; keep the adapter or unload it")
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Put the plain base layers back: the base model as before `apply`."""
+        for path, module in list(model.named_modules()):
+            if isinstance(module, MoLELayer):
+                replace_module(model, path, module.to_plain())
+        detach_state(model)
+        return model
+
+
+class MoLELayer(nn.Module):
+    """y = base(x) + s * sum_e g_e(x) B_e A_e x; the base `weight`/`bias` keep their names."""
+
+    def __init__(self, base: nn.Module, cfg: MoLE) -> None:
+        super().__init__()
+        kind = layer_kind(base)
+        if kind is None:
+            raise AdapterError(f"MoLE cannot wrap a module of type {type(base).__name__}; supported layer types: "
+                               f"{', '.join(sorted(t.__name__ for t in LAYER_KINDS))}")
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        d_in, d_out = kind.dims(base.weight)
+        k, r = cfg.num_experts, cfg.r
+        factory = dict(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
+        self.lora_A = nn.Parameter(torch.empty(k, r, d_in, **factory))  # expert e: A_e (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(k, d_out, r, **factory))  # expert e: B_e (d_out, r)
+        self.router = nn.Linear(d_in, k, bias=False, **factory)  # weight (k, d_in)
+        for expert in range(k):
+            init_lora_A_(self.lora_A.data[expert])
+        with torch.no_grad():
+            nn.init.zeros_(self.router.weight) if cfg.router_init == "zeros" else \
+                nn.init.normal_(self.router.weight, std=0.02)
+        self.kind, self.top_k, self.aux_loss_weight = kind, cfg.top_k, cfg.aux_loss_weight
+        self.scaling = scaling(cfg.alpha, r, cfg.rslora)
+        self.last_balance_loss: torch.Tensor | None = None
+        object.__setattr__(self, "_base", base)  # off the module tree, as in LoRALayer
+        self.train(base.training)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token expert weights (..., k): softmax of the router, top-k renormalised if set."""
+        probs = F.softmax(self.router(x).float(), dim=-1).to(x.dtype)  # (..., k)
+        # dense routing counts each token's top-1 expert for the balance statistic (as Switch does)
+        top = probs.topk(self.top_k or 1, dim=-1).indices
+        chosen = torch.zeros_like(probs).scatter_(-1, top, 1.0)  # (..., k) of 0/1
+        self.last_balance_loss = balance_loss(probs, chosen)
+        if self.top_k is None or self.top_k == probs.shape[-1]:
+            return probs
+        kept = probs * chosen
+        return kept / kept.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.kind.forward(x, self.weight, self.bias)  # (..., d_out)
+        x = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+        gates = self.gates(x)  # (..., k)
+        for expert in range(self.lora_A.shape[0]):
+            branch = lora_branch(x, self.lora_A[expert], self.lora_B[expert], self.scaling)  # (..., d_out)
+            result = result + branch * gates[..., expert:expert + 1]
+        return result.to(self.weight.dtype) if result.dtype != self.weight.dtype else result
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The weighted load-balancing loss of the last forward pass (then forgotten), or None."""
+        loss, self.last_balance_loss = self.last_balance_loss, None
+        return None if loss is None or not self.aux_loss_weight else self.aux_loss_weight * loss
+
+    def to_plain(self) -> nn.Module:
+        """The wrapped layer with this layer's weight and bias; the experts are dropped."""
+        base = self._base
+        base.weight, base.bias = self.weight, self.bias
+        return base
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def extra_repr(self) -> str:
+        k, r, d_in = self.lora_A.shape
+        return (f"base={type(self._base).__name__}, experts={k}, r={r}, top_k={self.top_k}, "
+                f"scaling={self.scaling:.4g}")
+
+
+def balance_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Switch-style k * sum_e f_e * P_e over all tokens; probs, chosen (..., k); 1 when balanced.
+
+    f_e (the share of routed token-slots that went to e) carries no gradient; P_e does.
+    """
+    k = probs.shape[-1]
+    flat_probs, flat_chosen = probs.reshape(-1, k).float(), chosen.reshape(-1, k).float()
+    share = flat_chosen.sum(0) / flat_chosen.sum().clamp(min=1)  # f (k,)
+    mean_prob = flat_probs.mean(0)  # P (k,)
+    return k * (share * mean_prob).sum()
+
+
+def param_count(d_in: int, d_out: int, r: int, k: int) -> int:
+    """Trainable numbers of one MoLE layer: k LoRA pairs plus the router (k x d_in)."""
+    return k * r * (d_in + d_out) + k * d_in
+
+
+def load(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+    """Apply the folder's MoLE config to `base_model` and copy its weights in."""
+    cfg = own_format.method_config(raw, MoLE, folder / own_format.CONFIG_NAME)
+    cfg.apply(base_model)
+    try:
+        own_format.copy_into(base_model, folder)
+    except AdapterError:
+        cfg.unload(base_model)
+        raise
+    return base_model
+

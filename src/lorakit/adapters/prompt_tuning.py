@@ -1,0 +1,229 @@
+"""Prompt tuning (Lester et al. 2021, arXiv:2104.08691): n trained virtual-token embeddings.
+
+The base model is frozen; a (n, d) table `lorakit_prompt.embeddings` is prepended to the input
+embeddings of every row. A forward pre-hook on the model does the prepending (and widens a 2-D
+attention_mask, position_ids, cache_position and labels to match); a forward hook cuts the n
+virtual positions off the logits, so callers see logits aligned with their own T tokens, as the
+training loop expects. In generation the prompt enters once: later steps find it in the cache
+and only widen the mask and shift positions by n. Packed batches (4-D masks) are refused: every
+packed example would need its own copy of the prompt.
+
+Saved in peft's PROMPT_TUNING folder format (adapter_config.json + `prompt_embeddings`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.adapters.state import AdapterState, attach_state, detach_state, ensure_plain
+from lorakit.adapters.registry import register_method
+from lorakit.errors import AdapterError, ConfigError
+
+CHILD = "lorakit_prompt"
+PEFT_KEY = "prompt_embeddings"
+IGNORE_INDEX = -100
+
+
+@register_method
+@dataclass
+class PromptTuning:
+    """Prompt tuning: n learned virtual-token embeddings in front of every input; the base is frozen."""
+
+    name: ClassVar[str] = "prompt_tuning"
+
+    num_virtual_tokens: int = 20
+    """n: virtual tokens prepended to each row; n * d numbers train (d = embedding size)."""
+    init_from: Literal["random", "text"] = "random"
+    """Start of the virtual tokens: random (normal, with the std of the input embeddings) or the embeddings
+    of init_text's tokens, repeated or cut to n (Lester et al.'s text init)."""
+    init_text: str | None = None
+    """Text whose token embeddings start the prompt when init_from is 'text'."""
+    tokenizer_name_or_path: str | None = None
+    """Tokenizer for init_text (default: the model's own name_or_path)."""
+
+    def __post_init__(self) -> None:
+        n = self.num_virtual_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"PromptTuning: num_virtual_tokens must be a positive integer, got {n!r}")
+        if self.init_from not in ("random", "text"):
+            raise ConfigError(f"PromptTuning: init_from must be 'random' or 'text'; got {self.init_from!r}")
+        if self.init_from == "text" and not (isinstance(self.init_text, str) and self.init_text):
+            raise ConfigError("PromptTuning: init_from 'text' needs a non-empty init_text")
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Add the virtual tokens and their hooks, freeze the base; returns the model."""
+        ensure_plain(model)
+        table = model.get_input_embeddings().weight  # (V, d)
+        prompt = VirtualTokens(self.num_virtual_tokens, table.shape[1]).to(table.device)
+        with torch.no_grad():
+            prompt.embeddings.copy_(self._initial_embeddings(model, table))
+        model.requires_grad_(False)
+        setattr(model, CHILD, prompt)
+        model.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
+        model.register_forward_hook(_strip_prompt_logits)
+        attach_state(model, AdapterState(method=self, targets=[CHILD]))
+        return model
+
+    def _initial_embeddings(self, model: nn.Module, table: torch.Tensor) -> torch.Tensor:  # (n, d)
+        n = self.num_virtual_tokens
+        if self.init_from == "random":
+            return torch.randn(n, table.shape[1], device=table.device) * table.float().std()
+        from lorakit.models import load_tokenizer
+
+        name = self.tokenizer_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not name:
+            raise AdapterError("PromptTuning init_from 'text' needs tokenizer_name_or_path: the model has no name_or_path")
+        ids = load_tokenizer(name)(self.init_text)["input_ids"]
+        ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat or cut to n tokens, as peft does
+        return table[torch.tensor(ids, device=table.device)].float()
+
+    def save(self, model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        """Write peft's PROMPT_TUNING folder (adapter_config.json + adapter_model.safetensors)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        embeddings = getattr(model, CHILD).embeddings.detach().cpu().contiguous()
+        save_file({PEFT_KEY: embeddings}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = peft_config(self, model, embeddings.shape[1], base_model_name_or_path)
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return folder
+
+    def merge(self, model: nn.Module, **_: object) -> nn.Module:
+        """Refused: virtual tokens are extra inputs, not a change to any weight."""
+        raise AdapterError("prompt tuning cannot be merged: its virtual tokens are extra inputs, not a change to "
+                           "any base weight; keep the adapter or unload it")
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Remove the virtual tokens and hooks: the base model as before `apply`."""
+        for hooks in (model._forward_pre_hooks, model._forward_hooks):
+            for key in [k for k, hook in hooks.items() if hook in (_prepend_prompt, _strip_prompt_logits)]:
+                del hooks[key]
+                model._forward_hooks_with_kwargs.pop(key, None)
+                model._forward_pre_hooks_with_kwargs.pop(key, None)
+        delattr(model, CHILD)
+        detach_state(model)
+        return model
+
+
+class VirtualTokens(nn.Module):
+    """The trained (n, d) table; `pending_length` is the caller's T while a prompted forward runs."""
+
+    def __init__(self, n: int, d: int) -> None:
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(n, d))  # (n, d)
+        self.pending_length: int | None = None
+
+
+def _cached_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (key, value) per layer
+
+
+def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: put the virtual tokens in front of the input (or account for them in the cache)."""
+    prompt: VirtualTokens = getattr(model, CHILD)
+    n = prompt.embeddings.shape[0]
+    if args:  # model(input_ids, ...) called positionally
+        kwargs, args = {"input_ids": args[0], **kwargs}, args[1:]
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise AdapterError("prompt tuning cannot run on packed batches (a 4-D attention mask): each packed example "
+                           "would need its own virtual tokens; set data.packing: false")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if _cached_length(cache) > 0:  # a decoding step: the prompt is already in the cache
+        prompt.pending_length = None
+        _widen(kwargs, n, offset_only=True)
+        return args, kwargs
+    embeds = kwargs.pop("inputs_embeds", None)
+    input_ids = kwargs.pop("input_ids", None)
+    if embeds is None:
+        embeds = model.get_input_embeddings()(input_ids)  # (B, T, d)
+    batch, length = embeds.shape[:2]
+    virtual = prompt.embeddings.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
+    kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)  # (B, n + T, d)
+    _widen(kwargs, n, offset_only=False)
+    prompt.pending_length = length
+    return args, kwargs
+
+
+def _widen(kwargs: dict, n: int, offset_only: bool) -> None:
+    """Make mask, positions and labels cover the n virtual positions in front (or shift them by n)."""
+    mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)  # (B, n + T)
+    if positions is not None:
+        front = torch.arange(n, device=positions.device).expand(positions.shape[0], n)
+        kwargs["position_ids"] = positions + n if offset_only else torch.cat([front, positions + n], dim=1)
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None:
+        kwargs["cache_position"] = (cache_position + n if offset_only else
+                                    torch.arange(n + cache_position.shape[0], device=cache_position.device))
+    labels = kwargs.get("labels")
+    if labels is not None and not offset_only:
+        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), IGNORE_INDEX), labels], dim=1)
+
+
+def _strip_prompt_logits(model: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook: keep only the logits of the caller's own T positions."""
+    prompt: VirtualTokens = getattr(model, CHILD)
+    length, prompt.pending_length = prompt.pending_length, None
+    logits = getattr(output, "logits", None)
+    if length is None or logits is None:
+        if length is not None:
+            raise AdapterError("prompt tuning needs the model's output as an object with .logits (return_dict=True)")
+        return output
+    if logits.shape[1] > length:
+        output.logits = logits[:, -length:]  # (B, T, V): the virtual positions are cut off
+    return output
+
+
+def peft_config(cfg: PromptTuning, model: nn.Module, token_dim: int, base_name: str | None) -> dict:
+    """peft's PromptTuningConfig fields for this adapter."""
+    model_cfg = getattr(model, "config", None)
+    get = lambda *names: next((getattr(model_cfg, a) for a in names if getattr(model_cfg, a, None)), None)  # noqa: E731
+    return {
+        "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "auto_mapping": None,
+        "base_model_name_or_path": base_name or get("_name_or_path"), "revision": None, "inference_mode": True,
+        "num_virtual_tokens": cfg.num_virtual_tokens, "token_dim": token_dim, "num_transformer_submodules": 1,
+        "num_attention_heads": get("num_attention_heads", "n_head"), "num_layers": get("num_hidden_layers", "n_layer"),
+        "prompt_tuning_init": cfg.init_from.upper(), "prompt_tuning_init_text": cfg.init_text,
+        "tokenizer_name_or_path": cfg.tokenizer_name_or_path, "tokenizer_kwargs": None, "modules_to_save": None,
+    }
+
+
+def load(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+    """Apply a peft PROMPT_TUNING folder (saved by lorakit or peft) to `base_model`."""
+    source = folder / "adapter_config.json"
+    if raw.get("num_transformer_submodules", 1) != 1:
+        raise AdapterError(f"{source}: num_transformer_submodules is {raw['num_transformer_submodules']}; lorakit "
+                           "prompt tuning serves decoder-only models (1)")
+    weights_path = folder / "adapter_model.safetensors"
+    try:
+        embeddings = load_file(str(weights_path))[PEFT_KEY]
+    except KeyError as error:
+        raise AdapterError(f"{weights_path} has no {PEFT_KEY!r} tensor") from error
+    except Exception as error:  # missing, corrupt or truncated file
+        raise AdapterError(f"cannot read {weights_path}: {error}") from error
+    d = base_model.get_input_embeddings().weight.shape[1]
+    n = raw.get("num_virtual_tokens")
+    if tuple(embeddings.shape) != (n, d):
+        raise AdapterError(f"{weights_path}: {PEFT_KEY} is {tuple(embeddings.shape)}, but num_virtual_tokens={n} "
+                           f"and the base model's embedding size {d} need {(n, d)}")
+    try:
+        cfg = PromptTuning(num_virtual_tokens=n, init_text=raw.get("prompt_tuning_init_text"),
+                           tokenizer_name_or_path=raw.get("tokenizer_name_or_path"))
+    except ConfigError as error:
+        raise AdapterError(f"{source}: {error}") from error
+    cfg.apply(base_model)
+    with torch.no_grad():
+        getattr(base_model, CHILD).embeddings.copy_(embeddings)
+    return base_model
