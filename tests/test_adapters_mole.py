@@ -111,3 +111,34 @@ def test_bad_configs_are_named(fields, message):
     with pytest.raises(ConfigError) as error:
         MoLE(**fields)
     assert str(error.value) == message
+
+
+def test_training_loss_gets_the_balance_gradient_and_keeps_its_value():
+    """make_loss_sum (the loop's loss): value = summed cross-entropy; gradient = that of
+    cross-entropy + (sum of weighted balance losses) * trained tokens."""
+    import torch.nn.functional as F
+
+    from lorakit.train.precision import PRECISIONS
+    from lorakit.train.step import make_loss_sum
+
+    model = apply(tiny_llama(), MoLE(r=2, num_experts=3, top_k=2, aux_loss_weight=0.5, router_init="normal"))
+    _perturb(model)
+    ids = tiny_batch()
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    loss_sum = make_loss_sum(model, torch.device("cpu"), PRECISIONS["fp32"])
+    value = loss_sum({"input_ids": ids, "labels": labels})
+    value.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(input_ids=ids).logits
+    cross_entropy = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+    balance = sum(m.auxiliary_loss() for _, m in _mole_layers(model)) * (labels != -100).sum()
+    (cross_entropy + balance).backward()
+    assert torch.equal(value, cross_entropy)
+    assert loss_sum.auxiliary.take().item() == pytest.approx(balance.item())
+    assert loss_sum.auxiliary.take() is None
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(ours[name], param.grad, msg=name)
+    assert ours["model.layers.0.mlp.up_proj.router.weight"].abs().sum() > 0

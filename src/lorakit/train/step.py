@@ -90,17 +90,52 @@ def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision, *
     logits); otherwise, or for other models, the plain path: logits, then `token_loss_sum`.
     """
     split = split_head(call) if chunked else None
+    auxiliary = AuxiliaryLosses(auxiliary_loss_modules(call))
 
     def loss_sum(batch: Batch) -> torch.Tensor:
         batch = to_device(batch, device)
         with precision.autocast(device):
             if split is not None:
                 hidden = split.backbone(**model_inputs(batch)).last_hidden_state  # (B, T, C)
-                return chunked_loss_sum(hidden, split.head, batch["labels"])
+                return auxiliary.add_gradient(chunked_loss_sum(hidden, split.head, batch["labels"]), batch)
             output = call(**model_inputs(batch))
-        return token_loss_sum(logits_of(output), batch["labels"])
+        return auxiliary.add_gradient(token_loss_sum(logits_of(output), batch["labels"]), batch)
 
+    loss_sum.auxiliary = auxiliary  # the loop logs its running sum
     return loss_sum
+
+
+def auxiliary_loss_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules with an `auxiliary_loss()` method (e.g. a MoLE layer's load balancing), found once."""
+    return [m for m in model.modules() if callable(getattr(m, "auxiliary_loss", None))]
+
+
+@dataclass
+class AuxiliaryLosses:
+    """Auxiliary losses that modules report after each forward pass (already weighted by them).
+
+    In training, their sum times the micro-batch's trained tokens joins the gradient of the summed
+    loss, so after the division by the step's token count it counts as a token-weighted mean over
+    micro-batches. The value returned stays the cross-entropy, so logged and evaluation losses
+    compare across methods; `pending` sums the auxiliary part for the metrics log.
+    """
+
+    modules: list[nn.Module]
+    pending: torch.Tensor | None = None
+
+    def add_gradient(self, loss_sum: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """`loss_sum` with the auxiliary losses' gradient added (its value unchanged)."""
+        values = [value for value in (m.auxiliary_loss() for m in self.modules) if value is not None]
+        if not values or not torch.is_grad_enabled():
+            return loss_sum
+        weighted = sum(values) * (batch["labels"] != IGNORE_INDEX).sum()
+        self.pending = weighted.detach() if self.pending is None else self.pending + weighted.detach()
+        return loss_sum + (weighted - weighted.detach())  # exactly +0 in value, +d(weighted) in gradient
+
+    def take(self) -> torch.Tensor | None:
+        """The auxiliary sum since the last call (then reset), or None when nothing reported one."""
+        pending, self.pending = self.pending, None
+        return pending
 
 
 @dataclass
