@@ -1,0 +1,91 @@
+"""The decoding loop: a batch of token-id prompts, one forward per step with the KV cache.
+
+Prompts are left-padded so every row's next token sits in the last column; position ids count
+only real tokens, so a padded row computes what it would alone. Each row has its own sampling
+options, token budget and random generator (seeded per row, so a row's text does not depend on
+which other rows share its batch). Rows that finished keep riding along until all are done.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+
+from lorakit.infer.sampling import Sampling, next_token
+
+OnToken = Callable[[int, int], None]  # (row, token id)
+
+
+def _forward_kwargs(model) -> tuple[str, bool]:
+    """(name of the KV-cache argument, whether forward takes position ids): transformers 5 renamed
+    past_key_values to cache; BLOOM has no position ids (ALiBi reads the attention mask)."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "position_ids" in params
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T), rows padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def _forward(model, ids, mask, positions, cache, signature: tuple[str, bool]):
+    cache_name, use_positions = signature
+    kwargs = {"input_ids": ids, "attention_mask": mask, cache_name: cache, "use_cache": True}
+    if use_positions:
+        kwargs["position_ids"] = positions
+    out = model(**kwargs)
+    return out.logits[:, -1, :], getattr(out, cache_name)  # (B, V)
+
+
+@torch.no_grad()
+def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling], *,
+           max_new_tokens: Sequence[int], stop_ids: set[int], pad_id: int, seeds: Sequence[int | None] = (),
+           on_token: OnToken | None = None) -> list[list[int]]:
+    """New token ids for every prompt (stop tokens not included).
+
+    A row ends at a token in `stop_ids` or after its `max_new_tokens`; `on_token(row, id)` is
+    called for every kept token as soon as it is chosen (streaming).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    generators = [torch.Generator().manual_seed(s) if s is not None else None
+                  for s in (list(seeds) or [None] * len(prompts))]
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    signature = _forward_kwargs(model)
+    seen = [torch.tensor(list(p), dtype=torch.long) for p in prompts]
+    new: list[list[int]] = [[] for _ in prompts]
+    done = [budget <= 0 for budget in max_new_tokens]
+    logits, cache = _forward(model, ids, mask, positions, None, signature)
+    while not all(done):
+        step = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
+        rows_logits = logits.float().cpu()
+        for row in range(len(prompts)):
+            if done[row]:
+                continue
+            token = next_token(rows_logits[row], seen[row], options[row], generators[row])
+            step[row, 0] = token
+            if token in stop_ids:
+                done[row] = True
+                continue
+            new[row].append(token)
+            seen[row] = torch.cat([seen[row], torch.tensor([token])])
+            if on_token is not None:
+                on_token(row, token)
+            done[row] = len(new[row]) >= max_new_tokens[row]
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        logits, cache = _forward(model, step.to(device), mask, positions, cache, signature)
+    return new

@@ -1,0 +1,88 @@
+"""Per-row multi-adapter batches equal each adapter run alone (LoRALayer + load_adapter oracle)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _infer_fixtures import random_adapter
+from conftest import TINY_MODELS, tiny_batch
+
+import lorakit
+from lorakit.adapters.multi import (adapter_names, adapter_rows, add_adapter, delete_adapter, row_plan,
+                                    set_adapter)
+from lorakit.errors import AdapterError
+from lorakit.infer.decode import decode
+from lorakit.infer.sampling import Sampling
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def arch(request):
+    return request.param
+
+
+def _alone(build, folder, ids):
+    model = build() if folder is None else lorakit.load_adapter(build(), folder)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_row_plan_groups_rows():
+    plan = row_plan(["a", None, "b", "a"])
+    assert [(n, r.tolist()) for n, r in plan] == [("a", [0, 3]), ("b", [2])]
+    assert row_plan(["a", "a"]) == [("a", None)]
+    assert row_plan([None, None]) == []
+
+
+def test_mixed_batch_logits_equal_each_adapter_alone(arch, tmp_path, one_thread):
+    build = TINY_MODELS[arch]
+    folders = {name: random_adapter(build, tmp_path / name, seed) for seed, name in enumerate(["a", "b"])}
+    model = build()
+    for name, folder in folders.items():
+        add_adapter(model, name, folder)
+    rows = ["a", None, "b", "a"]
+    ids = tiny_batch(batch=4, length=6)
+    with torch.no_grad(), adapter_rows(model, rows):
+        mixed = model(ids).logits
+    for row, name in enumerate(rows):
+        alone = _alone(build, folders.get(name), ids[row:row + 1])
+        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters really change the output
+    set_adapter(model, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:1]).logits, _alone(build, folders["b"], ids[:1]), rtol=1e-5, atol=1e-5)
+    set_adapter(model, None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:1]).logits, _alone(build, None, ids[:1]), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_greedy_generations_equal_alone(arch, tmp_path, one_thread):
+    build = TINY_MODELS[arch]
+    folders = {name: random_adapter(build, tmp_path / name, seed) for seed, name in enumerate(["a", "b"])}
+    model = build()
+    for name, folder in folders.items():
+        add_adapter(model, name, folder)
+    prompts = [[5, 9, 11], [7, 3], [4, 4, 8, 20, 6], [30]]
+    rows = ["b", "a", None, "b"]
+    kwargs = dict(max_new_tokens=[8] * 4, stop_ids=set(), pad_id=0)
+    with adapter_rows(model, rows):
+        mixed = decode(model, prompts, [Sampling()] * 4, **kwargs)
+    for row, name in enumerate(rows):
+        alone_model = build() if name is None else lorakit.load_adapter(build(), folders[name])
+        alone = decode(alone_model.eval(), [prompts[row]], [Sampling()], max_new_tokens=[8], stop_ids=set(),
+                       pad_id=0)
+        assert mixed[row] == alone[0]
+
+
+def test_named_adapter_errors(tmp_path):
+    build = TINY_MODELS["llama"]
+    folder = random_adapter(build, tmp_path / "a", 0)
+    model = build()
+    add_adapter(model, "a", folder)
+    with pytest.raises(AdapterError, match="already loaded"):
+        add_adapter(model, "a", folder)
+    with pytest.raises(AdapterError, match="no adapter named 'zz' is loaded; loaded adapters: a"):
+        set_adapter(model, "zz")
+    delete_adapter(model, "a")
+    assert adapter_names(model) == []
+    assert not any(m._forward_hooks for m in model.modules())  # no hooks left behind
+    with pytest.raises(AdapterError, match="already carries an adapter"):
+        add_adapter(lorakit.load_adapter(build(), folder), "a", folder)
