@@ -108,7 +108,8 @@ def test_missing_files_and_pickled_weights(llama_adapter, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (dict(peft_type="PREFIX_TUNING"), "peft_type is 'PREFIX_TUNING'; lorakit.load_adapter reads LoRA adapters"),
-    (dict(use_dora=True), "the adapter uses use_dora, which lorakit's LoRA does not support"),
+    (dict(lora_bias=True), "the adapter uses lora_bias, which lorakit's LoRA does not support"),
+    (dict(use_dora=True), "use_dora is true but module"),  # a LoRA folder relabelled as DoRA lacks magnitudes
     (dict(rank_pattern={"q_proj": 2}), "the adapter uses rank_pattern, which lorakit's LoRA does not support"),
     (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' rewrites the base weights"),
     (dict(r=0), "r must be a positive integer, got 0"),

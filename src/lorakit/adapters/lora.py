@@ -30,6 +30,7 @@ class LoRA:
     """Low-rank adaptation (Hu et al. 2021, arXiv:2106.09685): W' = W + s * B A on target layers."""
 
     name: ClassVar[str] = "lora"
+    layer_type: ClassVar[type] = LoRALayer  # the layer `inject` wraps targets in (DoRA swaps in its own)
 
     r: int = 8
     """Rank of the update B A; each target layer trains r * (d_in + d_out) numbers."""
@@ -107,7 +108,8 @@ def inject(model: nn.Module, cfg: LoRA, paths: list[str], saved: list[str]) -> n
     model.requires_grad_(False)
     state = AdapterState(method=copy.deepcopy(cfg), targets=list(paths), saved_modules=list(saved))
     for path in paths:  # model order: the same random-number use as peft
-        layer = LoRALayer(modules[path], cfg.r, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout, init=cfg.init)
+        layer = cfg.layer_type(modules[path], cfg.r, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
+                               init=cfg.init)
         replace_module(model, path, layer)
     for path, param in _trained_biases(model, cfg.bias, paths, saved):
         state.bias_backup[path] = param.detach().clone()

@@ -5,6 +5,7 @@ whose keys are the ones peft writes (checked against peft 0.21 in the tests):
 
     base_model.model.<module>.lora_A.weight        (r, d_in)
     base_model.model.<module>.lora_B.weight        (d_out, r)
+    base_model.model.<module>.lora_magnitude_vector (d_out,)  DoRA's magnitude (use_dora: true)
     base_model.model.<module>.base_layer.bias      bias of an adapted module (bias 'all' / 'lora_only')
     base_model.model.<path>.bias                   other biases (bias 'all')
     base_model.model.<saved module>.<param>        modules_to_save, e.g. base_model.model.lm_head.weight
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lorakit.adapters.dora import DoRA
 from lorakit.adapters.lora import LoRA, inject, resolve_modules_to_save
 from lorakit.adapters.match import compact_targets
 from lorakit.adapters.peft_load import AdapterWeights, read_config, read_weights, validate
@@ -41,6 +43,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for path, layer in lora_layers(model):
         tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
         tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
+        if isinstance(state.method, DoRA):
+            tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     for param_path in state.bias_backup:
         module_path = param_path.rpartition(".")[0]
         key = f"{module_path}.base_layer.bias" if module_path in lora_paths else param_path
@@ -67,7 +71,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         "fan_in_fan_out": any(layer.kind.fan_in_fan_out for layer in layers),
         "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-        "use_dora": False, "lora_bias": False,
+        "use_dora": isinstance(cfg, DoRA), "lora_bias": False,
     }
 
 
@@ -108,8 +112,9 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
 
 def _lora_config(raw: dict, targets: list[str], source: Path) -> LoRA:
     """The LoRA config an adapter_config.json describes (targets: the modules with weights)."""
+    method = DoRA if raw.get("use_dora") else LoRA
     try:
-        return LoRA(r=raw["r"], alpha=raw.get("lora_alpha", 8), targets=targets,
+        return method(r=raw["r"], alpha=raw.get("lora_alpha", 8), targets=targets,
                     dropout=raw.get("lora_dropout", 0.0), bias=raw.get("bias", "none"),
                     rslora=bool(raw.get("use_rslora", False)),
                     modules_to_save=list(raw.get("modules_to_save") or []),
@@ -124,6 +129,8 @@ def _copy_in(model: nn.Module, weights: AdapterWeights) -> None:
             layer = model.get_submodule(path)
             layer.lora_A.weight.copy_(A)
             layer.lora_B.weight.copy_(B)
+            if path in weights.magnitude:
+                layer.lora_magnitude_vector.copy_(weights.magnitude[path])
         for param_path, tensor in weights.params.items():
             model.get_parameter(param_path).copy_(tensor)
 

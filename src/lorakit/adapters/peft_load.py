@@ -22,7 +22,7 @@ from lorakit.errors import AdapterError
 
 # peft features that change the math or the base weights; lorakit refuses them rather than
 # silently computing something else
-_UNSUPPORTED = ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layer_replication",
+_UNSUPPORTED = ("lora_bias", "rank_pattern", "alpha_pattern", "layer_replication",
                 "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora")
 # init_lora_weights values under which peft rewrites the base weights (PiSSA, OLoRA, LoftQ, ...)
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
@@ -36,6 +36,8 @@ class AdapterWeights:
     """Module path -> (A (r, d_in), B (d_out, r))."""
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     """Model parameter path -> tensor: trained biases and modules_to_save parameters."""
+    magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Module path -> DoRA magnitude m (d_out,) (adapters saved with use_dora: true)."""
 
 
 def read_config(path: Path) -> dict:
@@ -95,6 +97,8 @@ def _sort_keys(tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> A
         part = next((p for p in ("lora_A", "lora_B") if name.endswith(f".{p}.weight")), None)
         if part is not None:
             halves.setdefault(name[: -len(f".{part}.weight")], {})[part] = tensor
+        elif name.endswith(".lora_magnitude_vector"):
+            weights.magnitude[name[: -len(".lora_magnitude_vector")]] = tensor
         elif ".original_module." in name:
             continue  # peft's frozen copy of a modules_to_save module (bias='all'); the base has it already
         elif name.endswith(".base_layer.bias"):
@@ -133,8 +137,23 @@ def validate(model: nn.Module, weights: AdapterWeights, raw: dict, saved: list[s
         if target_modules is not None and not _peft_selects(target_modules, path):
             raise AdapterError(f"{source}: module {path!r} has LoRA weights but adapter_config.json's "
                                f"target_modules {target_modules!r} does not select it")
+    _validate_magnitudes(weights, bool(raw.get("use_dora")), source)
     _validate_params(model, weights, raw.get("bias", "none"), saved, source)
     return [name for name in modules if name in weights.lora]
+
+
+def _validate_magnitudes(weights: AdapterWeights, use_dora: bool, source: Path) -> None:
+    """DoRA adapters need one magnitude (d_out,) per LoRA module; plain LoRA adapters have none."""
+    if not use_dora and weights.magnitude:
+        raise AdapterError(f"{source}: {next(iter(weights.magnitude))!r} has a lora_magnitude_vector but "
+                           "adapter_config.json does not set use_dora: true")
+    for path, (_, B) in weights.lora.items() if use_dora else ():
+        magnitude = weights.magnitude.get(path)
+        if magnitude is None:
+            raise AdapterError(f"{source}: use_dora is true but module {path!r} has no lora_magnitude_vector")
+        if tuple(magnitude.shape) != (B.shape[0],):
+            raise AdapterError(f"{source}: lora_magnitude_vector of module {path!r} is {tuple(magnitude.shape)}, "
+                               f"but the layer has {B.shape[0]} outputs, so it must be ({B.shape[0]},)")
 
 
 def _validate_params(model: nn.Module, weights: AdapterWeights, bias: str, saved: list[str], source: Path) -> None:
