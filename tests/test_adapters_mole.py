@@ -142,3 +142,18 @@ def test_training_loss_gets_the_balance_gradient_and_keeps_its_value():
         if param.requires_grad:
             torch.testing.assert_close(ours[name], param.grad, msg=name)
     assert ours["model.layers.0.mlp.up_proj.router.weight"].abs().sum() > 0
+
+
+def test_lorakit_train_with_method_mole(tmp_path, one_thread):
+    from _method_runs import losses
+
+    from lorakit.models import load_model
+
+    root = make_workdir(tmp_path)
+    result = run_method(root, {"name": "mole", "r": 4, "num_experts": 2, "top_k": 1}, steps=10, lr=1e-2)
+    curve = losses(result.run_dir)  # full-batch steps on the same rows
+    assert curve[-1] < curve[0] - 0.5
+    reloaded = load_adapter(load_model(str(root / "base")), result.output)
+    ids = tiny_batch(length=6)
+    result.model.eval()
+    assert torch.equal(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)

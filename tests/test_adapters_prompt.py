@@ -132,3 +132,17 @@ def test_lorakit_train_with_method_prompt_tuning(tmp_path, one_thread):
     result.model.eval()
     torch.testing.assert_close(result.model(input_ids=ids).logits, base(input_ids=ids).logits[:, 4:],
                                rtol=0, atol=1e-6)
+
+
+def test_chunked_loss_option_keeps_the_virtual_tokens():
+    """train.chunked_loss runs the backbone directly; with prompt tuning it must fall back to the
+    model's own (hooked) forward, so the loss still sees the virtual tokens."""
+    from lorakit.train.precision import PRECISIONS
+    from lorakit.train.step import make_loss_sum
+
+    model = _with_trained_prompt(apply(tiny_llama(), PromptTuning(num_virtual_tokens=N)))
+    ids = tiny_batch()
+    batch = {"input_ids": ids, "labels": ids.roll(-1, dims=1)}
+    plain = make_loss_sum(model, torch.device("cpu"), PRECISIONS["fp32"])(batch)
+    chunked = make_loss_sum(model, torch.device("cpu"), PRECISIONS["fp32"], chunked=True)(batch)
+    assert torch.equal(chunked, plain)

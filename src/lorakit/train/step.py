@@ -89,7 +89,7 @@ def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision, *
     backbone and take the loss in chunks over trained positions only (no full-vocabulary
     logits); otherwise, or for other models, the plain path: logits, then `token_loss_sum`.
     """
-    split = split_head(call) if chunked else None
+    split = split_head(call) if chunked and not _forward_is_hooked(call) else None
     auxiliary = AuxiliaryLosses(auxiliary_loss_modules(call))
 
     def loss_sum(batch: Batch) -> torch.Tensor:
@@ -103,6 +103,12 @@ def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision, *
 
     loss_sum.auxiliary = auxiliary  # the loop logs its running sum
     return loss_sum
+
+
+def _forward_is_hooked(model: nn.Module) -> bool:
+    """True when hooks sit on the model's own forward (e.g. prompt tuning's): the chunked path would skip them."""
+    model = getattr(model, "_orig_mod", model)  # under torch.compile, the hooks are on the original module
+    return bool(model._forward_pre_hooks or model._forward_hooks)
 
 
 def auxiliary_loss_modules(model: nn.Module) -> list[nn.Module]:
