@@ -117,3 +117,10 @@ def test_lorakit_train_with_method_bottleneck(tmp_path, one_thread):
     ids = tiny_batch(length=6)
     result.model.eval()
     assert torch.equal(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+def test_parameter_report_groups_the_adapters():
+    model = apply(tiny_llama(), Bottleneck(size=4, placement="mlp"))
+    rows = {line[:28].strip(): line[28:].split() for line in lorakit.parameter_report(model).splitlines()[2:]}
+    assert rows["bottleneck adapter"] == ["4", "584", "584"]  # down + up in 2 layers: 2 x (2*32*4 + 4 + 32)
+    assert rows["Linear"][1] == "0"

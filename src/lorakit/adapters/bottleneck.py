@@ -103,6 +103,8 @@ class Bottleneck:
 class BottleneckAdapter(nn.Module):
     """y -> y + W_up f(W_down y + b_down) + b_up, with W_up and b_up zero at init."""
 
+    report_group: ClassVar[str] = "bottleneck adapter"
+
     def __init__(self, d: int, size: int, activation: str, init_scale: float) -> None:
         super().__init__()
         self.down = nn.Linear(d, size)  # weight (size, d)

@@ -110,6 +110,8 @@ class MoLE:
 class MoLELayer(nn.Module):
     """y = base(x) + s * sum_e g_e(x) B_e A_e x; the base `weight`/`bias` keep their names."""
 
+    report_group: ClassVar[str] = "MoLE (base+experts+router)"
+
     def __init__(self, base: nn.Module, cfg: MoLE) -> None:
         super().__init__()
         kind = layer_kind(base)

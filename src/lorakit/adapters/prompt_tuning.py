@@ -114,6 +114,8 @@ class PromptTuning:
 class VirtualTokens(nn.Module):
     """The trained (n, d) table; `pending_length` is the caller's T while a prompted forward runs."""
 
+    report_group: ClassVar[str] = "prompt (virtual tokens)"
+
     def __init__(self, n: int, d: int) -> None:
         super().__init__()
         self.embeddings = nn.Parameter(torch.zeros(n, d))  # (n, d)

@@ -52,9 +52,12 @@ def _kept_originals(model: nn.Module) -> int:
     return sum(_numel(p) for p in kept.values())
 
 
-def _module_group(name: str, module: nn.Module, lora_paths: set[str]) -> str:
-    """Report group of a module: LoRA A/B, a wrapped base layer, or its own class."""
+def _module_group(name: str, module: nn.Module, lora_paths: set[str], named_groups: dict[str, str]) -> str:
+    """Report group of a module: LoRA A/B, a wrapped base layer, a module that names its own group
+    (`report_group`, e.g. a bottleneck adapter) with its children, or its own class."""
     parent = name.rpartition(".")[0]
+    if name in named_groups or parent in named_groups:
+        return named_groups.get(name) or named_groups[parent]
     if parent in lora_paths and name.rpartition(".")[2] in ("lora_A", "lora_B"):
         return "LoRA A+B"
     if isinstance(module, LoRALayer):
@@ -65,6 +68,8 @@ def _module_group(name: str, module: nn.Module, lora_paths: set[str]) -> str:
 def _by_module_type(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     """group -> (modules holding parameters, trainable, total), biggest total first."""
     lora_paths = {n for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    named_groups = {n: m.report_group for n, m in model.named_modules()
+                    if isinstance(getattr(m, "report_group", None), str)}
     seen: set[int] = set()
     groups: dict[str, list[int]] = {}
     for name, module in model.named_modules():
@@ -72,7 +77,7 @@ def _by_module_type(model: nn.Module) -> dict[str, tuple[int, int, int]]:
         if not own:
             continue
         seen.update(id(p) for p in own)
-        row = groups.setdefault(_module_group(name, module, lora_paths), [0, 0, 0])
+        row = groups.setdefault(_module_group(name, module, lora_paths, named_groups), [0, 0, 0])
         row[0] += 1
         row[1] += sum(_numel(p) for p in own if p.requires_grad)
         row[2] += sum(_numel(p) for p in own)
