@@ -119,6 +119,11 @@ class BottleneckAdapter(nn.Module):
         h = y if y.dtype == self.down.weight.dtype else y.to(self.down.weight.dtype)
         return (h + self.up(ACTIVATIONS[self.activation](self.down(h)))).to(y.dtype)
 
+    def delta(self, y: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds to y: W_up f(W_down y + b_down) + b_up, in y's dtype."""
+        h = y if y.dtype == self.down.weight.dtype else y.to(self.down.weight.dtype)
+        return self.up(ACTIVATIONS[self.activation](self.down(h))).to(y.dtype)
+
 
 def _adapt_output(sublayer: nn.Module, args, output):
     """Forward hook: pass the sub-block's hidden states (first element of a tuple) through its adapter."""

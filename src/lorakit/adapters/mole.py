@@ -151,12 +151,18 @@ class MoLELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.kind.forward(x, self.weight, self.bias)  # (..., d_out)
+        return (result + self.mixture(x)).to(result.dtype)
+
+    def mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """s * sum_e g_e(x) B_e A_e x, in the adapter's dtype: (..., d_in) -> (..., d_out)."""
         x = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
         gates = self.gates(x)  # (..., k)
+        total = None
         for expert in range(self.lora_A.shape[0]):
             branch = lora_branch(x, self.lora_A[expert], self.lora_B[expert], self.scaling)  # (..., d_out)
-            result = result + branch * gates[..., expert:expert + 1]
-        return result.to(self.weight.dtype) if result.dtype != self.weight.dtype else result
+            term = branch * gates[..., expert:expert + 1]
+            total = term if total is None else total + term
+        return total
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The weighted load-balancing loss of the last forward pass (then forgotten), or None."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from lorakit.adapters.layers import adapter_dtype
 from lorakit.adapters.lora_math import lora_branch, scaling
+from lorakit.adapters.named import read_named
 from lorakit.adapters.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lorakit.adapters.peft_load import read_config, read_weights, validate
 from lorakit.adapters.state import get_state, lora_layers
@@ -42,29 +43,42 @@ class NamedLoRA:
     scale: float
     source: str = ""
 
+    @property
+    def paths(self) -> list[str]:
+        """The module paths this adapter hooks."""
+        return list(self.pairs)
+
+    def delta(self, path: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """s * B (A x) for module `path`, in the dtype of its output `y`."""
+        A, B = self.pairs[path]
+        return lora_branch(x.to(A.dtype), A, B, self.scale).to(y.dtype)
+
 
 @dataclass
 class AdapterBank:
     """The named adapters on a model, the hooks that apply them, and what the next forward uses."""
 
-    adapters: dict[str, NamedLoRA] = field(default_factory=dict)
+    adapters: dict[str, NamedLoRA] = field(default_factory=dict)  # or named.NamedDeltas (bottleneck, MoLE)
     hooks: dict[str, object] = field(default_factory=dict)  # module path -> hook handle
     plan: Plan = field(default_factory=list)
 
     def branch(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`out` plus every planned adapter's low-rank branch for module `path`."""
+        """`out` plus what every planned adapter adds to module `path`'s output (for its rows).
+
+        A sub-block may return a tuple (hidden states first, as attention blocks do); then only the
+        hidden states change. `x` is the module's positional input (None when called by keyword).
+        """
+        hidden = out[0] if isinstance(out, tuple) else out
         for name, rows in self.plan:
-            pair = self.adapters[name].pairs.get(path)
-            if pair is None:
+            adapter = self.adapters[name]
+            if path not in adapter.paths:
                 continue
-            A, B = pair
-            scale = self.adapters[name].scale
             if rows is None:
-                out = out + lora_branch(x.to(A.dtype), A, B, scale).to(out.dtype)  # (B, T, d_out)
+                hidden = hidden + adapter.delta(path, x, hidden)  # (B, T, d_out)
             else:
-                part = lora_branch(x[rows].to(A.dtype), A, B, scale).to(out.dtype)  # (b, T, d_out)
-                out = out.index_add(0, rows, part)
-        return out
+                part = adapter.delta(path, None if x is None else x[rows], hidden[rows])  # (b, T, d_out)
+                hidden = hidden.index_add(0, rows, part)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -102,21 +116,22 @@ def _read_folder(model: nn.Module, name: str, folder: Path) -> NamedLoRA:
 
 def _hook(bank: AdapterBank, path: str):
     def add_branches(module, args, output):
-        return bank.branch(path, args[0], output) if bank.plan else output
+        return bank.branch(path, args[0] if args else None, output) if bank.plan else output
     return add_branches
 
 
 def add_adapter(model: nn.Module, name: str, path: str | Path) -> nn.Module:
-    """Load the PEFT LoRA folder `path` onto `model` under `name` (not active until chosen)."""
+    """Load the adapter folder `path` (PEFT LoRA, or lorakit's bottleneck / MoLE) onto `model` under `name`
+    (not active until chosen)."""
     if not name or name in ("base", "none"):
         raise AdapterError(f"adapter name {name!r} is reserved or empty; pick another name")
     bank = _bank(model)
     if name in bank.adapters:
         raise AdapterError(f"an adapter named {name!r} is already loaded (from {bank.adapters[name].source}); "
                            "delete_adapter it first or pick another name")
-    adapter = _read_folder(model, name, Path(path))
+    adapter = read_named(model, name, Path(path)) or _read_folder(model, name, Path(path))
     bank.adapters[name] = adapter
-    for module_path in adapter.pairs:
+    for module_path in adapter.paths:
         if module_path not in bank.hooks:
             module = model.get_submodule(module_path)
             bank.hooks[module_path] = module.register_forward_hook(_hook(bank, module_path))
@@ -129,7 +144,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     _require(bank, name)
     del bank.adapters[name]
     bank.plan = [(n, rows) for n, rows in bank.plan if n != name]
-    used = {p for adapter in bank.adapters.values() for p in adapter.pairs}
+    used = {p for adapter in bank.adapters.values() for p in adapter.paths}
     for module_path in [p for p in bank.hooks if p not in used]:
         bank.hooks.pop(module_path).remove()
     return model

@@ -78,6 +78,11 @@ def method_config(raw: dict, cls: type, source: Path) -> Any:
 
 def copy_into(model: nn.Module, folder: Path) -> None:
     """Copy the folder's tensors into the model's trainable parameters, after checking they match."""
+    copy_tensors({name: p for name, p in model.named_parameters() if p.requires_grad}, folder)
+
+
+def copy_tensors(params: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copy the folder's tensors into `params` (path -> tensor), after checking names and shapes match."""
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise AdapterError(f"{path} not found; the adapter folder has no weights file")
@@ -85,7 +90,6 @@ def copy_into(model: nn.Module, folder: Path) -> None:
         tensors = load_file(str(path))
     except Exception as error:  # safetensors reports corrupt files as its own error type
         raise AdapterError(f"cannot read {path}: {error}; the file is corrupt or truncated") from error
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise AdapterError(f"{path} does not fit this model's adapter: missing {missing[:3]}, "
