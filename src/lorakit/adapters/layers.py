@@ -104,7 +104,8 @@ class LoRALayer(nn.Module):
         if self.merged:
             return result
         A, B = self.lora_A.weight, self.lora_B.weight
-        x = x if x.dtype == A.dtype else x.to(A.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast x themselves
+            x = x if x.dtype == A.dtype else x.to(A.dtype)
         return (result + lora_branch(self.lora_dropout(x), A, B, self.scaling)).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
