@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("lorakit.commands.params", "apply a method to a model and print the trainable-parameter report"),
     "evaluate": ("lorakit.infer.evaluate", "exact-match accuracy and loss of a model (+ adapter) on a dataset"),
     "pretrain": ("lorakit.lab.pretrain", "pre-train the small embedded base model from scratch"),
+    "generate": ("lorakit.commands.generate", "complete prompts with a model, alone or with an adapter (streams)"),
+    "compare": ("lorakit.commands.compare", "the same prompts through the base and adapters, side by side"),
+    "merge": ("lorakit.commands.merge", "fold an adapter into its base: a standalone transformers model folder"),
+    "serve": ("lorakit.commands.serve", "an OpenAI-compatible HTTP server for a base model and its adapters"),
 }
 
 

@@ -1,0 +1,64 @@
+"""`lorakit serve`: an OpenAI-compatible HTTP server for a base model and named LoRA adapters."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from lorakit.errors import LorakitError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, adapters, address, key and batching options."""
+    parser.epilog = ("example:\n  lorakit serve --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter\n"
+                     "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-').chat.completions.create("
+                     "model='sql', ...)\n")
+    parser.add_argument("--model", default="embedded", help="base model: 'embedded', a local folder or a hub id")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as saved)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]FOLDER",
+                        help="an adapter to serve under NAME (repeatable; NAME defaults to the folder's name)")
+    parser.add_argument("--base-name", default="base", help="the request `model` value for the plain base model")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
+                        help="require this bearer key (default: $LORAKIT_API_KEY); also enables the admin endpoints")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="prompt + max_tokens limit (default: the model's max_position_embeddings, else 2048)")
+    parser.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to batch requests")
+    parser.add_argument("--max-batch", type=int, default=32, help="most requests per batch")
+    parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+
+
+def context_length(model, override: int | None) -> int:
+    """The request limit: the flag, else the model config's position limit, else 2048."""
+    if override is not None:
+        if override < 2:
+            raise LorakitError(f"--context-length must be at least 2, got {override}")
+        return override
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and adapters, then serve until Ctrl-C."""
+    import uvicorn
+
+    from lorakit.adapters.multi import add_adapter
+    from lorakit.commands.compare import parse_adapters
+    from lorakit.infer.server import ServerConfig, create_app
+    from lorakit.models import load_model, load_tokenizer, quiet_progress_bars
+
+    quiet_progress_bars()
+    model, tokenizer = load_model(args.model, dtype=args.dtype).eval(), load_tokenizer(args.model)
+    for name, folder in parse_adapters(args.adapter).items():
+        add_adapter(model, name, folder)
+    cfg = ServerConfig(base_name=args.base_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                       context_length=context_length(model, args.context_length), window_ms=args.batch_window_ms,
+                       max_batch=args.max_batch)
+    print(f"serving {args.model} as {cfg.base_name!r} with adapters {list(parse_adapters(args.adapter))} "
+          f"on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(create_app(model, tokenizer, cfg), host=args.host, port=args.port, log_level="warning")
+    return 0
