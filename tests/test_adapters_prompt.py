@@ -75,23 +75,37 @@ def test_text_init_matches_peft(tmp_path):
     assert torch.equal(model.lorakit_prompt.embeddings, expected)
 
 
-def test_generation_with_cache_equals_full_recompute():
-    """greedy_generate (HF generate, KV cache, left padding) picks the tokens a cache-free loop picks."""
+def _greedy_without_cache(model, ids: list[int], steps: int, eos: int) -> list[int]:
+    """The oracle: recompute the whole sequence (virtual tokens included) for every new token."""
+    ids, new = torch.tensor([ids]), []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(input_ids=ids).logits[0, -1].argmax()
+            if token.item() == eos:
+                break
+            new.append(token.item())
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    return new
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom"])
+def test_generation_with_cache_equals_full_recompute(arch):
+    """greedy_generate (HF generate) and lorakit's decode loop (KV cache, left padding, position ids)
+    pick the tokens a cache-free loop picks."""
+    from lorakit.infer.decode import decode
+    from lorakit.infer.sampling import Sampling
+
     tokenizer = tiny_tokenizer()
-    model = _with_trained_prompt(apply(tiny_llama(vocab_size=len(tokenizer)), PromptTuning(num_virtual_tokens=N)))
+    model = _with_trained_prompt(apply(BUILDERS[arch](vocab_size=len(tokenizer)), PromptTuning(num_virtual_tokens=N)))
     prompts = ["Hello world.", "Question: what is two plus two?"]
-    got = greedy_generate(model, tokenizer, prompts, max_new_tokens=5)
-    for prompt, text in zip(prompts, got):
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        new = []
-        with torch.no_grad():
-            for _ in range(5):
-                token = model(input_ids=ids).logits[0, -1].argmax()
-                if token.item() == tokenizer.eos_token_id:
-                    break
-                new.append(token.item())
-                ids = torch.cat([ids, token.view(1, 1)], dim=1)
-        assert text == tokenizer.decode(new, skip_special_tokens=True)
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    expected = [_greedy_without_cache(model, ids, 5, tokenizer.eos_token_id) for ids in encoded]
+    assert sum(map(len, expected)) >= 5  # real continuations, not an immediate end of sequence
+    texts = greedy_generate(model, tokenizer, prompts, max_new_tokens=5)
+    assert texts == [tokenizer.decode(new, skip_special_tokens=True) for new in expected]
+    got = decode(model, encoded, [Sampling()] * 2, max_new_tokens=[5, 5], stop_ids={tokenizer.eos_token_id},
+                 pad_id=tokenizer.pad_token_id)
+    assert got == expected
 
 
 def test_parameters_merge_unload_and_packing():
