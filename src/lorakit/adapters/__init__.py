@@ -17,9 +17,11 @@ from lorakit.adapters.full import Full  # registered first: --help and errors li
 from lorakit.adapters.lora import LoRA
 from lorakit.adapters.bottleneck import Bottleneck  # noqa: I001
 from lorakit.adapters.dispatch import load_adapter, merge, save_adapter, unload, unmerge
+from lorakit.adapters.dora import DoRA
 from lorakit.adapters.match import find_targets
 from lorakit.adapters.mole import MoLE
 from lorakit.adapters.prompt_tuning import PromptTuning
+from lorakit.adapters.qlora import QLoRA
 from lorakit.adapters.registry import METHODS, register_method
 from lorakit.adapters.report import parameter_report, trainable_parameters
 from lorakit.errors import ConfigError

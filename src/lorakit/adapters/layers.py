@@ -32,8 +32,9 @@ class LayerKind:
     forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, W, b) -> y
 
     def dims(self, weight: torch.Tensor) -> tuple[int, int]:
-        """(d_in, d_out) of a weight stored in this layout."""
-        rows, cols = weight.shape
+        """(d_in, d_out) of a weight stored in this layout (a 4-bit weight's shape before packing)."""
+        quant_state = getattr(weight, "quant_state", None)  # bitsandbytes Params4bit: packed (n/2, 1) storage
+        rows, cols = quant_state.shape if quant_state is not None else weight.shape
         return (rows, cols) if self.fan_in_fan_out else (cols, rows)
 
 
@@ -131,6 +132,17 @@ class LoRALayer(nn.Module):
             self.weight.copy_(unmerge_weight(self.weight, self.lora_A.weight, self.lora_B.weight,
                                              self.scaling, self.kind.fan_in_fan_out))
             self.merged = False
+
+    def replace_base(self, base: nn.Module) -> None:
+        """Wrap `base` instead of the current base layer (same sizes), e.g. a dequantised copy of it."""
+        kind = layer_kind(base)
+        if kind is None or kind.dims(base.weight) != (self.in_features, self.out_features):
+            raise AdapterError(f"cannot rebase a LoRA layer ({self.in_features} -> {self.out_features}) onto "
+                               f"{type(base).__name__}")
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.kind = kind
+        object.__setattr__(self, "_base", base)
 
     def to_plain(self) -> nn.Module:
         """The wrapped layer, holding this layer's current weight and bias; LoRA weights are dropped."""

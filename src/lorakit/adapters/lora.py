@@ -34,7 +34,7 @@ class LoRA:
 
     r: int = 8
     """Rank of the update B A; each target layer trains r * (d_in + d_out) numbers."""
-    alpha: float = 16
+    alpha: float = 16.0
     """Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) with rslora)."""
     targets: str | list[str] = "all-linear"
     """Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or 'all-linear'."""
