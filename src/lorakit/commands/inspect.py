@@ -1,0 +1,81 @@
+"""`lorakit inspect ADAPTER_OR_MODEL [--base BASE]`: spectra of fine-tuned vs base weights, per module.
+
+For every linear layer: the relative size of the update dW, the effective rank of dW (Roy &
+Vetterli) and the intruder dimensions of the fine-tuned matrix (Shuttleworth et al. 2024), as a
+table and a PNG (singular values of dW; intruders per layer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from lorakit.analysis.spectral import ModuleSpectrum
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `lorakit inspect`."""
+    parser.add_argument("target", help="adapter folder, full model folder, or a run folder of `lorakit train`")
+    parser.add_argument("--base", default=None, help="base model (default: the one the adapter or run names)")
+    parser.add_argument("--top-k", type=int, default=10, help="top singular vectors checked for intruders")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="an intruder's highest |cos| with any base singular vector is below this")
+    parser.add_argument("--png", type=Path, default=None, help="figure path (default: TARGET/spectra.png)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+
+
+def table(spectra: Sequence[ModuleSpectrum]) -> str:
+    """One line per module, then the totals."""
+    lines = [f"{'module':<40}{'shape':>12}{'|dW|/|W|':>10}{'eff. rank dW':>14}{'top s(dW)':>11}{'intruders':>10}"]
+    for m in spectra:
+        top = m.delta_singular_values[0] if m.delta_singular_values else 0.0
+        lines.append(f"{m.name.removesuffix('.weight'):<40}{'x'.join(map(str, m.shape)):>12}"
+                     f"{m.relative_change:>10.4f}{m.effective_rank:>14.2f}{top:>11.4f}{len(m.intruders):>10}")
+    total = sum(len(m.intruders) for m in spectra)
+    mean_rank = sum(m.effective_rank for m in spectra) / max(len(spectra), 1)
+    lines.append(f"{len(spectra)} modules: {total} intruder dimensions in all, mean effective rank of dW "
+                 f"{mean_rank:.2f}")
+    return "\n".join(lines)
+
+
+def plot(spectra: Sequence[ModuleSpectrum], path: Path, title: str = "") -> Path:
+    """Left: normalised singular values of dW per module; right: intruders per module."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), dpi=100)
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    for m in spectra:
+        s = m.delta_singular_values
+        if s and s[0] > 0:
+            left.plot(range(1, len(s) + 1), [v / s[0] for v in s], alpha=0.5, linewidth=1)
+    left.set(xscale="log", yscale="log", ylim=(1e-4, 1.5), xlabel="index", ylabel="s_i / s_1 of dW",
+             title="singular values of the update, per module")
+    left.grid(alpha=0.3, which="both")
+    right.bar(range(len(spectra)), [len(m.intruders) for m in spectra])
+    right.set(xlabel="module (model order)", ylabel="intruder dimensions", title="intruders per module")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load both weight sets, compare every linear layer, print the table, write the PNG."""
+    from lorakit.analysis.spectral import compare_state_dicts
+    from lorakit.analysis.weights import load_pair
+    from lorakit.models import quiet_progress_bars
+
+    quiet_progress_bars()
+    base, tuned, names, base_name = load_pair(args.target, args.base)
+    spectra = compare_state_dicts(base, tuned, names, args.top_k, args.threshold)
+    print(f"{args.target} vs base {base_name}  (intruders: top {args.top_k}, |cos| < {args.threshold})")
+    print(table(spectra))
+    png = args.png or Path(args.target) / "spectra.png"
+    print(f"figure: {plot(spectra, png, f'{Path(args.target).name} vs {base_name}')}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(m) for m in spectra], indent=1) + "\n")
+    return 0
