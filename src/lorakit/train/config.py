@@ -7,6 +7,8 @@ from lorakit.errors import ConfigError
 from lorakit.train.progress import PROGRESS_MODES
 from lorakit.train.schedules import SCHEDULES
 
+DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")  # the strategies of lorakit.train.distributed, plus auto
+
 
 @dataclass
 class TrainConfig:
@@ -100,6 +102,18 @@ class TrainConfig:
         default="auto",
         metadata={"help": "Progress display: auto (bar on a terminal, plain lines otherwise), bar, plain, none."},
     )
+    distributed: str = field(
+        default="auto",
+        metadata={"help": "Under torchrun (WORLD_SIZE > 1): ddp (every rank holds the model; adapters), fsdp "
+                          "(FSDP2 fully_shard: weights, gradients and optimizer state sharded; full fine-tuning, "
+                          "large bases) or auto (fsdp when every parameter trains, else ddp). grad_accum counts "
+                          "micro-batches per rank. Ignored in a single process."},
+    )
+    dist_timeout_s: float = field(
+        default=600.0,
+        metadata={"help": "Seconds any collective may wait under torchrun before the run fails; a rank that "
+                          "dies or hangs then ends the others with an error instead of a hang."},
+    )
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # YAML gives a list
@@ -137,6 +151,8 @@ def _problems(cfg: TrainConfig) -> list[str]:
         ("keep_checkpoints", cfg.keep_checkpoints >= 0, "must be >= 0"),
         ("log_every", cfg.log_every >= 1, "must be >= 1"),
         ("progress", cfg.progress in PROGRESS_MODES, f"must be one of {', '.join(PROGRESS_MODES)}"),
+        ("distributed", cfg.distributed in DISTRIBUTED_MODES, f"must be one of {', '.join(DISTRIBUTED_MODES)}"),
+        ("dist_timeout_s", cfg.dist_timeout_s > 0, "must be > 0"),
     ]
     return [f"{name}: {message} (got {getattr(cfg, name)!r})" for name, ok, message in checks if not ok]
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed
 from lorakit.train.config import TrainConfig
 from lorakit.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, TrainSummary,
                                    plot_loss_curve, write_summary)
@@ -26,8 +27,8 @@ from lorakit.train.progress import Progress, make_progress
 from lorakit.train.schedules import lr_factor
 from lorakit.train.setup import (build_optimizer, count_parameters, prepared, seed_everything,
                                  trainable_named_parameters)
-from lorakit.train.step import (Batch, Halving, accumulate_gradients, count_input_tokens, count_trained_tokens,
-                                evaluate, make_loss_sum)
+from lorakit.train.step import (Batch, Halving, count_input_tokens, count_trained_tokens, evaluate,
+                                make_loss_sum)
 
 
 @dataclass
@@ -50,9 +51,10 @@ class LoopState:
     total_steps: int = 0
 
 
-def plan_steps(cfg: TrainConfig, train_batches: Callable[[int], list[Batch]]
+def plan_steps(cfg: TrainConfig, train_batches: Callable[[int], list[Batch]], world: int = 1
                ) -> tuple[int, list[int], list[Batch]]:
-    """(total optimizer steps, micro-batches per epoch, epoch 0's batches kept for reuse)."""
+    """(total optimizer steps, micro-batches per epoch, epoch 0's batches kept for reuse); a step
+    takes grad_accum micro-batches on each of `world` ranks."""
     per_epoch, total, first = [], 0, []
     for epoch in range(cfg.epochs):
         batches = train_batches(epoch)
@@ -60,7 +62,7 @@ def plan_steps(cfg: TrainConfig, train_batches: Callable[[int], list[Batch]]
             raise LorakitError(f"train_batches({epoch}) returned no batches: the training set is empty")
         first = first or batches
         per_epoch.append(len(batches))
-        total += math.ceil(len(batches) / cfg.grad_accum)
+        total += math.ceil(len(batches) / (cfg.grad_accum * world))
         if cfg.max_steps is not None and total >= cfg.max_steps:
             return cfg.max_steps, per_epoch, first
     return total, per_epoch, first
@@ -90,12 +92,20 @@ def train(
         raise LorakitError(f"{run_dir} already holds checkpoints: pass resume to continue that run, "
                            "or choose a new run folder")
     seed_everything(cfg.seed)
-    total_steps, per_epoch, first_epoch = plan_steps(cfg, train_batches)
+    parallel = distributed.choose(cfg.distributed, model, cfg.dist_timeout_s)  # single unless under torchrun
+    total_steps, per_epoch, first_epoch = plan_steps(cfg, train_batches, parallel.world)
     with prepared(model, cfg) as call:
-        trainer = _Trainer(model, call, cfg, train_batches, eval_batches, run_dir, total_steps, on_checkpoint)
-        if source is not None:
-            trainer.load(source)
-        trainer.run(per_epoch, first_epoch)
+        call = parallel.wrap(model, call)
+        trainer = _Trainer(model, call, cfg, train_batches, eval_batches, run_dir, total_steps, on_checkpoint,
+                           parallel)
+        try:
+            if source is not None:
+                trainer.load(source)
+            trainer.run(per_epoch, first_epoch)
+        except RuntimeError as error:
+            if parallel.world == 1:
+                raise
+            raise distributed.lost_rank_error(parallel, error, run_dir) from error
         return trainer.finish(source)
 
 
@@ -104,8 +114,10 @@ class _Trainer:
 
     def __init__(self, model: nn.Module, call: nn.Module, cfg: TrainConfig,
                  train_batches: Callable[[int], list[Batch]], eval_batches: list[Batch] | None,
-                 run_dir: Path, total_steps: int, on_checkpoint: Callable[[Path], None] | None) -> None:
+                 run_dir: Path, total_steps: int, on_checkpoint: Callable[[Path], None] | None,
+                 parallel: distributed.Parallel | None = None) -> None:
         self.model, self.cfg, self.run_dir = model, cfg, run_dir
+        self.parallel = parallel or distributed.Parallel()
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.on_checkpoint = on_checkpoint
         self.named = trainable_named_parameters(model)
@@ -115,7 +127,8 @@ class _Trainer:
         device = self.params[0].device
         self.loss_sum = make_loss_sum(call, device, PRECISIONS[cfg.precision], chunked=cfg.chunked_loss)
         self.state = LoopState(total_steps=total_steps)
-        self.halving = Halving(enabled=cfg.auto_batch_halving)
+        # ranks must agree on every split, so out-of-memory halving is a single-process feature
+        self.halving = Halving(enabled=cfg.auto_batch_halving and self.parallel.world == 1)
         self.warmup = cfg.resolve_warmup(total_steps)
         self.pending_loss = torch.zeros((), device=device)
         self.pending_trained = torch.zeros((), dtype=torch.long)
@@ -132,20 +145,21 @@ class _Trainer:
         if state.total_steps != self.state.total_steps:
             raise LorakitError(f"resume: {folder} belongs to a run of {state.total_steps} steps, this config "
                                f"plans {self.state.total_steps} (epochs, max_steps, grad_accum or data changed)")
-        ckpt.load_trainable_state(self.model, saved.weights, folder)
-        ckpt.load_optimizer_state(self.optimizer, self.names, saved.optimizer_tensors, saved.optimizer_meta, folder)
+        self.parallel.load(self.model, self.optimizer, self.names, saved, folder)
         ckpt.restore_rng(saved.state["rng"], saved.rng_tensors)
         self.state = state
         self.halving.parts = self.state.halving_parts
-        self.pending_loss.fill_(self.state.pending_loss_sum)
+        self.pending_loss.fill_(self.state.pending_loss_sum if self.parallel.is_main else 0.0)  # summed on rank 0
         self.pending_trained.fill_(self.state.pending_trained)
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, per_epoch: list[int], first_epoch: list[Batch]) -> None:
         """Train from the current state to the last step (`first_epoch`: epoch 0's batches, if known)."""
         resume_step = self.state.step if self.state.step else None
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, resume_step=resume_step)
-        self.progress = make_progress(self.cfg.progress, self.state.total_steps, self.state.step)
+        main = self.parallel.is_main  # only rank 0 writes and shows progress
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, resume_step=resume_step) if main else \
+            distributed.MemoryLog()
+        self.progress = make_progress(self.cfg.progress if main else "none", self.state.total_steps, self.state.step)
         try:
             while self.state.step < self.state.total_steps:
                 epoch = self.state.epoch
@@ -159,7 +173,7 @@ class _Trainer:
             self.progress.close()
 
     def _run_epoch(self, batches: list[Batch]) -> None:
-        state, accum = self.state, self.cfg.grad_accum
+        state, accum = self.state, self.cfg.grad_accum * self.parallel.world
         while state.batch_index < len(batches) and state.step < state.total_steps:
             group = batches[state.batch_index: state.batch_index + accum]
             lr = self._optimizer_step(group)
@@ -171,10 +185,12 @@ class _Trainer:
             state.epoch, state.batch_index = state.epoch + 1, 0
 
     def _optimizer_step(self, group: list[Batch]) -> float:
-        """One optimizer step over the micro-batches `group`; returns the lr used."""
-        count = count_trained_tokens(group)
+        """One optimizer step over the micro-batches `group` (all ranks' share); returns the lr used."""
+        share = self.parallel.share(group)
+        count = self.parallel.total(count_trained_tokens(share))  # trained tokens of the whole step
         n_tokens = max(1.0, float(count)) if count.device.type == "cpu" else count.clamp(min=1)
-        summed = accumulate_gradients(self.loss_sum, group, n_tokens, self.halving, self._on_split)
+        n_tokens = n_tokens / self.parallel.world  # DDP and FSDP average gradients over the ranks
+        summed = self.parallel.accumulate(self.loss_sum, share, n_tokens, self.halving, self._on_split)
         if self.cfg.max_grad_norm:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         lr = self.cfg.lr * lr_factor(self.state.step, self.state.total_steps, self.warmup, self.cfg.schedule)
@@ -225,6 +241,7 @@ class _Trainer:
     def _record(self, lr: float, epoch: float, eval_loss: float | None) -> None:
         """Sync the pending loss from the device and append one metrics line."""
         state, now = self.state, self._elapsed()
+        self.parallel.collect(self.pending_loss)
         trained = int(self.pending_trained.item())
         loss = self.pending_loss.item() / max(1, trained)
         state.trained_tokens += trained
@@ -244,20 +261,23 @@ class _Trainer:
     # ---- checkpoints -----------------------------------------------------------------------
     def _save(self) -> None:
         state = self.state
+        self.parallel.collect(self.pending_loss)
         state.pending_loss_sum = float(self.pending_loss.item())
         state.pending_trained = int(self.pending_trained.item())
         state.halving_parts = self.halving.parts
         saved_elapsed, state.elapsed = state.elapsed, self._elapsed()
         rng_meta, rng_tensors = ckpt.capture_rng()
-        optimizer_tensors, optimizer_meta = ckpt.optimizer_state(self.optimizer, self.names)
+        optimizer_tensors, optimizer_meta = self.parallel.optimizer_state(self.model, self.optimizer, self.names)
         checkpoint = ckpt.Checkpoint(
-            weights=ckpt.trainable_state(self.model), optimizer_tensors=optimizer_tensors,
+            weights=self.parallel.trainable_state(self.model), optimizer_tensors=optimizer_tensors,
             optimizer_meta=optimizer_meta, rng_tensors=rng_tensors,
             state={"format": 1, "loop": asdict(state), "rng": rng_meta})
         state.elapsed = saved_elapsed
-        folder = ckpt.write_checkpoint(self.run_dir / "checkpoints", state.step, checkpoint,
-                                       keep=self.cfg.keep_checkpoints)
-        self.progress.message(f"step {state.step}: checkpoint {folder}")
+        folder = self.run_dir / "checkpoints" / f"step-{state.step}"
+        if self.parallel.is_main:
+            folder = ckpt.write_checkpoint(folder.parent, state.step, checkpoint, keep=self.cfg.keep_checkpoints)
+            self.progress.message(f"step {state.step}: checkpoint {folder}")
+        self.parallel.barrier()  # no rank runs ahead of a checkpoint being written
         if self.on_checkpoint is not None:
             self.on_checkpoint(folder)
 
@@ -266,7 +286,8 @@ class _Trainer:
         """Write loss_curve.png and summary.json; return the summary."""
         state, wall = self.state, self._elapsed()
         records = self.metrics.records
-        plot_loss_curve(records, self.run_dir / CURVE_FILE)
+        if self.parallel.is_main:
+            plot_loss_curve(records, self.run_dir / CURVE_FILE)
         trainable, total = count_parameters(self.model)
         evals = [r["eval_loss"] for r in records if "eval_loss" in r]
         summary = TrainSummary(
@@ -277,5 +298,6 @@ class _Trainer:
             final_eval_loss=evals[-1] if evals else None,
             best_eval_loss=state.best_eval_loss, best_eval_step=state.best_eval_step,
             micro_batch_parts=self.halving.parts, resumed_from=str(source) if source else None)
-        write_summary(summary, self.run_dir / SUMMARY_FILE)
+        if self.parallel.is_main:
+            write_summary(summary, self.run_dir / SUMMARY_FILE)
         return summary
