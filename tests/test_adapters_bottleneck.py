@@ -111,6 +111,7 @@ def test_lorakit_train_with_method_bottleneck(tmp_path, one_thread):
     result = run_method(root, {"name": "bottleneck", "size": 8, "init_scale": 0.1}, steps=12, lr=5e-2)
     curve = losses(result.run_dir)  # full-batch steps on the same rows
     assert curve[-1] < curve[0] - 0.5
+    assert "aux_loss" not in (result.run_dir / "metrics.jsonl").read_text()  # no auxiliary loss to log
     from lorakit.models import load_model
 
     reloaded = load_adapter(load_model(str(root / "base")), result.output)

@@ -153,6 +153,11 @@ def test_lorakit_train_with_method_mole(tmp_path, one_thread):
     result = run_method(root, {"name": "mole", "r": 4, "num_experts": 2, "top_k": 1}, steps=10, lr=1e-2)
     curve = losses(result.run_dir)  # full-batch steps on the same rows
     assert curve[-1] < curve[0] - 0.5
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # logged: weight 0.01 x 14 layers x a Switch loss of at most k=2; the zero-initialised router
+    # gives uniform gates, so step 1's loss is exactly 1 per layer
+    assert records[0]["aux_loss"] == pytest.approx(0.01 * 14)
+    assert all(0 < r["aux_loss"] <= 0.01 * 14 * 2 for r in records)
     reloaded = load_adapter(load_model(str(root / "base")), result.output)
     ids = tiny_batch(length=6)
     result.model.eval()

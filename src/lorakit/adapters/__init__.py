@@ -20,6 +20,7 @@ from lorakit.adapters.dispatch import load_adapter, merge, save_adapter, unload,
 from lorakit.adapters.dora import DoRA
 from lorakit.adapters.match import find_targets
 from lorakit.adapters.mole import MoLE
+from lorakit.adapters.multi import adapter_names, adapter_rows, add_adapter, delete_adapter, set_adapter
 from lorakit.adapters.prompt_tuning import PromptTuning
 from lorakit.adapters.qlora import QLoRA
 from lorakit.adapters.registry import METHODS, register_method
@@ -28,6 +29,7 @@ from lorakit.errors import ConfigError
 
 __all__ = ["METHODS", "Bottleneck", "Full", "LoRA", "MoLE", "PromptTuning", "apply", "find_targets", "load_adapter",
            "merge", "parameter_report", "register_method", "save_adapter", "trainable_parameters", "unload", "unmerge"]
+__all__ += ["adapter_names", "adapter_rows", "add_adapter", "delete_adapter", "set_adapter"]  # named, per row
 
 
 def apply(model: nn.Module, method_cfg) -> nn.Module:

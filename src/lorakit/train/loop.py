@@ -252,6 +252,10 @@ class _Trainer:
                   "tokens_per_s": tokens_per_s, "trained_tokens": state.trained_tokens, "elapsed": now}
         if eval_loss is not None:
             record["eval_loss"] = eval_loss
+        auxiliary = self.loss_sum.auxiliary.take()  # e.g. MoLE load balancing; None for most methods
+        if auxiliary is not None:
+            self.parallel.collect(auxiliary)
+            record["aux_loss"] = auxiliary.item() / max(1, trained)  # weighted, per trained token
         self.metrics.write(record)
         self.progress.report(state.step, loss, tokens_per_s, lr)
         self.pending_loss.zero_()
