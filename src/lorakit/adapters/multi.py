@@ -7,10 +7,12 @@
         logits = model(input_ids).logits
 
 Nothing is merged and the base weights are never touched: each adapted module gets a forward
-hook that adds s * B (A x) for the rows of each adapter in use (gather the rows, two small
-matmuls, index_add back). A batch that mixes adapters costs one base forward plus one low-rank
-branch per adapter present. The single-adapter path (`apply` / `load_adapter`, LoRALayer) is a
-different mechanism and stays as it was; a model carries one or the other.
+hook that adds s * B (A x) with each row's own adapter. Rows keep their adapter for the whole
+`adapter_rows` block (a decoding loop), so each module stacks its per-row A and s*B once (zeros
+for rows without an adapter there) and then costs two batched matmuls per step, however many
+adapters the batch mixes. Whole-batch choices (`set_adapter`) use the plain two-matmul branch.
+The single-adapter path (`apply` / `load_adapter`, LoRALayer) is a different mechanism and stays
+as it was; a model carries one or the other.
 """
 from __future__ import annotations
 
@@ -58,27 +60,62 @@ class NamedLoRA:
 class AdapterBank:
     """The named adapters on a model, the hooks that apply them, and what the next forward uses."""
 
-    adapters: dict[str, NamedLoRA] = field(default_factory=dict)  # or named.NamedDeltas (bottleneck, MoLE)
+    adapters: dict[str, NamedLoRA] = field(default_factory=dict)
     hooks: dict[str, object] = field(default_factory=dict)  # module path -> hook handle
     plan: Plan = field(default_factory=list)
+    rows: list[str | None] | None = None
+    """Per-row adapter names while `adapter_rows` is active (None: `plan` applies to whole batches)."""
+    stacked: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+    """Module path -> per-row (A^T (N, d_in, r), (s*B)^T (N, r, d_out)) for `rows`, built on first use."""
 
     def branch(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`out` plus what every planned adapter adds to module `path`'s output (for its rows).
-
-        A sub-block may return a tuple (hidden states first, as attention blocks do); then only the
-        hidden states change. `x` is the module's positional input (None when called by keyword).
-        """
-        hidden = out[0] if isinstance(out, tuple) else out
+        """`out` plus the low-rank branch of each row's adapter for module `path`."""
+        if self.rows is not None and x.dim() == 3 and x.shape[0] == len(self.rows):
+            return self._batched_branch(path, x, out)
         for name, rows in self.plan:
-            adapter = self.adapters[name]
-            if path not in adapter.paths:
+            pair = self.adapters[name].pairs.get(path)
+            if pair is None:
                 continue
+            A, B = pair
+            scale = self.adapters[name].scale
             if rows is None:
-                hidden = hidden + adapter.delta(path, x, hidden)  # (B, T, d_out)
+                out = out + lora_branch(x.to(A.dtype), A, B, scale).to(out.dtype)  # (B, T, d_out)
             else:
-                part = adapter.delta(path, None if x is None else x[rows], hidden[rows])  # (b, T, d_out)
-                hidden = hidden.index_add(0, rows, part)
-        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+                part = lora_branch(x[rows].to(A.dtype), A, B, scale).to(out.dtype)  # (b, T, d_out)
+                out = out.index_add(0, rows, part)
+        return out
+
+    def _batched_branch(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Every row at once: two batched matmuls with each row's own (zero-padded) A and B."""
+        if path not in self.stacked:
+            self.stacked[path] = self._stack(path)
+        weights = self.stacked[path]
+        if weights is None:
+            return out
+        A_t, B_t = weights  # (N, d_in, r), (N, r, d_out)
+        low = torch.bmm(x if x.dtype == A_t.dtype else x.to(A_t.dtype), A_t)  # (N, T, d_in) -> (N, T, r)
+        if out.dtype == B_t.dtype:
+            return torch.baddbmm(out, low, B_t)  # out + low @ B_t: (N, T, d_out)
+        return out + torch.bmm(low, B_t).to(out.dtype)
+
+    def _stack(self, path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row A and s*B for module `path`; rows without an adapter there get zeros (rank padded)."""
+        pairs = {n: self.adapters[n].pairs[path] for n in set(self.rows) if n and path in self.adapters[n].pairs}
+        if not pairs:
+            return None
+        r = max(A.shape[0] for A, _ in pairs.values())
+        names = list(pairs)
+        A0, B0 = pairs[names[0]]
+        # slot 0: zeros (rows without an adapter here); slot i + 1: adapter names[i], rank padded with zeros
+        A_slots = A0.new_zeros(len(names) + 1, r, A0.shape[1])  # (K + 1, r, d_in)
+        B_slots = B0.new_zeros(len(names) + 1, B0.shape[0], r)  # (K + 1, d_out, r)
+        for slot, name in enumerate(names, 1):
+            A, B = pairs[name]
+            A_slots[slot, :A.shape[0]] = A
+            B_slots[slot, :, :B.shape[1]] = B * self.adapters[name].scale
+        index = torch.tensor([names.index(n) + 1 if n in pairs else 0 for n in self.rows], device=A0.device)
+        # per row, transposed for bmm: (N, d_in, r) and (N, r, d_out)
+        return A_slots[index].transpose(1, 2).contiguous(), B_slots[index].transpose(1, 2).contiguous()
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -143,6 +180,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     bank = getattr(model, BANK_ATTR, None)
     _require(bank, name)
     del bank.adapters[name]
+    bank.stacked = {}
     bank.plan = [(n, rows) for n, rows in bank.plan if n != name]
     used = {p for adapter in bank.adapters.values() for p in adapter.paths}
     for module_path in [p for p in bank.hooks if p not in used]:
@@ -187,9 +225,9 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]):
     if bank is None:  # base rows only, no adapters loaded: nothing to route
         yield model
         return
-    previous = bank.plan
-    bank.plan = row_plan(names, next(model.parameters()).device)
+    previous = bank.plan, bank.rows, bank.stacked
+    bank.plan, bank.rows, bank.stacked = row_plan(names, next(model.parameters()).device), list(names), {}
     try:
         yield model
     finally:
-        bank.plan = previous
+        bank.plan, bank.rows, bank.stacked = previous

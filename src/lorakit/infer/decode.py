@@ -45,6 +45,17 @@ def _forward(model, ids, mask, positions, cache, signature: tuple[str, bool]):
     return out.logits[:, -1, :], getattr(out, cache_name)  # (B, V)
 
 
+def choose_tokens(logits: torch.Tensor, seen: list[list[int]], options: Sequence[Sampling],
+                  generators: list, done: list[bool]) -> list[int]:
+    """Next token per row from logits (B, V); plain greedy rows share one argmax, the rest go one by one."""
+    plain = [o.greedy and o.repetition_penalty == 1.0 for o in options]
+    best = logits.argmax(dim=-1).tolist() if any(plain) else [0] * len(options)
+    rows_logits = logits.float().cpu() if not all(plain) else None
+    return [best[row] if plain[row] or done[row] else
+            next_token(rows_logits[row], torch.tensor(seen[row], dtype=torch.long), options[row], generators[row])
+            for row in range(len(options))]
+
+
 @torch.no_grad()
 def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling], *,
            max_new_tokens: Sequence[int], stop_ids: set[int], pad_id: int, seeds: Sequence[int | None] = (),
@@ -63,23 +74,23 @@ def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling],
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     signature = _forward_kwargs(model)
-    seen = [torch.tensor(list(p), dtype=torch.long) for p in prompts]
+    seen = [list(p) for p in prompts]
     new: list[list[int]] = [[] for _ in prompts]
     done = [budget <= 0 for budget in max_new_tokens]
     logits, cache = _forward(model, ids, mask, positions, None, signature)
     while not all(done):
         step = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
-        rows_logits = logits.float().cpu()
+        chosen = choose_tokens(logits, seen, options, generators, done)
         for row in range(len(prompts)):
             if done[row]:
                 continue
-            token = next_token(rows_logits[row], seen[row], options[row], generators[row])
+            token = chosen[row]
             step[row, 0] = token
             if token in stop_ids:
                 done[row] = True
                 continue
             new[row].append(token)
-            seen[row] = torch.cat([seen[row], torch.tensor([token])])
+            seen[row].append(token)
             if on_token is not None:
                 on_token(row, token)
             done[row] = len(new[row]) >= max_new_tokens[row]

@@ -109,7 +109,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, m
 
     def on_token(row: int, token: int) -> None:
         piece = streams[row].push(token)
-        if piece and on_text is not None:
+        if piece:
             on_text(row, piece)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -119,7 +119,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, m
         with adapter_rows(model, list(adapters) if adapters is not None else [None] * len(prompts)):
             new = decode(model, ids, [sampling or Sampling()] * len(prompts),
                          max_new_tokens=[max_new_tokens] * len(prompts), stop_ids=stop_token_ids(tokenizer, model),
-                         pad_id=pad, seeds=[seed] * len(prompts), on_token=on_token)
+                         pad_id=pad, seeds=[seed] * len(prompts), on_token=on_token if on_text else None)
     finally:
         model.train(was_training)
     return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new]
