@@ -27,8 +27,9 @@ from lorakit.adapters.registry import METHODS, register_method
 from lorakit.adapters.report import parameter_report, trainable_parameters
 from lorakit.errors import ConfigError
 
-__all__ = ["METHODS", "Bottleneck", "Full", "LoRA", "MoLE", "PromptTuning", "apply", "find_targets", "load_adapter",
-           "merge", "parameter_report", "register_method", "save_adapter", "trainable_parameters", "unload", "unmerge"]
+__all__ = ["METHODS", "Bottleneck", "DoRA", "Full", "LoRA", "MoLE", "PromptTuning", "QLoRA", "apply", "find_targets",
+           "load_adapter", "merge", "parameter_report", "register_method", "save_adapter", "trainable_parameters",
+           "unload", "unmerge"]
 __all__ += ["adapter_names", "adapter_rows", "add_adapter", "delete_adapter", "set_adapter"]  # named, per row
 
 

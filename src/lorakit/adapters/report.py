@@ -61,7 +61,7 @@ def _module_group(name: str, module: nn.Module, lora_paths: set[str], named_grou
     if parent in lora_paths and name.rpartition(".")[2] in ("lora_A", "lora_B"):
         return "LoRA A+B"
     if isinstance(module, LoRALayer):
-        return f"{module.base_type.__name__} (LoRA base)"
+        return f"{module.base_type.__name__} ({type(module).__name__.removesuffix('Layer')} base)"  # DoRA: + m
     return type(module).__name__
 
 
