@@ -17,3 +17,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}"
   touch "$stamp"
 fi
+# --test: the `lorakit report` test renders its HTML page in headless Chromium (Debian's package)
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then
+  sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  ($sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium) \
+    || echo "warning: could not install chromium; the report rendering test will be skipped" >&2
+fi

@@ -101,7 +101,8 @@ def plot_lr(rows: Sequence[dict], path: Path) -> Path | None:
                 axis.plot(*zip(*points), marker="o", label=label)
         axis.set(xscale="log", yscale="log", xlabel="learning rate", ylabel=title, title=f"{title} vs lr")
         axis.grid(alpha=0.3, which="both")
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     return _save(figure, path)
 
 
