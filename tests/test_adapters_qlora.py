@@ -140,3 +140,12 @@ def test_lorakit_train_with_method_qlora_lowers_the_loss(tmp_path, one_thread):
     result = run_method(root, {"name": "qlora", "r": 4, "alpha": 8, "compute_dtype": "fp32"}, steps=10, lr=2e-2)
     curve = losses(result.run_dir)
     assert curve[-1] < 0.8 * curve[0]
+
+
+def test_qlora_accepts_an_already_quantised_base_and_dora_refuses_one():
+    from lorakit.adapters.dora import DoRA
+
+    model = apply(_quantized_llama(), QLoRA(r=2, targets=["q_proj"], compute_dtype="fp32"))
+    assert len(lora_layers(model)) == 2
+    with pytest.raises(AdapterError, match="DoRA needs the full base weight for its norm; Linear4bit stores it"):
+        apply(_quantized_llama(), DoRA(r=2, targets=["q_proj"]))

@@ -31,7 +31,7 @@ from lorakit.adapters.layers import LoRALayer
 from lorakit.adapters.lora import LoRA, _config_problems
 from lorakit.adapters.lora_math import InitMethod, lora_branch
 from lorakit.adapters.registry import register_method
-from lorakit.errors import ConfigError
+from lorakit.errors import AdapterError, ConfigError
 
 
 # -- the math ---------------------------------------------------------------------------------
@@ -79,6 +79,9 @@ class DoRALayer(LoRALayer):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, init: InitMethod = "kaiming") -> None:
+        if getattr(base.weight, "quant_state", None) is not None:
+            raise AdapterError(f"DoRA needs the full base weight for its norm; {type(base).__name__} stores it "
+                               "quantised; use DoRA on an unquantised model, or method 'qlora'")
         super().__init__(base, r, alpha, rslora=rslora, dropout=dropout, init=init)
         with torch.no_grad():  # B = 0, so this is ||W||
             start = self.weight_norm()

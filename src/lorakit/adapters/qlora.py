@@ -26,7 +26,7 @@ from torch import nn
 
 from lorakit.adapters import ops
 from lorakit.adapters.layers import LayerKind, LoRALayer, register_layer_kind
-from lorakit.adapters.lora import LoRA, _config_problems
+from lorakit.adapters.lora import LoRA, _config_problems, resolve_modules_to_save
 from lorakit.adapters.match import find_targets
 from lorakit.adapters.registry import register_method
 from lorakit.adapters.state import ensure_plain, lora_layers, replace_module, require_state
@@ -131,15 +131,16 @@ class QLoRA(LoRA):
         """Quantise the base's linear layers to 4 bits, then inject LoRA into the targets; returns the model."""
         ensure_plain(model)
         self._check_targets(model)
-        quantize_model(model, self.quant_type, self.double_quant, self.compute_dtype, skip=tuple(self.modules_to_save))
+        saved = resolve_modules_to_save(model, self.modules_to_save)  # trained in full: not quantised
+        quantize_model(model, self.quant_type, self.double_quant, self.compute_dtype, skip=tuple(saved))
         return super().apply(model)
 
     def _check_targets(self, model: nn.Module) -> None:
-        """Every target must be an nn.Linear that gets quantised; say which one is not."""
+        """Every target must be an nn.Linear that gets quantised (or is 4-bit already); say which one is not."""
         quantizable = set(quantizable_paths(model))
         for path in find_targets(model, self.targets):
-            if path not in quantizable:
-                module = model.get_submodule(path)
+            module = model.get_submodule(path)
+            if path not in quantizable and not isinstance(module, _bnb().nn.Linear4bit):
                 raise AdapterError(f"QLoRA cannot quantise module {path!r} ({type(module).__name__}): bitsandbytes "
                                    "4-bit layers replace nn.Linear only, and the output head stays unquantised; "
                                    "target nn.Linear layers or use method 'lora'")
