@@ -7,6 +7,7 @@ from _infer_fixtures import random_adapter
 from conftest import TINY_MODELS, tiny_batch
 
 import lorakit
+from lorakit.adapters import DoRA
 from lorakit.adapters.multi import (adapter_names, adapter_rows, add_adapter, delete_adapter, row_plan,
                                     set_adapter)
 from lorakit.errors import AdapterError
@@ -35,36 +36,45 @@ def test_row_plan_groups_rows():
 def test_mixed_batch_logits_equal_each_adapter_alone(arch, tmp_path, one_thread):
     build = TINY_MODELS[arch]
     folders = {name: random_adapter(build, tmp_path / name, seed) for seed, name in enumerate(["a", "b"])}
+    folders["d"] = random_adapter(build, tmp_path / "d", 7, r=2, targets=_some_targets(arch), method=DoRA)
     model = build()
     for name, folder in folders.items():
         add_adapter(model, name, folder)
-    rows = ["a", None, "b", "a"]
-    ids = tiny_batch(batch=4, length=6)
+    rows = ["a", None, "b", "a", "d", "d"]
+    ids = tiny_batch(batch=6, length=6)
     with torch.no_grad(), adapter_rows(model, rows):
         mixed = model(ids).logits
     for row, name in enumerate(rows):
         alone = _alone(build, folders.get(name), ids[row:row + 1])
         torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters really change the output
-    set_adapter(model, "b")
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids[:1]).logits, _alone(build, folders["b"], ids[:1]), rtol=1e-5, atol=1e-5)
+    for name in ("b", "d"):  # whole-batch choice
+        set_adapter(model, name)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids[:2]).logits, _alone(build, folders[name], ids[:2]), rtol=1e-5,
+                                       atol=1e-5)
     set_adapter(model, None)
     with torch.no_grad():
         torch.testing.assert_close(model(ids[:1]).logits, _alone(build, None, ids[:1]), rtol=1e-5, atol=1e-5)
 
 
+def _some_targets(arch: str) -> list[str]:
+    """A DoRA adapter on fewer modules (and another rank) than the LoRA ones: stacking pads both."""
+    return {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "bloom": ["query_key_value"]}[arch]
+
+
 def test_mixed_batch_greedy_generations_equal_alone(arch, tmp_path, one_thread):
     build = TINY_MODELS[arch]
     folders = {name: random_adapter(build, tmp_path / name, seed) for seed, name in enumerate(["a", "b"])}
+    folders["d"] = random_adapter(build, tmp_path / "d", 7, targets=_some_targets(arch), method=DoRA)
     model = build()
     for name, folder in folders.items():
         add_adapter(model, name, folder)
-    prompts = [[5, 9, 11], [7, 3], [4, 4, 8, 20, 6], [30]]
-    rows = ["b", "a", None, "b"]
-    kwargs = dict(max_new_tokens=[8] * 4, stop_ids=set(), pad_id=0)
+    prompts = [[5, 9, 11], [7, 3], [4, 4, 8, 20, 6], [30], [8, 9]]
+    rows = ["b", "a", None, "b", "d"]
+    kwargs = dict(max_new_tokens=[8] * 5, stop_ids=set(), pad_id=0)
     with adapter_rows(model, rows):
-        mixed = decode(model, prompts, [Sampling()] * 4, **kwargs)
+        mixed = decode(model, prompts, [Sampling()] * 5, **kwargs)
     for row, name in enumerate(rows):
         alone_model = build() if name is None else lorakit.load_adapter(build(), folders[name])
         alone = decode(alone_model.eval(), [prompts[row]], [Sampling()], max_new_tokens=[8], stop_ids=set(),

@@ -13,6 +13,10 @@ for rows without an adapter there) and then costs two batched matmuls per step, 
 adapters the batch mixes. Whole-batch choices (`set_adapter`) use the plain two-matmul branch.
 The single-adapter path (`apply` / `load_adapter`, LoRALayer) is a different mechanism and stays
 as it was; a model carries one or the other.
+
+DoRA adapters (use_dora: true) work too: at inference W, A, B and m are fixed, so each module's
+factor g = m / ||W + s B A|| is computed once at load, and a DoRA row's output becomes
+g * (W x + s B A x) + b, i.e. g * (LoRA output) + (1 - g) * b, one more multiply-add per row.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters.layers import adapter_dtype
-from lorakit.adapters.lora_math import lora_branch, scaling
+from lorakit.adapters.dora import weight_norm
+from lorakit.adapters.layers import adapter_dtype, layer_kind
+from lorakit.adapters.lora_math import delta_weight, lora_branch, scaling
 from lorakit.adapters.named import read_named
 from lorakit.adapters.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lorakit.adapters.peft_load import read_config, read_weights, validate
@@ -44,6 +49,8 @@ class NamedLoRA:
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scale: float
     source: str = ""
+    dora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """DoRA modules: path -> (g = m / ||W + s B A|| (d_out,), (1 - g) * bias (d_out,)), fixed at load time."""
 
     @property
     def paths(self) -> list[str]:
@@ -77,12 +84,13 @@ class AdapterBank:
             if pair is None:
                 continue
             A, B = pair
-            scale = self.adapters[name].scale
+            adapter = self.adapters[name]
             if rows is None:
-                out = out + lora_branch(x.to(A.dtype), A, B, scale).to(out.dtype)  # (B, T, d_out)
+                out = _rescale(out + lora_branch(x.to(A.dtype), A, B, adapter.scale).to(out.dtype),
+                               adapter.dora.get(path))  # (B, T, d_out)
             else:
-                part = lora_branch(x[rows].to(A.dtype), A, B, scale).to(out.dtype)  # (b, T, d_out)
-                out = out.index_add(0, rows, part)
+                part = lora_branch(x[rows].to(A.dtype), A, B, adapter.scale).to(out.dtype)  # (b, T, d_out)
+                out = out.index_copy(0, rows, _rescale(out[rows] + part, adapter.dora.get(path)))
         return out
 
     def _batched_branch(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -92,11 +100,13 @@ class AdapterBank:
         weights = self.stacked[path]
         if weights is None:
             return out
-        A_t, B_t = weights  # (N, d_in, r), (N, r, d_out)
+        A_t, B_t, dora = weights  # (N, d_in, r), (N, r, d_out), per-row DoRA (g, c) (N, 1, d_out) or None
         low = torch.bmm(x if x.dtype == A_t.dtype else x.to(A_t.dtype), A_t)  # (N, T, d_in) -> (N, T, r)
         if out.dtype == B_t.dtype:
-            return torch.baddbmm(out, low, B_t)  # out + low @ B_t: (N, T, d_out)
-        return out + torch.bmm(low, B_t).to(out.dtype)
+            out = torch.baddbmm(out, low, B_t)  # out + low @ B_t: (N, T, d_out)
+        else:
+            out = out + torch.bmm(low, B_t).to(out.dtype)
+        return out if dora is None else _rescale(out, dora)
 
     def _stack(self, path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-row A and s*B for module `path`; rows without an adapter there get zeros (rank padded)."""
@@ -115,7 +125,36 @@ class AdapterBank:
             B_slots[slot, :, :B.shape[1]] = B * self.adapters[name].scale
         index = torch.tensor([names.index(n) + 1 if n in pairs else 0 for n in self.rows], device=A0.device)
         # per row, transposed for bmm: (N, d_in, r) and (N, r, d_out)
-        return A_slots[index].transpose(1, 2).contiguous(), B_slots[index].transpose(1, 2).contiguous()
+        A_t, B_t = A_slots[index].transpose(1, 2).contiguous(), B_slots[index].transpose(1, 2).contiguous()
+        return A_t, B_t, self._stack_dora(path, names, index, B0.shape[0], B0)
+
+    def _stack_dora(self, path: str, names: list[str], index: torch.Tensor, d_out: int, like: torch.Tensor):
+        """Per-row DoRA factors (g, c), each (N, 1, d_out); g = 1, c = 0 for LoRA rows; None without DoRA."""
+        if not any(path in self.adapters[n].dora for n in names):
+            return None
+        g_slots, c_slots = like.new_ones(len(names) + 1, d_out), like.new_zeros(len(names) + 1, d_out)
+        for slot, name in enumerate(names, 1):
+            if path in self.adapters[name].dora:
+                g_slots[slot], c_slots[slot] = self.adapters[name].dora[path]
+        return g_slots[index].unsqueeze(1), c_slots[index].unsqueeze(1)
+
+
+def _rescale(out: torch.Tensor, dora: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """DoRA's output from LoRA's: g * (W x + s B A x) + b = g * (out_lora) + (1 - g) * b; LoRA: unchanged."""
+    if dora is None:
+        return out
+    g, c = dora
+    return (g * out.to(g.dtype) + c).to(out.dtype)
+
+
+def _dora_factors(module: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
+                  magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, (1 - g) * bias) of one DoRA module: g = m / ||W + s B A|| per output unit (frozen at inference)."""
+    kind = layer_kind(module)
+    norm = weight_norm(module.weight, delta_weight(A, B, scale, kind.fan_in_fan_out), kind.fan_in_fan_out)
+    g = magnitude.to(A.dtype) / norm  # (d_out,)
+    bias = module.bias if module.bias is not None else torch.zeros_like(g)
+    return g, (1 - g) * bias.detach().to(g.dtype)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -147,8 +186,12 @@ def _read_folder(model: nn.Module, name: str, folder: Path) -> NamedLoRA:
     dtype = adapter_dtype(base_weight.dtype)
     pairs = {path: (A.to(base_weight.device, dtype), B.to(base_weight.device, dtype))
              for path, (A, B) in weights.lora.items()}
-    return NamedLoRA(name, pairs, scaling(raw.get("lora_alpha", 8), raw["r"], bool(raw.get("use_rslora"))),
-                     str(folder))
+    scale = scaling(raw.get("lora_alpha", 8), raw["r"], bool(raw.get("use_rslora")))
+    with torch.no_grad():
+        dora = {path: _dora_factors(model.get_submodule(path), *pairs[path], scale,
+                                    magnitude.to(base_weight.device))
+                for path, magnitude in weights.magnitude.items()}
+    return NamedLoRA(name, pairs, scale, str(folder), dora)
 
 
 def _hook(bank: AdapterBank, path: str):
