@@ -60,6 +60,17 @@ def test_prompt_tuning_count_equals_lorakit():
     assert trainable_count(shape, MethodSpec("prompt_tuning", num_virtual_tokens=7)) == trainable_parameters(model)[0]
 
 
+@pytest.mark.parametrize("method", ["dora", "qlora"])
+def test_dora_and_qlora_counts_equal_lorakit(method):
+    if method not in METHODS:
+        pytest.skip(f"{method} is not in this build")
+    model = tiny_llama()
+    shape = shape_from_config(model.config)
+    apply(model, METHODS[method](r=4, targets=["q_proj", "down_proj"]))
+    assert trainable_count(shape, MethodSpec(method, r=4, targets=["q_proj", "down_proj"])) == \
+        trainable_parameters(model)[0]
+
+
 def test_dora_adds_one_magnitude_per_output_row():
     shape = shape_from_config(tiny_llama().config)
     lora, dora = (trainable_count(shape, MethodSpec(m, r=4, targets=["q_proj", "down_proj"])) for m in ("lora", "dora"))
