@@ -125,3 +125,12 @@ def test_parameter_report_groups_the_adapters():
     rows = {line[:28].strip(): line[28:].split() for line in lorakit.parameter_report(model).splitlines()[2:]}
     assert rows["bottleneck adapter"] == ["4", "584", "584"]  # down + up in 2 layers: 2 x (2*32*4 + 4 + 32)
     assert rows["Linear"][1] == "0"
+
+
+def test_unknown_lorakit_method_in_a_folder_is_named(tmp_path):
+    folder = save_adapter(apply(tiny_llama(), Bottleneck(size=2)), tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lorakit_method": "bottelneck"}))
+    with pytest.raises(AdapterError, match="lorakit_method 'bottelneck' has no folder loader; lorakit's own folders "
+                                           "hold one of: bottleneck, mole"):
+        load_adapter(tiny_llama(), folder)

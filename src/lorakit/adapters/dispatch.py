@@ -16,6 +16,7 @@ from torch import nn
 
 from lorakit.adapters import bottleneck, mole, ops, peft_format, prompt_tuning
 from lorakit.adapters.state import get_state
+from lorakit.errors import AdapterError
 
 FOLDER_LOADERS: dict[str, Callable[[nn.Module, Path, dict], nn.Module]] = {
     "PROMPT_TUNING": prompt_tuning.load,
@@ -43,6 +44,10 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
     raw = _peek_config(folder / peft_format.CONFIG_NAME)
     key = raw.get("lorakit_method") or raw.get("peft_type")
     loader = FOLDER_LOADERS.get(key) if isinstance(key, str) else None
+    if loader is None and "lorakit_method" in raw:
+        own = sorted(k for k in FOLDER_LOADERS if k.islower())
+        raise AdapterError(f"{folder / peft_format.CONFIG_NAME}: lorakit_method {raw['lorakit_method']!r} has no "
+                           f"folder loader; lorakit's own folders hold one of: {', '.join(own)}")
     if loader is None:
         return peft_format.load_adapter(base_model, folder)  # LoRA, or its clear error about the folder
     return loader(base_model, folder, raw)
