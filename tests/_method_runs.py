@@ -43,8 +43,8 @@ def run_method(root: Path, method: dict, *, steps: int = 12, lr: float = 1e-2):
 
     recipe = {"name": method["name"], "model": {"name_or_path": str(root / "base")}, "method": method,
               "data": {"source": str(root / "rows.jsonl"), "val_fraction": 0.0, "max_length": 48},
-              "train": {"lr": lr, "epochs": 50, "max_steps": steps, "micro_batch_size": len(ROWS), "save_every": 0, "log_every": 1,
-                        "progress": "none"}}
+              "train": {"lr": lr, "epochs": 50, "max_steps": steps, "micro_batch_size": len(ROWS), "save_every": 0,
+                        "log_every": 1, "progress": "none"}}
     path = root / f"{method['name']}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cfg = load_config(path, [("output_dir", str(root / "runs"))])

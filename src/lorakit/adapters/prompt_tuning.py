@@ -79,7 +79,8 @@ class PromptTuning:
 
         name = self.tokenizer_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
         if not name:
-            raise AdapterError("PromptTuning init_from 'text' needs tokenizer_name_or_path: the model has no name_or_path")
+            raise AdapterError("PromptTuning init_from 'text' needs tokenizer_name_or_path: the model has no "
+                               "name_or_path")
         ids = load_tokenizer(name)(self.init_text)["input_ids"]
         ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat or cut to n tokens, as peft does
         return table[torch.tensor(ids, device=table.device)].float()
