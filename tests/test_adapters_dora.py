@@ -143,3 +143,14 @@ def test_lorakit_train_with_method_dora_lowers_the_loss(tmp_path, one_thread):
     assert curve[-1] < 0.8 * curve[0]
     saved = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
     assert saved["use_dora"] is True
+
+
+def test_the_weight_norm_is_computed_once_per_layer_per_training_step(monkeypatch):
+    import lorakit.adapters.dora as dora
+
+    calls = []
+    monkeypatch.setattr(dora, "weight_norm", lambda *a, **k: calls.append(1) or weight_norm(*a, **k))
+    model = perturb_(apply(build("llama"), DoRA(r=2, targets="all-linear"))).train()
+    calls.clear()  # apply computed each m = ||W|| once
+    model(torch.randint(3, 100, (2, 8))).logits.sum().backward()  # forward + backward: no recomputation
+    assert len(calls) == len(lora_layers(model))
