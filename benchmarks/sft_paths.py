@@ -43,6 +43,8 @@ class Job:
     lora_dropout: float = LORA["dropout"]
     pack: bool = True  # lorakit only: packed rows (False: one example per row, padded like the Trainer's)
     compile: bool = False  # lorakit only: TrainConfig(compile=True)
+    chunked_loss: bool = False  # lorakit only: TrainConfig(chunked_loss=True)
+    one_row: bool = False  # lorakit only: one packed row per micro-batch (no row padding), more accumulation
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -211,6 +213,7 @@ def run_trainer(job: Job, workdir: Path) -> dict[str, Any]:
     examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
     return {**result, "peak_mb": peak, "baseline_mb": meter.baseline_mb, "peak_delta_mb": peak - meter.baseline_mb,
             "micro_batch_rows": job.size.micro_batch, "grad_accum": accum,
+            "step_real_tokens": [sum(collator.real[k * accum:(k + 1) * accum]) for k in range(job.steps)],
             "padding_fraction": 1 - sum(collator.real) / sum(collator.positions),
             "examples_digest": examples_digest(examples)}
 
@@ -234,12 +237,17 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     examples, _ = tokenize_rows(job.rows, job.tokenizer, data_cfg)
     model = apply(job.model, LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=job.lora_dropout,
                                   targets=LORA["targets"])).to(job.device)
-    batch_of = dict(max_length=job.size.max_length, pad_id=job.tokenizer.pad_token_id, seed=job.seed, pack=job.pack)
+    # several rows per micro-batch are padded to the longest, so long rows pack tighter; a lone row is never padded
+    multi_row = job.pack and not job.one_row
+    row_length = (job.size.pack_length or job.size.max_length) if multi_row else job.size.max_length
+    batch_of = dict(max_length=row_length, pad_id=job.tokenizer.pad_token_id, seed=job.seed, pack=job.pack)
     if job.pack:
         check_packing(model)
-        rows = packed_rows_per_micro_batch(len(make_batches(examples, 1, epoch=0, **batch_of)), job)
+        n_rows = len(make_batches(examples, 1, epoch=0, **batch_of))
+        rows = 1 if job.one_row else packed_rows_per_micro_batch(n_rows, job)
+        accum = max(1, round(n_rows / job.steps)) if job.one_row else job.size.grad_accum
     else:
-        rows = job.size.micro_batch
+        rows, accum = job.size.micro_batch, job.size.grad_accum
     memo: dict[int, list[dict]] = {}
     batching_seconds: list[float] = []
 
@@ -251,9 +259,9 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
         return memo[epoch]
 
     cfg = TrainConfig(lr=job.lr, epochs=2, max_steps=job.steps, micro_batch_size=rows,
-                      grad_accum=job.size.grad_accum, schedule="linear", warmup_steps=0, weight_decay=0.0,
+                      grad_accum=accum, schedule="linear", warmup_steps=0, weight_decay=0.0,
                       max_grad_norm=1.0, precision=job.precision, seed=job.seed, log_every=1, progress="none",
-                      compile=job.compile)
+                      compile=job.compile, chunked_loss=job.chunked_loss)
     meter = MemoryMeter(job.device)
     meter.start()
     with StepClock(job.device) as clock:
@@ -269,10 +277,17 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
                        extra_seconds=sum(batching_seconds) * measured_share)
     epoch0 = memo[0]
     real = sum(len(ex["input_ids"]) for ex in examples)
+    step_real = _step_real_tokens([memo[e] for e in sorted(memo)], job, accum)
     return {**result, "peak_mb": peak, "baseline_mb": meter.baseline_mb, "peak_delta_mb": peak - meter.baseline_mb,
-            "micro_batch_rows": rows, "grad_accum": job.size.grad_accum,
+            "micro_batch_rows": rows, "grad_accum": accum, "step_real_tokens": step_real,
             "padding_fraction": 1 - real / sum(b["input_ids"].numel() for b in epoch0),
             "batching_seconds": sum(batching_seconds), "examples_digest": examples_digest(examples)}
+
+
+def _step_real_tokens(epochs: list[Any], job: Job, accum: int) -> list[int]:
+    """Per optimizer step of the run, the real (non-pad) tokens it trained on (epochs in order)."""
+    lengths = [sum(rows) for batches in epochs for rows in batches.row_lengths()]  # per micro-batch
+    return [sum(lengths[k * accum:(k + 1) * accum]) for k in range(job.steps)]
 
 
 PIPELINES: dict[str, Callable[[Job, Path], dict[str, Any]]] = {"trainer": run_trainer, "lorakit": run_lorakit}

@@ -33,6 +33,11 @@ class Size:
     grad_accum: int  # micro-batches per optimizer step, both pipelines
     prompt_words: int  # median prompt length in words
     completion_words: int  # median completion length in words
+    kv_heads: int | None = None  # grouped-query attention; None = as many as heads
+    tie_embeddings: bool = False  # lm_head shares the input embedding matrix
+    model_vocab: int | None = None  # model vocabulary when larger than the tokenizer's (ids stay < vocab)
+    min_length: int = 1  # shortest example in tokens (rows outside [min_length, max_length] are skipped)
+    pack_length: int | None = None  # lorakit's packed row length; None = max_length
 
 
 SIZES: dict[str, Size] = {
@@ -40,6 +45,15 @@ SIZES: dict[str, Size] = {
                  micro_batch=4, grad_accum=2, prompt_words=12, completion_words=8),
     "small": Size(vocab=4096, hidden=256, intermediate=688, layers=4, heads=4, max_length=512,
                   micro_batch=8, grad_accum=2, prompt_words=40, completion_words=30),
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json), random weights; examples 64-256 tokens,
+    # effective batch 8 (8 examples x 1 micro-batch for the padded pipelines)
+    "smollm": Size(vocab=4096, hidden=576, intermediate=1536, layers=30, heads=9, max_length=256,
+                   micro_batch=8, grad_accum=1, prompt_words=45, completion_words=35, kv_heads=3,
+                   tie_embeddings=True, model_vocab=49152, min_length=64, pack_length=512),
+    # the same geometry on a 4-layer, narrow model: for developing and the smoke test
+    "smollm-dev": Size(vocab=4096, hidden=192, intermediate=512, layers=4, heads=3, max_length=256,
+                       micro_batch=8, grad_accum=1, prompt_words=45, completion_words=35, kv_heads=1,
+                       tie_embeddings=True, model_vocab=49152, min_length=64, pack_length=512),
 }
 
 # The LoRA recipe shared by both pipelines (peft's LoraConfig and lorakit's LoRA take the same values).
@@ -91,10 +105,17 @@ def fits(row: dict[str, str], tokenizer: Any, max_length: int) -> bool:
     return len(prompt) + len(completion) + 1 <= max_length
 
 
+def example_length(row: dict[str, str], tokenizer: Any) -> int:
+    """Tokens of the whole example: BOS, prompt, completion, EOS."""
+    prompt = tokenizer(PROMPT_TEMPLATE.format(prompt=row["prompt"]))["input_ids"]
+    return len(prompt) + len(tokenizer(row["completion"], add_special_tokens=False)["input_ids"]) + 1
+
+
 def workload_rows(n_rows: int, size: Size, tokenizer: Any, seed: int) -> list[dict[str, str]]:
-    """Exactly `n_rows` rows that fit max_length untruncated (so both pipelines see whole examples)."""
-    candidates = make_rows(2 * n_rows + 16, size, seed)
-    rows = [row for row in candidates if fits(row, tokenizer, size.max_length)][:n_rows]
+    """Exactly `n_rows` rows of min_length..max_length tokens, untruncated (both pipelines see whole examples)."""
+    candidates = make_rows(4 * n_rows + 16, size, seed)
+    rows = [row for row in candidates
+            if size.min_length <= example_length(row, tokenizer) <= size.max_length][:n_rows]
     if len(rows) < n_rows:
         raise RuntimeError(f"only {len(rows)} of {n_rows} generated rows fit max_length={size.max_length}")
     return rows
@@ -106,10 +127,11 @@ def build_model(size: Size, seed: int, tokenizer: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
-        max_position_embeddings=size.max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        vocab_size=size.model_vocab or size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads or size.heads,
+        max_position_embeddings=max(size.max_length, size.pack_length or 0), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=size.tie_embeddings)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).float()
 

@@ -1,0 +1,176 @@
+"""LoRA fine-tuning speed on one machine: Trainer + peft, TRL's SFTTrainer, and lorakit, side by side.
+
+    python benchmarks/train_speed.py                       # default workload: SmolLM2-135M shape
+    python benchmarks/train_speed.py --size smollm-dev --steps 6 --pipelines trainer lorakit-plain lorakit
+
+Every pipeline trains the same randomly initialised model (built from a config), on the same
+prompt/completion rows (64-256 tokens), with LoRA r=16 / alpha=32 on all seven projections,
+the same learning rate, schedule and number of optimizer steps, about 8 examples per step, in
+its own forked child process. Reported per pipeline: real (non-pad) tokens per second, target
+tokens per second, peak RSS, final loss, ratios to the Trainer pipeline, and the model FLOP
+rate as a fraction of this machine's bf16 matmul rate measured in the same run. See
+benchmarks/RESULTS.md for measured numbers and benchmarks/README.md for the method.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench_sft import environment, preload
+from sft_workload import LORA, SIZES, describe
+
+# pipeline name -> (runner, Job overrides); runners live in sft_paths / speed_paths
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "trainer": ("trainer", {"precision": "fp32"}),  # (a) the lecture: fp32, one example per row, padded
+    "trl": ("trl", {"precision": "fp32"}),  # (b) SFTTrainer, BFD packing (padding-free rows)
+    "lorakit-plain": ("lorakit", {"precision": "fp32"}),  # packing only
+    "lorakit-bf16": ("lorakit", {"precision": "bf16"}),  # + bf16 base weights, fp32 adapters
+    "lorakit-chunked": ("lorakit", {"precision": "bf16", "chunked_loss": True}),  # + chunked cross-entropy
+    "lorakit-one-row": ("lorakit", {"precision": "bf16", "chunked_loss": True, "one_row": True}),  # + 1 row/micro
+    "lorakit": ("lorakit", {"precision": "bf16", "chunked_loss": True, "compile": True}),  # recommended on a CPU
+}
+DEFAULT_PIPELINES = ("trainer", "trl", "lorakit")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="smollm")
+    parser.add_argument("--pipelines", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_PIPELINES))
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run, warmup included")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps run but not timed")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="peft's default; the same for all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="pipeline 'lorakit' compiles its decoder layers (--no-compile: eager; compiling "
+                             "takes a minute or two of warmup on a small CPU)")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    args = parser.parse_args(argv)
+    if args.steps <= args.warmup or args.warmup < 1:
+        parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}) >= 1")
+    return args
+
+
+def child_main(args: argparse.Namespace, pipeline: str, out: Path) -> None:
+    """Build the job, run one pipeline, write its measurements and model FLOPs as JSON."""
+    import torch
+
+    from sft_paths import PIPELINES, Job, run_pipeline, tutorial_tokenize
+    from sft_workload import build_model, make_tokenizer, workload_rows
+    from speed_paths import mean_causal_context, model_flops_per_token, run_trl
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    PIPELINES.setdefault("trl", run_trl)
+    size = SIZES[args.size]
+    tokenizer = make_tokenizer(size, args.seed)
+    rows = workload_rows(args.steps * size.micro_batch * size.grad_accum, size, tokenizer, args.seed)
+    model = build_model(size, args.seed, tokenizer)
+    lengths = [len(tutorial_tokenize(tokenizer)(r)["input_ids"]) for r in rows]
+    flops = model_flops_per_token(model, LORA["targets"], LORA["r"], mean_causal_context(lengths))
+    runner, overrides = VARIANTS[pipeline]
+    if pipeline == "lorakit" and not args.compile:
+        overrides = {**overrides, "compile": False}
+    job = Job(size=size, model=model, tokenizer=tokenizer, rows=rows, steps=args.steps, warmup=args.warmup,
+              lr=args.lr, seed=args.seed, device="cpu", precision="fp32", lora_dropout=args.lora_dropout)
+    result = run_pipeline(runner, replace(job, **overrides))
+    out.write_text(json.dumps({**result, "pipeline": pipeline, "flops_per_token": flops,
+                               "threads": torch.get_num_threads(), "gpu": "none", **overrides}))
+
+
+def run_child(args: argparse.Namespace, pipeline: str) -> dict[str, Any]:
+    """One pipeline in a forked child (its own memory peak); returns its measurements."""
+    context = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="train-speed-") as scratch:
+        out = Path(scratch) / "result.json"
+        child = context.Process(target=child_main, args=(args, pipeline, out), name=f"speed-{pipeline}")
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"the {pipeline} child failed with exit code {child.exitcode} (traceback above)")
+        return json.loads(out.read_text())
+
+
+def derived(run: dict[str, Any], warmup: int, roofline: dict[str, float]) -> dict[str, float]:
+    """Real-token rates and the model FLOP rate as a share of the bf16 matmul rate."""
+    real = sum(run["step_real_tokens"][warmup:])
+    per_cpu_s = real / run["cpu_seconds"]
+    return {"real_tokens": real, "real_tokens_per_s": real / run["train_seconds"], "real_tokens_per_cpu_s": per_cpu_s,
+            "model_flops_per_cpu_s": per_cpu_s * run["flops_per_token"],
+            "roofline_fraction": per_cpu_s * run["flops_per_token"] / roofline["flops_per_cpu_s"]}
+
+
+def table(result: dict[str, Any]) -> str:
+    """Pipelines side by side, with ratios to the first (the Trainer pipeline)."""
+    runs = result["runs"]
+    base = runs[0]
+    rows = [("real tokens/s (wall)", "real_tokens_per_s", "{:.0f}", True),
+            ("real tokens/CPU-s", "real_tokens_per_cpu_s", "{:.0f}", True),
+            ("target tokens/CPU-s", "tokens_per_cpu_s", "{:.0f}", True),
+            ("peak RSS MiB", "peak_mb", "{:.0f}", True),
+            ("padding fraction", "padding_fraction", "{:.1%}", False),
+            ("first loss", "first_loss", "{:.3f}", False),
+            ("final loss (last 3)", "final_loss", "{:.3f}", False),
+            ("bf16 roofline share", "roofline_fraction", "{:.1%}", False)]
+    width = max(16, *(len(r["pipeline"]) + 2 for r in runs))
+    lines = [f"{'':24}" + "".join(f"{r['pipeline']:>{width}}" for r in runs)]
+    for label, key, fmt, with_ratio in rows:
+        cells = "".join(f"{fmt.format(r[key]):>{width}}" for r in runs)
+        lines.append(f"{label:24}{cells}")
+        if with_ratio:
+            ratios = "".join(f"{r[key] / base[key]:>{width - 1}.2f}x" for r in runs)
+            lines.append(f"{'  vs ' + base['pipeline']:24}{ratios}")
+    roof = result["roofline"]
+    lines.append(f"bf16 matmul rate: {roof['flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-second "
+                 f"({roof['flops_per_s'] / 1e9:.0f} GFLOP/s wall, {roof['threads']} threads)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    preload()
+    import torch
+
+    from speed_paths import bf16_matmul_rate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size]
+    runs = []
+    for pipeline in args.pipelines:
+        print(f"{pipeline} ...", file=sys.stderr, flush=True)
+        runs.append(run_child(args, pipeline))
+    roofline = bf16_matmul_rate(size.hidden, size.intermediate)
+    runs = [{**run, **derived(run, args.warmup, roofline)} for run in runs]
+    result = {"benchmark": "lora-sft training speed: Trainer+peft, TRL SFTTrainer, lorakit",
+              "command": " ".join(["python", "benchmarks/train_speed.py", *(argv if argv is not None else sys.argv[1:])]),
+              "settings": {"steps": args.steps, "warmup": args.warmup, "lr": args.lr, "lora_dropout": args.lora_dropout,
+                           "seed": args.seed, "compile": args.compile, **describe(args.size)},
+              "environment": {**environment(runs), "trl": _version("trl")},
+              "roofline": roofline, "runs": runs,
+              "sanity": {"same_examples": len({r["examples_digest"] for r in runs}) == 1}}
+    print(table(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+if __name__ == "__main__":
+    main()
