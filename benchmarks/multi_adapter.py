@@ -10,8 +10,9 @@ saved in PEFT format), the same prompts (prompt i goes to adapter i mod N), gree
 - peft: PeftModel with every adapter loaded, then for each adapter `set_adapter(name)` and
   `model.generate` on that adapter's prompts, one group after another.
 
-Both get one untimed warm-up generation first. Speed is process CPU time on one thread (robust to other jobs on the machine); the JSON also
-says whether both produced the same tokens for every prompt.
+Both get one untimed warm-up generation first. Speed is process CPU time on one thread (robust
+to other jobs on the machine); the JSON also says whether both produced the same text for every
+prompt.
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def main() -> None:
 
     quiet_progress_bars()
     tokenizer = load_tokenizer("embedded")
-    prompts = [f"Question: What is the capital of {COUNTRIES[i % len(COUNTRIES)]}?\nAnswer:" for i in range(args.prompts)]
+    prompts = [f"Question: What is the capital of {COUNTRIES[i % len(COUNTRIES)]}?\nAnswer:"
+               for i in range(args.prompts)]
     owners = [i % args.adapters for i in range(args.prompts)]
     with tempfile.TemporaryDirectory() as folder:
         paths = make_adapters(Path(folder), args.adapters, args.rank)

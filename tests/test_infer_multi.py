@@ -96,3 +96,22 @@ def test_named_adapter_errors(tmp_path):
     assert not any(m._forward_hooks for m in model.modules())  # no hooks left behind
     with pytest.raises(AdapterError, match="already carries an adapter"):
         add_adapter(lorakit.load_adapter(build(), folder), "a", folder)
+
+
+def test_benchmark_agrees_with_peft_set_adapter_loop(tmp_path, monkeypatch, one_thread):
+    """benchmarks/multi_adapter.py, tiny: the per-row batch and peft's adapter loop give the same text."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "multi_adapter.py"
+    spec = importlib.util.spec_from_file_location("multi_adapter_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["multi_adapter.py", "--adapters", "3", "--prompts", "6", "--max-new-tokens",
+                                      "4", "--repeats", "1", "--out", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    assert result["same_text"] == "6/6"  # every prompt: the same text from both pipelines
