@@ -77,7 +77,9 @@ class AdapterBank:
 
     def branch(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` plus the low-rank branch of each row's adapter for module `path`."""
-        if self.rows is not None and x.dim() == 3 and x.shape[0] == len(self.rows):
+        if any(not isinstance(self.adapters[name], NamedLoRA) for name, _ in self.plan):
+            return self._mixed_branch(path, x, out)
+        if self.rows is not None and x is not None and x.dim() == 3 and x.shape[0] == len(self.rows):
             return self._batched_branch(path, x, out)
         for name, rows in self.plan:
             pair = self.adapters[name].pairs.get(path)
@@ -92,6 +94,22 @@ class AdapterBank:
                 part = lora_branch(x[rows].to(A.dtype), A, B, adapter.scale).to(out.dtype)  # (b, T, d_out)
                 out = out.index_copy(0, rows, _rescale(out[rows] + part, adapter.dora.get(path)))
         return out
+
+    def _mixed_branch(self, path: str, x: torch.Tensor | None, out):
+        """Plans holding a bottleneck or MoLE adapter (adapters/named.py): each adapter in turn on its rows.
+        A sub-block's tuple output changes only in its hidden states (its first element)."""
+        hidden = out[0] if isinstance(out, tuple) else out
+        for name, rows in self.plan:
+            adapter = self.adapters[name]
+            if path not in adapter.paths:
+                continue
+            x_rows = x if rows is None or x is None else x[rows]
+            y_rows = hidden if rows is None else hidden[rows]  # (b, T, d_out)
+            new = y_rows + adapter.delta(path, x_rows, y_rows)
+            if isinstance(adapter, NamedLoRA):
+                new = _rescale(new, adapter.dora.get(path))
+            hidden = new if rows is None else hidden.index_copy(0, rows, new)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     def _batched_branch(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Every row at once: two batched matmuls with each row's own (zero-padded) A and B."""
