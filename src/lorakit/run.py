@@ -25,7 +25,8 @@ CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.md"
 # keys that may differ between a run and its resumption without changing the numbers
 # (a run folder may be moved or renamed between the two)
-RESUME_FREE_KEYS = {"train.progress", "model.device", "name", "output_dir"}
+RESUME_FREE_KEYS = {"train.progress", "model.device", "name", "output_dir", "train.distributed",
+                    "train.dist_timeout_s"}
 
 Log = Callable[[str], None]
 
@@ -187,10 +188,11 @@ def save_adapter_folder(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Pat
     return path
 
 
-def save_full_model(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Path) -> Path:
-    """The whole fine-tuned model (safetensors) with its tokenizer, loadable by from_pretrained."""
+def save_full_model(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Path, state: dict | None = None) -> Path:
+    """The whole fine-tuned model (safetensors) with its tokenizer, loadable by from_pretrained;
+    `state`: its weights gathered from FSDP2 shards."""
     path = run_dir / "model"
-    model.save_pretrained(path)  # transformers 5 writes safetensors only
+    model.save_pretrained(path, state_dict=state)  # transformers 5 writes safetensors only
     tokenizer.save_pretrained(path)
     return path
 
@@ -233,10 +235,12 @@ def write_report(result: RunResult, cfg: RunConfig, wall_s: float) -> Path:
 
 def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> RunResult:
     """Train `cfg` end to end and fill its run folder (see the module docstring)."""
-    from lorakit.train import train
+    from lorakit.train import distributed, train
 
     started = time.perf_counter()
-    run_dir = check_run_dir(cfg, resume)
+    main = distributed.start(cfg.train, full_fine_tuning=method_name(cfg.method) == "full")  # under torchrun
+    log = log if main else (lambda text: None)  # rank 0 speaks for all ranks
+    run_dir = check_run_dir(cfg, resume) if main else cfg.run_dir
     model, tokenizer = load_adapted_model(cfg, log)
     train_examples, val_examples, stats = tokenize_data(cfg, tokenizer, log)
     if cfg.data.packing:
@@ -246,14 +250,20 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     pad_id = pad_id_of(tokenizer)
     train_batches = batch_maker(train_examples, cfg, pad_id)
     eval_batches = eval_batches_of(val_examples, cfg, pad_id)
-    save_config(cfg, run_dir / CONFIG_FILE)  # only now: a run that fails to start leaves no folder
+    if main:
+        save_config(cfg, run_dir / CONFIG_FILE)  # only now: a run that fails to start leaves no folder
     log(f"run folder: {run_dir}")
     summary = train(model, cfg.train, train_batches=train_batches, eval_batches=eval_batches,
                     run_dir=run_dir, resume=resume)
     saver = SAVERS.get(method_name(cfg.method), save_adapter_folder)
-    output = saver(model, tokenizer, cfg, run_dir)
+    state = distributed.gathered_weights(model)  # None unless FSDP2 sharded it (then method full)
+    output = run_dir / ("model" if state is not None else "adapter")
+    if main:
+        output = saver(model, tokenizer, cfg, run_dir) if state is None else save_full_model(
+            model, tokenizer, cfg, run_dir, state)
     result = RunResult(run_dir=run_dir, output=output, model=model, tokenizer=tokenizer, summary=summary,
                        data_stats=stats, report=run_dir / REPORT_FILE)
-    write_report(result, cfg, time.perf_counter() - started)
+    if main:
+        write_report(result, cfg, time.perf_counter() - started)
     return result
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import textwrap
 from pathlib import Path
 
@@ -17,6 +18,7 @@ examples:
   lorakit train configs/bloomz-awesome-prompts.yaml --train.lr 3e-4 --method.r 8
   lorakit train my.yaml data.source=rows.jsonl method=full   # switch method, drop the file's method keys
   lorakit train runs/my --resume                  # continue a run from its latest checkpoint
+  lorakit train my.yaml --nproc 2                 # 2 processes on this machine (torchrun, DDP/FSDP2)
 """
 
 
@@ -30,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.add_argument("--resume", action="store_true",
                         help="continue the run folder's latest checkpoint (the config must match the run's)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train with N processes on this machine: re-launches this command through torchrun "
+                             "(DDP for adapters, FSDP2 for method full; one GPU per process, or gloo on CPU)")
     add_config_arguments(parser)
 
 
@@ -49,6 +54,8 @@ def is_run_folder(folder: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Train; print where the run folder and its report are."""
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
+        return relaunch(args.nproc)
     from lorakit.models import quiet_progress_bars
     from lorakit.run import run_training
 
@@ -59,6 +66,39 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, output_dir=str(source.parent.parent), name=source.parent.name)
     elif cfg.name is None:  # derived from the config file: never clobber an earlier run
         cfg = dataclasses.replace(cfg, name=source.stem) if args.resume else free_run_name(cfg, source.stem)
-    result = run_training(cfg, resume=args.resume)
-    print(f"done: {result.report}")
+    from lorakit.train.distributed import is_main_process, shutdown
+
+    try:
+        result = run_training(cfg, resume=args.resume)
+        main = is_main_process()
+    finally:
+        shutdown()
+    if main:
+        print(f"done: {result.report}")
+    return 0
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """`argv` minus its --nproc option (both `--nproc N` and `--nproc=N`)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip or word.startswith("--nproc="):
+            skip = False
+            continue
+        skip = word == "--nproc"
+        kept += [] if skip else [word]
+    return kept
+
+
+def relaunch(nproc: int) -> int:
+    """Run this same command in `nproc` processes under torchrun (its elastic agent, on this machine)."""
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "lorakit", *without_nproc(sys.argv[1:])])
+    except ChildFailedError:
+        return 1  # the ranks printed their own errors
     return 0

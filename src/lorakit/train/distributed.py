@@ -176,7 +176,8 @@ class FSDP(_Collective):
 
         for block in _repeated_blocks(model):
             fully_shard(block)  # one all-gather per block, freed after its forward
-        self.root = fully_shard(model)
+        # the root too: after an evaluation forward (no backward to follow) no weights stay gathered
+        self.root = fully_shard(model, reshard_after_forward=True)
         return call
 
     def _sync(self, on: bool) -> contextlib.AbstractContextManager:
@@ -263,6 +264,29 @@ def choose(mode: str, model: nn.Module, timeout_s: float) -> Parallel:
     if mode not in STRATEGIES:
         raise LorakitError(f"train.distributed: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     return STRATEGIES[mode]()
+
+
+def start(cfg, *, full_fine_tuning: bool) -> bool:
+    """Join torchrun's process group (if any) before the model loads, so each rank picks its own
+    GPU; True on the rank that writes files. FSDP2 from the CLI is for method full: the final
+    save gathers a whole model (adapter folders are saved from unsharded models, DDP)."""
+    if not init_from_env(cfg.dist_timeout_s):
+        return True
+    if cfg.distributed == "fsdp" and not full_fine_tuning:
+        raise LorakitError("train.distributed: fsdp from `lorakit train` needs method full; use ddp (or auto) "
+                           "for adapter methods")
+    return dist.get_rank() == 0
+
+
+def gathered_weights(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole state dict gathered from FSDP2 shards (collective; on rank 0), or None when the
+    model is not sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def lost_rank_error(parallel: Parallel, error: BaseException, run_dir: Path) -> LorakitError:
