@@ -43,6 +43,14 @@ def test_named_bottleneck_and_mole_adapters_switch_and_mix_per_row(folders):
         mixed = model(input_ids=ids).logits
     for row, expected in enumerate([alone["neck"], base, alone["mole"]]):
         torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-4)
+    with adapter_rows(model, ["lora", "neck", "lora"]):  # LoRA beside a bottleneck in one batch
+        mixed = model(input_ids=ids).logits
+    for row, expected in enumerate([alone["lora"], alone["neck"], alone["lora"]]):
+        torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-4)
+    with adapter_rows(model, ["lora", None, "lora"]):  # LoRA rows only: the bottleneck's hooks stay idle
+        mixed = model(input_ids=ids).logits
+    for row, expected in enumerate([alone["lora"], base, alone["lora"]]):
+        torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-4)
     delete_adapter(model, "neck")
     set_adapter(model, "mole")
     torch.testing.assert_close(model(input_ids=ids).logits, alone["mole"], rtol=1e-5, atol=1e-4)
