@@ -90,8 +90,12 @@ def test_generate_and_compare_on_embedded(tmp_path, capsys, one_thread):
     assert main(["generate", "--prompts-file", str(prompts), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.count("### prompt") == 2
     report = tmp_path / "c.html"
-    assert main(["compare", "What is the capital of France?", "--out", str(report), "--max-new-tokens", "4"]) == 0
-    assert report.read_text().startswith("<!doctype html>")
+    adapter = random_adapter(lambda: load_model("embedded"), tmp_path / "emb-adapter", seed=3)
+    assert main(["compare", "What is the capital of France?", "--adapter", str(adapter), "--model", "embedded",
+                 "--out", str(report), "--max-new-tokens", "4"]) == 0
+    assert report.read_text().startswith("<!doctype html>") and "emb-adapter" in report.read_text()
+    assert main(["merge", str(adapter), str(tmp_path / "merged"), "--model", "embedded"]) == 0
+    _check_merged(tmp_path / "merged", "embedded", adapter, tmp_path, isolated=False)
 
 
 def test_prompt_files_and_report_rendering(tmp_path):

@@ -60,3 +60,6 @@ def test_text_stream_concatenates_to_full_decode():
     ids = tokenizer("Hello world. The quick brown fox, é ü", add_special_tokens=False)["input_ids"]
     stream = TextStream(tokenizer)
     assert "".join(stream.push(t) for t in ids) == tokenizer.decode(ids, skip_special_tokens=True)
+    cut = TextStream(tokenizer)  # a stream that ends inside a character: flush gives what decode gives
+    pieces = [cut.push(t) for t in tokenizer("é", add_special_tokens=False)["input_ids"][:1]] + [cut.flush()]
+    assert "".join(pieces) == tokenizer.decode(tokenizer("é", add_special_tokens=False)["input_ids"][:1])

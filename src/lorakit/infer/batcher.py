@@ -83,6 +83,8 @@ class Batcher:
             for job in batch:
                 send(job, ("error", str(error)))
             return
-        for job, tokens in zip(batch, new):
+        for job, tokens, stream in zip(batch, new, streams):
+            if piece := stream.flush():
+                send(job, ("text", piece))
             finish = "length" if len(tokens) >= job.max_tokens else "stop"
             send(job, ("done", finish, len(tokens)))

@@ -89,6 +89,12 @@ class TextStream:
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end is shown as \ufffd)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, max_new_tokens: int = 64,
                    chat: bool | None = None, adapters: Sequence[str | None] | None = None, seed: int | None = None,
@@ -122,4 +128,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, m
                          pad_id=pad, seeds=[seed] * len(prompts), on_token=on_token if on_text else None)
     finally:
         model.train(was_training)
+    for row, stream in enumerate(streams if on_text else []):
+        if piece := stream.flush():
+            on_text(row, piece)
     return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new]
