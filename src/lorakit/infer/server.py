@@ -140,6 +140,8 @@ def make_job(body: dict, prompt_ids: list[int], adapter: str | None, cfg: Server
         raise APIError(400, f"this model's context is {cfg.context_length} tokens; the prompt has {len(prompt_ids)} "
                             f"and max_tokens is {max_tokens}", param="messages" if "messages" in body else "prompt",
                        code="context_length_exceeded")
+    if body.get("n", 1) not in (1, None):
+        raise APIError(400, f"n={body.get('n')!r}: this server returns one choice per request (n=1)", param="n")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(400, f"seed must be an integer, got {seed!r}", param="seed")
