@@ -90,7 +90,27 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     paths = [p for p in quantizable_paths(model) if not any(p == s or p.startswith(s + ".") for s in skip)]
     for path in paths:
         replace_module(model, path, quantize_linear(model.get_submodule(path), quant_type, double_quant, dtype))
+    release_freed_memory()
     return paths
+
+
+def release_freed_memory() -> None:
+    """Hand the replaced full-precision weights back to the OS.
+
+    On CPU, glibc keeps freed heap pages resident; without a trim, quantising after load leaves
+    the process as large as the unquantised model (measured: 833 -> 398 MiB anonymous memory for
+    a 226M-parameter bf16 Llama). On GPU, the caching allocator's free blocks are released.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def storage_bytes(weight: torch.Tensor) -> int:
