@@ -174,7 +174,9 @@ class FSDP(_Collective):
     def wrap(self, model: nn.Module, call: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
-        for block in _repeated_blocks(model):
+        from lorakit.train.setup import decoder_layers
+
+        for block in decoder_layers(model) or []:
             fully_shard(block)  # one all-gather per block, freed after its forward
         # the root too: after an evaluation forward (no backward to follow) no weights stay gathered
         self.root = fully_shard(model, reshard_after_forward=True)
@@ -239,15 +241,6 @@ class MemoryLog:
     def write(self, record: dict) -> None:
         """Keep one record."""
         self.records.append(record)
-
-
-def _repeated_blocks(model: nn.Module) -> nn.ModuleList:
-    """The longest ModuleList of same-class modules (a transformer's layers); empty if none."""
-    best = nn.ModuleList()
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
-            best = module
-    return best
 
 
 STRATEGIES: dict[str, type[Parallel]] = {"ddp": DDP, "fsdp": FSDP}  # TrainConfig.distributed names these
