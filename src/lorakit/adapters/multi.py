@@ -74,10 +74,18 @@ class AdapterBank:
     """Per-row adapter names while `adapter_rows` is active (None: `plan` applies to whole batches)."""
     stacked: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
     """Module path -> per-row (A^T (N, d_in, r), (s*B)^T (N, r, d_out)) for `rows`, built on first use."""
+    checked: tuple[object, bool] = (None, True)
+    """(the plan list last checked, whether it holds only LoRA/DoRA adapters): checked once per plan, not per call."""
+
+    def lora_only(self) -> bool:
+        """True when every adapter in the plan is a NamedLoRA (the stacked fast path applies)."""
+        if self.checked[0] is not self.plan:
+            self.checked = (self.plan, all(isinstance(self.adapters[name], NamedLoRA) for name, _ in self.plan))
+        return self.checked[1]
 
     def branch(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` plus the low-rank branch of each row's adapter for module `path`."""
-        if any(not isinstance(self.adapters[name], NamedLoRA) for name, _ in self.plan):
+        if not self.lora_only():
             return self._mixed_branch(path, x, out)
         if self.rows is not None and x is not None and x.dim() == 3 and x.shape[0] == len(self.rows):
             return self._batched_branch(path, x, out)
