@@ -285,6 +285,22 @@ def row_plan(names: Sequence[str | None], device: torch.device | str = "cpu") ->
     return [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
 
 
+def keep_rows(model: nn.Module, kept: Sequence[int]) -> None:
+    """Inside `adapter_rows`: the batch shrank to rows `kept` (positions in the current batch)."""
+    bank = getattr(model, BANK_ATTR, None)
+    if bank is None or bank.rows is None:
+        return
+    index = torch.tensor(list(kept), device=next(model.parameters()).device)
+    bank.rows = [bank.rows[i] for i in kept]
+    bank.plan = row_plan(bank.rows, index.device)
+    bank.stacked = {path: None if w is None else _select_rows(w, index) for path, w in bank.stacked.items()}
+
+
+def _select_rows(weights, index: torch.Tensor):
+    A_t, B_t, dora = weights
+    return A_t[index], B_t[index], None if dora is None else (dora[0][index], dora[1][index])
+
+
 @contextmanager
 def adapter_rows(model: nn.Module, names: Sequence[str | None]):
     """Inside the block, row i of every forward uses adapter names[i] (None: the base)."""

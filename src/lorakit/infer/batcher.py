@@ -59,7 +59,7 @@ class Batcher:
             await asyncio.to_thread(self._generate, batch, loop)
 
     def _generate(self, batch: list[Job], loop: asyncio.AbstractEventLoop) -> None:
-        from lorakit.adapters.multi import adapter_rows
+        from lorakit.adapters.multi import adapter_rows, keep_rows
 
         streams = [TextStream(self.tokenizer) for _ in batch]
 
@@ -78,7 +78,8 @@ class Batcher:
             with self.lock, adapter_rows(self.model, [job.adapter for job in batch]):
                 new = decode(self.model, [job.prompt_ids for job in batch], [job.sampling for job in batch],
                              max_new_tokens=[job.max_tokens for job in batch], stop_ids=self.stop_ids,
-                             pad_id=self.pad_id, seeds=[job.seed for job in batch], on_token=on_token)
+                             pad_id=self.pad_id, seeds=[job.seed for job in batch], on_token=on_token,
+                             on_shrink=lambda kept: keep_rows(self.model, kept))
         except Exception as error:  # the server keeps serving; each waiting request gets the error
             for job in batch:
                 send(job, ("error", str(error)))

@@ -3,7 +3,7 @@
 Prompts are left-padded so every row's next token sits in the last column; position ids count
 only real tokens, so a padded row computes what it would alone. Each row has its own sampling
 options, token budget and random generator (seeded per row, so a row's text does not depend on
-which other rows share its batch). Rows that finished keep riding along until all are done.
+which other rows share its batch). Rows that finish leave the batch, so the rest run on.
 """
 from __future__ import annotations
 
@@ -59,11 +59,13 @@ def choose_tokens(logits: torch.Tensor, seen: list[list[int]], options: Sequence
 @torch.no_grad()
 def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling], *,
            max_new_tokens: Sequence[int], stop_ids: set[int], pad_id: int, seeds: Sequence[int | None] = (),
-           on_token: OnToken | None = None) -> list[list[int]]:
+           on_token: OnToken | None = None, on_shrink: Callable[[list[int]], None] | None = None) -> list[list[int]]:
     """New token ids for every prompt (stop tokens not included).
 
     A row ends at a token in `stop_ids` or after its `max_new_tokens`; `on_token(row, id)` is
-    called for every kept token as soon as it is chosen (streaming).
+    called for every kept token as soon as it is chosen (streaming). Finished rows leave the
+    batch and its KV cache; `on_shrink(kept)` then gets the batch positions that stay (so per-row
+    state outside, such as adapter rows, can follow).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -77,15 +79,16 @@ def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling],
     seen = [list(p) for p in prompts]
     new: list[list[int]] = [[] for _ in prompts]
     done = [budget <= 0 for budget in max_new_tokens]
+    if all(done):
+        return new
     logits, cache = _forward(model, ids, mask, positions, None, signature)
-    while not all(done):
-        step = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
-        chosen = choose_tokens(logits, seen, options, generators, done)
-        for row in range(len(prompts)):
-            if done[row]:
-                continue
-            token = chosen[row]
-            step[row, 0] = token
+    live = list(range(len(prompts)))  # the original row of each batch row still being decoded
+    while True:
+        step = torch.full((len(live), 1), pad_id, dtype=torch.long)
+        chosen = choose_tokens(logits, [seen[r] for r in live], [options[r] for r in live],
+                               [generators[r] for r in live], [False] * len(live))
+        for i, row in enumerate(live):
+            token = step[i, 0] = chosen[i]
             if token in stop_ids:
                 done[row] = True
                 continue
@@ -94,8 +97,16 @@ def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling],
             if on_token is not None:
                 on_token(row, token)
             done[row] = len(new[row]) >= max_new_tokens[row]
-        if all(done):
+        keep = [i for i, row in enumerate(live) if not done[row]]
+        if not keep:
             break
+        if len(keep) < len(live):  # finished rows leave the batch (and the KV cache)
+            index = torch.tensor(keep, device=device)
+            step, mask, positions = step[keep], mask[index], positions[index]
+            cache.reorder_cache(index)
+            live = [live[i] for i in keep]
+            if on_shrink is not None:
+                on_shrink(keep)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         logits, cache = _forward(model, step.to(device), mask, positions, cache, signature)

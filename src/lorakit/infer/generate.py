@@ -105,7 +105,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, m
     named adapter (or None: the base) per prompt (lorakit.adapters.multi); `seed` makes sampling
     repeatable per prompt; `on_text(row, piece)` receives the text as it is generated.
     """
-    from lorakit.adapters.multi import adapter_rows
+    from lorakit.adapters.multi import adapter_rows, keep_rows
     from lorakit.infer.decode import decode
     from lorakit.infer.sampling import Sampling
 
@@ -125,7 +125,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, m
         with adapter_rows(model, list(adapters) if adapters is not None else [None] * len(prompts)):
             new = decode(model, ids, [sampling or Sampling()] * len(prompts),
                          max_new_tokens=[max_new_tokens] * len(prompts), stop_ids=stop_token_ids(tokenizer, model),
-                         pad_id=pad, seeds=[seed] * len(prompts), on_token=on_token if on_text else None)
+                         pad_id=pad, seeds=[seed] * len(prompts), on_token=on_token if on_text else None,
+                         on_shrink=lambda kept: keep_rows(model, kept))
     finally:
         model.train(was_training)
     for row, stream in enumerate(streams if on_text else []):
