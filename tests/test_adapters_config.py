@@ -17,6 +17,15 @@ def test_registry_maps_names_to_config_classes():
     assert lorakit.LoRA is LoRA
 
 
+def test_every_registered_method_is_a_top_level_name():
+    """`lorakit.apply(model, lorakit.<Method>(...))` works for every method in the registry."""
+    for cls in METHODS.values():
+        assert getattr(lorakit, cls.__name__) is cls
+    for name in lorakit.__all__:
+        assert getattr(lorakit, name) is not None
+    assert set(METHODS) >= {"full", "lora", "dora", "qlora", "prompt_tuning", "bottleneck", "mole"}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(r=0), "LoRA: r must be a positive integer (the rank), got 0"),
     (dict(r=-4), "LoRA: r must be a positive integer (the rank), got -4"),

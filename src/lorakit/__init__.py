@@ -5,6 +5,7 @@ fast) and each name still lives in exactly one room:
 
     import lorakit
     model = lorakit.apply(model, lorakit.LoRA(r=16, alpha=32, targets="all-linear"))
+    # or lorakit.DoRA / QLoRA / PromptTuning / Bottleneck / MoLE / Full
     trainable, total = lorakit.trainable_parameters(model)
     lorakit.save_adapter(model, "out/adapter")          # PEFT format
     model = lorakit.load_adapter(base_model, "out/adapter")
@@ -19,6 +20,12 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "LoRA": "lorakit.adapters.lora",
+    "Full": "lorakit.adapters.full",
+    "DoRA": "lorakit.adapters.dora",
+    "QLoRA": "lorakit.adapters.qlora",
+    "PromptTuning": "lorakit.adapters.prompt_tuning",
+    "Bottleneck": "lorakit.adapters.bottleneck",
+    "MoLE": "lorakit.adapters.mole",
     "apply": "lorakit.adapters",
     "trainable_parameters": "lorakit.adapters",
     "parameter_report": "lorakit.adapters",
@@ -28,6 +35,10 @@ _EXPORTS = {
     "unmerge": "lorakit.adapters",
     "unload": "lorakit.adapters",
     "find_targets": "lorakit.adapters.match",
+    "add_adapter": "lorakit.adapters.multi",
+    "set_adapter": "lorakit.adapters.multi",
+    "delete_adapter": "lorakit.adapters.multi",
+    "adapter_names": "lorakit.adapters.multi",
     "load_model": "lorakit.models",
     "load_tokenizer": "lorakit.models",
 }

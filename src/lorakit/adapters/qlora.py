@@ -90,8 +90,22 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     paths = [p for p in quantizable_paths(model) if not any(p == s or p.startswith(s + ".") for s in skip)]
     for path in paths:
         replace_module(model, path, quantize_linear(model.get_submodule(path), quant_type, double_quant, dtype))
+    _copy_off_checkpoint(model)
     release_freed_memory()
     return paths
+
+
+@torch.no_grad()
+def _copy_off_checkpoint(model: nn.Module) -> None:
+    """Give the unquantised CPU tensors (embeddings, norms, head) their own memory.
+
+    A model loaded from safetensors on CPU keeps its tensors in a memory map of the file; while one
+    tensor still points into it, every page quantisation read stays resident (measured: 482 MiB
+    of file pages for a 226M-parameter bf16 Llama, 97 MiB after this copy).
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and getattr(tensor, "quant_state", None) is None:
+            tensor.data = tensor.data.clone()
 
 
 def release_freed_memory() -> None:
