@@ -52,7 +52,7 @@ def header(rows: Sequence[dict]) -> str:
     return "\n".join([
         "# The lecture's claims at small scale: the embedded lab",
         "",
-        f"Regenerate this page (and its figures) with `{REGENERATE}` (resumable; about 8 minutes on one CPU thread).",
+        f"Regenerate this page (and its figures) with `{REGENERATE}` (resumable; about 12 minutes on one CPU thread).",
         "",
         f"- Model: the embedded Llama-shaped model (hidden 128, 4 layers, {total:,} parameters), pre-trained on "
         "documents about countries; it has never seen a question.",
@@ -105,13 +105,19 @@ def base_vs_sft(base: dict, rows: Sequence[dict], sweep_dir: Path, shown: int = 
 
 def rank_section(rows: Sequence[dict]) -> str:
     """(b) loss vs step by rank, full fine-tuning as reference."""
-    lora = sorted(find(rows, "lora", targets="all-linear", lr=LORA_LR), key=lambda row: row["r"])
+    by_rank: dict[int, list[dict]] = {}
+    for row in find(rows, "lora", targets="all-linear"):
+        by_rank.setdefault(row["r"], []).append(row)
+    lora = [best(group, "final_train_loss") for _, group in sorted(by_rank.items())]  # each rank at its best lr
     full = find(rows, "full")
     lines = ["## (b) Rank sweep", "",
              "Claim (LoRA Without Regret, Schulman et al. 2025): with enough rank LoRA follows full fine-tuning's "
              "learning curve; low ranks fall behind once the data exceed their capacity.", "",
              "![loss vs step by rank](lab_rank_curves.png)", "",
-             f"| run | trainable params | final train loss | held-out loss | held-out accuracy |",
+             "Each rank at its best learning rate (lowest final training loss) among those tried: "
+             + "; ".join(f"r={r}: " + ", ".join(f"{row['lr']:.0e}" for row in sorted(group, key=lambda x: x["lr"]))
+                         for r, group in sorted(by_rank.items())) + ". Full fine-tuning at every lr tried.", "",
+             "| run | trainable params | final train loss | held-out loss | held-out accuracy |",
              "|---|---:|---:|---:|---:|"]
     for row in lora + sorted(full, key=lambda row: row["lr"]):
         lines.append(f"| {row['name']} | {row['trainable_params']:,} | {row['final_train_loss']:.4f} | "
@@ -127,8 +133,7 @@ def rank_section(rows: Sequence[dict]) -> str:
                   f"({ref['name']}): {gap:.1f}x; r={low['r']} ends at {low['final_train_loss']:.4f}. Loss "
                   f"{'does' if ordered else 'does not'} fall monotonically with rank. Held-out loss (what the "
                   f"task needs): r={low['r']} {low['eval_loss']:.4f}, r={top['r']} {top['eval_loss']:.4f}, full "
-                  f"at its best lr {best(full, 'eval_loss')['eval_loss']:.4f}. Ranks ran at one lr "
-                  f"({LORA_LR:.0e}), not each at its best."]
+                  f"at its best lr {best(full, 'eval_loss')['eval_loss']:.4f}."]
     return "\n".join(lines)
 
 
@@ -157,8 +162,21 @@ def lr_section(rows: Sequence[dict]) -> str:
                   f"{best(full, 'final_train_loss')['lr']:.0e} (ratio {ratios['final_train_loss']:.1f}x); by "
                   f"held-out loss: LoRA {best(lora, 'eval_loss')['lr']:.0e}, full "
                   f"{best(full, 'eval_loss')['lr']:.0e} (ratio {ratios['eval_loss']:.1f}x). The grid has steps "
-                  "of about 3x, so a ratio is known to within a factor of ~3."]
+                  "of about 3x, so a ratio is known to within a factor of ~3." + _edges(lora, full)]
     return "\n".join(lines)
+
+
+def _edges(lora: Sequence[dict], full: Sequence[dict]) -> str:
+    """A warning for each best lr that sits at the end of its grid (the true optimum may lie beyond)."""
+    notes = []
+    for label, group in (("LoRA", lora), ("full", full)):
+        lrs = sorted(row["lr"] for row in group)
+        for metric, name in (("final_train_loss", "training"), ("eval_loss", "held-out")):
+            lr = best(group, metric)["lr"]
+            if lr in (lrs[0], lrs[-1]):
+                notes.append(f" {label}'s best lr by {name} loss ({lr:.0e}) is at the end of its grid, so its "
+                             "true best may lie beyond it.")
+    return "".join(notes)
 
 
 def targets_section(rows: Sequence[dict]) -> str:
@@ -195,6 +213,15 @@ def _frontier(rows: Sequence[dict], floor: float) -> dict | None:
     return min(reached, key=lambda row: row["general_loss"]) if reached else None
 
 
+def _lr_forgetting(rows: Sequence[dict], label: str) -> str:
+    """Whether a method's highest-lr run is also its most-forgetting run."""
+    top_lr = max(rows, key=lambda row: row["lr"])
+    most = max(rows, key=lambda row: row["general_loss"])
+    relation = "is" if top_lr is most else "is not"
+    return (f"{label}'s highest lr ({top_lr['name']}, general loss {top_lr['general_loss']:.3f}) {relation} "
+            f"its most-forgetting run ({most['name']}, {most['general_loss']:.3f}).")
+
+
 def forgetting_section(base: dict, rows: Sequence[dict]) -> str:
     """(e) learning vs forgetting, LoRA vs full."""
     lora, full = find(rows, "lora"), find(rows, "full")
@@ -223,8 +250,8 @@ def forgetting_section(base: dict, rows: Sequence[dict]) -> str:
               "at each accuracy level both reach, LoRA's least forgetting run must forget less. Learns less: "
               f"{'yes' if learns_less else 'no'} (best held-out loss LoRA {learn_lora['eval_loss']:.4f}, "
               f"{learn_lora['name']}; full {learn_full['eval_loss']:.4f}, {learn_full['name']}). Forgets less at "
-              f"matched accuracy: {sum(forgets_less)} of {len(forgets_less)} levels. Forgetting is driven mostly "
-              "by the learning rate for both methods (the highest lr of each forgets most)."]
+              f"matched accuracy: {sum(forgets_less)} of {len(forgets_less)} levels. "
+              + " ".join(_lr_forgetting(group, label) for label, group in (("LoRA", lora), ("Full", full)))]
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """`lorakit lab-report`: run the lab experiments on the embedded model and write docs/lab.md.
 
-    lorakit lab-report --out docs --work runs/lab     # ~8 minutes on one CPU thread, resumable
+    lorakit lab-report --out docs --work runs/lab     # ~12 minutes on one CPU thread, resumable
 
 Trains the cells of `lorakit.analysis.labrun.LAB_CELLS` (skipping completed ones), then writes
 docs/lab.md and its figures. Every number and every "reproduced / not reproduced" verdict in

@@ -18,12 +18,14 @@ from lorakit.analysis.sweep import Cell, run_sweep
 ALPHA = 32.0
 EPOCHS = 6  # the quickstart's: fewer epochs leave low-lr runs on the same-answer plateau
 LORA_LR = 1e-3
-# (b) rank sweep at one lr, (c) lr sweep of LoRA r16 and of full fine-tuning, (d) target sets
+# (b) rank sweep, each rank at three lrs (its best is compared), (c) lr sweep of LoRA r16 and of
+# full fine-tuning, (d) target sets
 LAB_CELLS: tuple[Cell, ...] = (
     *(Cell("lora", LORA_LR, r, "all-linear") for r in (1, 4, 16, 64)),
     *(Cell("lora", lr, 16, "all-linear") for lr in (1e-4, 3e-4, 3e-3, 1e-2)),
     *(Cell("full", lr) for lr in (3e-5, 1e-4, 3e-4, 1e-3)),
     *(Cell("lora", LORA_LR, 16, targets) for targets in ("attention", "mlp")),
+    *(Cell("lora", lr, r, "all-linear") for r in (1, 4, 64) for lr in (3e-4, 3e-3)),
 )
 BASE_FILE = "base.json"
 
