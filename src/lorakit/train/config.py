@@ -72,11 +72,11 @@ class TrainConfig:
                                                            "(dynamic shapes; the whole model when no layer "
                                                            "list is found)."})
     chunked_loss: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Take the loss from the backbone's hidden states in chunks over trained positions "
                           "only, never building full-vocabulary logits (models with a plain linear head; "
                           "others use the plain path). Faster and leaner with large vocabularies; equal to "
-                          "the plain loss up to float rounding."},
+                          "the plain loss up to float rounding. false: the plain path (logits, then the loss)."},
     )
     eval_every: int = field(
         default=0,
