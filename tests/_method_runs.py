@@ -16,13 +16,13 @@ ROWS = [{"prompt": f"Copy the word {w}.", "completion": f" {w} {w}"} for w in WO
 
 
 @lru_cache(maxsize=None)
-def _tokenizer():
-    return train_byte_bpe([r["prompt"] + r["completion"] for r in ROWS] * 4, vocab_size=300)
+def _tokenizer(texts: tuple[str, ...], vocab_size: int):
+    return train_byte_bpe(list(texts) * 4, vocab_size=vocab_size)
 
 
-def make_workdir(root: Path) -> Path:
-    """A tiny Llama + tokenizer folder and a prompt/completion jsonl under `root`."""
-    tokenizer = _tokenizer()
+def make_workdir(root: Path, rows: list[dict] = ROWS, vocab_size: int = 300) -> Path:
+    """A tiny Llama + byte-level BPE tokenizer folder (root/base) and `rows` as root/rows.jsonl."""
+    tokenizer = _tokenizer(tuple(r["prompt"] + r["completion"] for r in rows), vocab_size)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -30,7 +30,7 @@ def make_workdir(root: Path) -> Path:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
 

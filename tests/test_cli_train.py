@@ -19,11 +19,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import lorakit
+from _method_runs import make_workdir
 from lorakit.config import config_to_dict, load_config
-from lorakit.data import load_rows, make_batches, tokenize_rows, train_byte_bpe
+from lorakit.data import load_rows, make_batches, tokenize_rows
 
 WORDS = ("apple river stone cloud tiger piano garden silver window forest candle rocket mirror ocean pepper "
          "violin castle desert button lemon planet shadow bridge marble falcon harbor jungle meadow copper "
@@ -59,16 +60,7 @@ def compared(records: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny Llama + byte-level BPE tokenizer folder, a prompt/completion jsonl and a run config."""
-    root = tmp_path_factory.mktemp("cli_train")
-    tokenizer = train_byte_bpe([r["prompt"] + r["completion"] for r in ROWS] * 4, vocab_size=320)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    root = make_workdir(tmp_path_factory.mktemp("cli_train"), ROWS, vocab_size=320)
     recipe = {
         "name": "lora",
         "model": {"name_or_path": str(root / "base")},

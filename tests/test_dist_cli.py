@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _method_runs import make_workdir
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit.config import load_config
-from lorakit.data import train_byte_bpe
 from lorakit.run import run_training
 from test_cli_train import ENV, ROWS
 
@@ -22,16 +21,7 @@ from test_cli_train import ENV, ROWS
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny Llama + tokenizer folder, 32 prompt/completion rows and a full fine-tuning config."""
-    root = tmp_path_factory.mktemp("dist_cli")
-    tokenizer = train_byte_bpe([r["prompt"] + r["completion"] for r in ROWS] * 4, vocab_size=320)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    root = make_workdir(tmp_path_factory.mktemp("dist_cli"), ROWS, vocab_size=320)
     recipe = {"name": "full", "model": {"name_or_path": str(root / "base")}, "method": {"name": "full"},
               "data": {"source": str(root / "rows.jsonl"), "val_fraction": 0.125, "max_length": 64},
               "train": {"lr": 1e-3, "epochs": 2, "micro_batch_size": 4, "grad_accum": 1, "save_every": 2,
