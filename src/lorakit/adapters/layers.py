@@ -67,18 +67,55 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class LoRALayer(nn.Module):
+class WrappedLayer(nn.Module):
+    """A layer standing in for a base linear layer (LoRA, DoRA, MoLE layers build on it).
+
+    It holds the base layer's `weight` and `bias` under the same names, so base checkpoint keys
+    load strictly into an adapted model; the base module itself is kept off the module tree (no
+    duplicate state-dict keys) and answers attribute lookups the wrapper does not know.
+    """
+
+    def wrap(self, base: nn.Module, method: str) -> LayerKind:
+        """Take over `base`'s weight and bias; `method` names the adapter in the error for other layers."""
+        kind = layer_kind(base)
+        if kind is None:
+            raise AdapterError(f"{method} cannot wrap a module of type {type(base).__name__}; supported layer "
+                               f"types: {', '.join(sorted(t.__name__ for t in LAYER_KINDS))}")
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.kind = kind
+        object.__setattr__(self, "_base", base)  # off the module tree
+        return kind
+
+    @property
+    def base_type(self) -> type:
+        """The wrapped layer's class (nn.Linear, Conv1D, ...)."""
+        return type(self._base)
+
+    def to_plain(self) -> nn.Module:
+        """The wrapped layer, holding this layer's current weight and bias; adapter weights are dropped."""
+        base = self._base
+        base.weight = self.weight
+        base.bias = self.bias
+        return base
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base")
+            if base is None:
+                raise
+            return getattr(base, name)  # e.g. Conv1D's nf / nx, read by some model code
+
+
+class LoRALayer(WrappedLayer):
     """y = base(x) + s * B(A(dropout(x))), with the base layer's `weight` and `bias` kept by name."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, *, rslora: bool = False,
                  dropout: float = 0.0, init: InitMethod = "kaiming") -> None:
         super().__init__()
-        kind = layer_kind(base)
-        if kind is None:
-            raise AdapterError(f"LoRA cannot wrap a module of type {type(base).__name__}; supported layer types: "
-                               f"{', '.join(sorted(t.__name__ for t in LAYER_KINDS))}")
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        kind = self.wrap(base, "LoRA")
         d_in, d_out = kind.dims(base.weight)
         factory = dict(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
         # Built as nn.Linear then re-initialised: the same random-number use as peft, so a seed
@@ -88,17 +125,11 @@ class LoRALayer(nn.Module):
         init_lora_A_(self.lora_A.weight, init)
         init_lora_B_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.kind, self.r, self.alpha, self.rslora = kind, r, alpha, rslora
+        self.r, self.alpha, self.rslora = r, alpha, rslora
         self.in_features, self.out_features = d_in, d_out
         self.scaling = scaling(alpha, r, rslora)
         self.merged = False
-        object.__setattr__(self, "_base", base)  # off the module tree: no duplicate state-dict keys
         self.train(base.training)  # a model in eval mode stays in eval mode (dropout off)
-
-    @property
-    def base_type(self) -> type:
-        """The wrapped layer's class (nn.Linear, Conv1D, ...)."""
-        return type(self._base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.kind.forward(x, self.weight, self.bias)  # (..., d_out)
@@ -139,26 +170,7 @@ class LoRALayer(nn.Module):
         if kind is None or kind.dims(base.weight) != (self.in_features, self.out_features):
             raise AdapterError(f"cannot rebase a LoRA layer ({self.in_features} -> {self.out_features}) onto "
                                f"{type(base).__name__}")
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
-        self.kind = kind
-        object.__setattr__(self, "_base", base)
-
-    def to_plain(self) -> nn.Module:
-        """The wrapped layer, holding this layer's current weight and bias; LoRA weights are dropped."""
-        base = self._base
-        base.weight = self.weight
-        base.bias = self.bias
-        return base
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_base")
-            if base is None:
-                raise
-            return getattr(base, name)  # e.g. Conv1D's nf / nx, read by some model code
+        self.wrap(base, "LoRA")
 
     def extra_repr(self) -> str:
         fifo = ", fan_in_fan_out" if self.kind.fan_in_fan_out else ""

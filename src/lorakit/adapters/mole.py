@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters import own_format
-from lorakit.adapters.layers import LAYER_KINDS, adapter_dtype, layer_kind
+from lorakit.adapters.layers import WrappedLayer, adapter_dtype
 from lorakit.adapters.lora import LoRA
 from lorakit.adapters.lora_math import init_lora_A_, lora_branch, scaling
 from lorakit.adapters.match import find_targets
@@ -107,19 +107,14 @@ class MoLE:
         return model
 
 
-class MoLELayer(nn.Module):
+class MoLELayer(WrappedLayer):
     """y = base(x) + s * sum_e g_e(x) B_e A_e x; the base `weight`/`bias` keep their names."""
 
     report_group: ClassVar[str] = "MoLE (base+experts+router)"
 
     def __init__(self, base: nn.Module, cfg: MoLE) -> None:
         super().__init__()
-        kind = layer_kind(base)
-        if kind is None:
-            raise AdapterError(f"MoLE cannot wrap a module of type {type(base).__name__}; supported layer types: "
-                               f"{', '.join(sorted(t.__name__ for t in LAYER_KINDS))}")
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        kind = self.wrap(base, "MoLE")
         d_in, d_out = kind.dims(base.weight)
         k, r = cfg.num_experts, cfg.r
         factory = dict(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
@@ -131,10 +126,9 @@ class MoLELayer(nn.Module):
         with torch.no_grad():
             nn.init.zeros_(self.router.weight) if cfg.router_init == "zeros" else \
                 nn.init.normal_(self.router.weight, std=0.02)
-        self.kind, self.top_k, self.aux_loss_weight = kind, cfg.top_k, cfg.aux_loss_weight
+        self.top_k, self.aux_loss_weight = cfg.top_k, cfg.aux_loss_weight
         self.scaling = scaling(cfg.alpha, r, cfg.rslora)
         self.last_balance_loss: torch.Tensor | None = None
-        object.__setattr__(self, "_base", base)  # off the module tree, as in LoRALayer
         self.train(base.training)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,24 +163,9 @@ class MoLELayer(nn.Module):
         loss, self.last_balance_loss = self.last_balance_loss, None
         return None if loss is None or not self.aux_loss_weight else self.aux_loss_weight * loss
 
-    def to_plain(self) -> nn.Module:
-        """The wrapped layer with this layer's weight and bias; the experts are dropped."""
-        base = self._base
-        base.weight, base.bias = self.weight, self.bias
-        return base
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_base")
-            if base is None:
-                raise
-            return getattr(base, name)
-
     def extra_repr(self) -> str:
         k, r, d_in = self.lora_A.shape
-        return (f"base={type(self._base).__name__}, experts={k}, r={r}, top_k={self.top_k}, "
+        return (f"base={self.base_type.__name__}, experts={k}, r={r}, top_k={self.top_k}, "
                 f"scaling={self.scaling:.4g}")
 
 
