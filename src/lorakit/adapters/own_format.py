@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit.adapters.jsonfile import read_json_object
 from lorakit.errors import AdapterError, ConfigError
 
 CONFIG_NAME = "adapter_config.json"
@@ -48,16 +49,7 @@ def write_folder(folder: str | Path, method_cfg: Any, tensors: dict[str, torch.T
 
 def read_config(folder: Path) -> dict:
     """adapter_config.json of a lorakit-format folder as a dict (no method check)."""
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterError(f"{path} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(folder / CONFIG_NAME, f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
 
 
 def method_config(raw: dict, cls: type, source: Path) -> Any:

@@ -6,7 +6,6 @@ both the adapter's and the base model's sizes.
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from lorakit.adapters.jsonfile import read_json_object
 from lorakit.adapters.layers import layer_kind
 from lorakit.adapters.match import ALL_LINEAR
 from lorakit.adapters.state import is_inside
@@ -44,15 +44,7 @@ def read_config(path: Path) -> dict:
     """adapter_config.json as a dict, refusing anything that is not a plain LoRA adapter."""
     if not path.parent.is_dir():
         raise AdapterError(f"adapter folder {str(path.parent)!r} does not exist")
-    if not path.is_file():
-        raise AdapterError(f"{path} not found; a PEFT adapter folder holds adapter_config.json and "
-                           "adapter_model.safetensors")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path, "a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors")
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {raw.get('peft_type')!r}; lorakit.load_adapter reads LoRA "
                            "adapters (peft_type 'LORA'), prompt tuning ('PROMPT_TUNING') and lorakit's own "
