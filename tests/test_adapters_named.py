@@ -1,14 +1,14 @@
 """Bottleneck and MoLE adapters as named adapters (adapters.multi): switched by name and chosen per
-row on one base model, each equal to the same folder loaded alone with load_adapter."""
+row on one base model, each equal to the same folder loaded alone with load_adapter (prompt tuning:
+test_adapters_named_prompt.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_batch, tiny_llama
 
-from lorakit.adapters import Bottleneck, LoRA, MoLE, PromptTuning, apply, load_adapter, save_adapter
+from lorakit.adapters import Bottleneck, LoRA, MoLE, apply, load_adapter, save_adapter
 from lorakit.adapters.multi import add_adapter, adapter_rows, delete_adapter, set_adapter
-from lorakit.errors import AdapterError
 
 
 def _saved(tmp_path, name: str, cfg, seed: int):
@@ -55,8 +55,3 @@ def test_named_bottleneck_and_mole_adapters_switch_and_mix_per_row(folders):
     set_adapter(model, "mole")
     torch.testing.assert_close(model(input_ids=ids).logits, alone["mole"], rtol=1e-5, atol=1e-4)
 
-
-def test_prompt_tuning_cannot_be_a_named_adapter(tmp_path):
-    folder = save_adapter(apply(tiny_llama(), PromptTuning(num_virtual_tokens=2)), tmp_path / "prompt")
-    with pytest.raises(AdapterError, match="a prompt-tuning adapter cannot be a named \\(per-row\\) adapter"):
-        add_adapter(tiny_llama(), "prompt", folder)

@@ -14,6 +14,10 @@ adapters the batch mixes. Whole-batch choices (`set_adapter`) use the plain two-
 The single-adapter path (`apply` / `load_adapter`, LoRALayer) is a different mechanism and stays
 as it was; a model carries one or the other.
 
+Bottleneck, MoLE and prompt-tuning folders are named adapters too (adapters/named.py). A prompt
+adapter's virtual tokens go in front of its rows; rows of the same batch without it (or with a
+shorter prompt) get that front masked out, so each row still computes what it would alone.
+
 DoRA adapters (use_dora: true) work too: at inference W, A, B and m are fixed, so each module's
 factor g = m / ||W + s B A|| is computed once at load, and a DoRA row's output becomes
 g * (W x + s B A x) + b, i.e. g * (LoRA output) + (1 - g) * b, one more multiply-add per row.
@@ -31,7 +35,7 @@ from torch import nn
 from lorakit.adapters.dora import weight_norm
 from lorakit.adapters.layers import adapter_dtype, layer_kind
 from lorakit.adapters.lora_math import delta_weight, lora_branch, scaling
-from lorakit.adapters.named import read_named
+from lorakit.adapters.named import NamedPrompt, attach_prompt_hooks, read_named
 from lorakit.adapters.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lorakit.adapters.peft_load import read_config, read_weights, validate
 from lorakit.adapters.state import get_state, lora_layers
@@ -74,14 +78,31 @@ class AdapterBank:
     """Per-row adapter names while `adapter_rows` is active (None: `plan` applies to whole batches)."""
     stacked: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
     """Module path -> per-row (A^T (N, d_in, r), (s*B)^T (N, r, d_out)) for `rows`, built on first use."""
-    checked: tuple[object, bool] = (None, True)
-    """(the plan list last checked, whether it holds only LoRA/DoRA adapters): checked once per plan, not per call."""
+    prompt_hooks: list = field(default_factory=list)
+    """Handles of the model-level hooks that put prompt adapters' virtual tokens in front (while any is loaded)."""
+    checked: tuple[object, Plan, bool, list] = (None, [], True, [])
+    """Worked out once per plan, not per call: (the plan list last checked, its part for adapters that hook
+    modules, whether that part holds only LoRA/DoRA adapters, its prompt adapters as (embeddings, rows))."""
+
+    def _check(self) -> tuple[object, Plan, bool, list]:
+        if self.checked[0] is not self.plan:
+            hooked = [(n, rows) for n, rows in self.plan if not isinstance(self.adapters[n], NamedPrompt)]
+            prompts = [(self.adapters[n].embeddings, None if rows is None else rows.tolist())
+                       for n, rows in self.plan if isinstance(self.adapters[n], NamedPrompt)]
+            self.checked = (self.plan, hooked, all(isinstance(self.adapters[n], NamedLoRA) for n, _ in hooked), prompts)
+        return self.checked
 
     def lora_only(self) -> bool:
-        """True when every adapter in the plan is a NamedLoRA (the stacked fast path applies)."""
-        if self.checked[0] is not self.plan:
-            self.checked = (self.plan, all(isinstance(self.adapters[name], NamedLoRA) for name, _ in self.plan))
-        return self.checked[1]
+        """True when every module-hooking adapter in the plan is a NamedLoRA (the stacked fast path applies)."""
+        return self._check()[2]
+
+    def row_prompts(self, batch: int) -> list[torch.Tensor | None]:
+        """Each row's virtual tokens (n, d) from the prompt adapter the plan gives it (None: no prompt)."""
+        prompts: list[torch.Tensor | None] = [None] * batch
+        for embeddings, rows in self._check()[3]:
+            for row in range(batch) if rows is None else rows:
+                prompts[row] = embeddings
+        return prompts
 
     def branch(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` plus the low-rank branch of each row's adapter for module `path`."""
@@ -89,7 +110,7 @@ class AdapterBank:
             return self._mixed_branch(path, x, out)
         if self.rows is not None and x is not None and x.dim() == 3 and x.shape[0] == len(self.rows):
             return self._batched_branch(path, x, out)
-        for name, rows in self.plan:
+        for name, rows in self._check()[1]:
             pair = self.adapters[name].pairs.get(path)
             if pair is None:
                 continue
@@ -107,7 +128,7 @@ class AdapterBank:
         """Plans holding a bottleneck or MoLE adapter (adapters/named.py): each adapter in turn on its rows.
         A sub-block's tuple output changes only in its hidden states (its first element)."""
         hidden = out[0] if isinstance(out, tuple) else out
-        for name, rows in self.plan:
+        for name, rows in self._check()[1]:
             adapter = self.adapters[name]
             if path not in adapter.paths:
                 continue
@@ -136,7 +157,8 @@ class AdapterBank:
 
     def _stack(self, path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-row A and s*B for module `path`; rows without an adapter there get zeros (rank padded)."""
-        pairs = {n: self.adapters[n].pairs[path] for n in set(self.rows) if n and path in self.adapters[n].pairs}
+        pairs = {n: self.adapters[n].pairs[path] for n in set(self.rows)
+                 if n and isinstance(self.adapters[n], NamedLoRA) and path in self.adapters[n].pairs}
         if not pairs:
             return None
         r = max(A.shape[0] for A, _ in pairs.values())
@@ -227,8 +249,8 @@ def _hook(bank: AdapterBank, path: str):
 
 
 def add_adapter(model: nn.Module, name: str, path: str | Path) -> nn.Module:
-    """Load the adapter folder `path` (PEFT LoRA, or lorakit's bottleneck / MoLE) onto `model` under `name`
-    (not active until chosen)."""
+    """Load the adapter folder `path` (PEFT LoRA / DoRA / prompt tuning, or lorakit's bottleneck / MoLE) onto
+    `model` under `name` (not active until chosen)."""
     if not name or name in ("base", "none"):
         raise AdapterError(f"adapter name {name!r} is reserved or empty; pick another name")
     bank = _bank(model)
@@ -237,6 +259,8 @@ def add_adapter(model: nn.Module, name: str, path: str | Path) -> nn.Module:
                            "delete_adapter it first or pick another name")
     adapter = read_named(model, name, Path(path)) or _read_folder(model, name, Path(path))
     bank.adapters[name] = adapter
+    if isinstance(adapter, NamedPrompt) and not bank.prompt_hooks:
+        bank.prompt_hooks = attach_prompt_hooks(model, bank.row_prompts)
     for module_path in adapter.paths:
         if module_path not in bank.hooks:
             module = model.get_submodule(module_path)
@@ -245,7 +269,8 @@ def add_adapter(model: nn.Module, name: str, path: str | Path) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Remove adapter `name`; its hooks go when no other adapter uses the module."""
+    """Remove adapter `name`; its hooks go when no other adapter uses the module (the prompt hooks: no other
+    prompt adapter)."""
     bank = getattr(model, BANK_ATTR, None)
     _require(bank, name)
     del bank.adapters[name]
@@ -254,6 +279,10 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     used = {p for adapter in bank.adapters.values() for p in adapter.paths}
     for module_path in [p for p in bank.hooks if p not in used]:
         bank.hooks.pop(module_path).remove()
+    if not any(isinstance(adapter, NamedPrompt) for adapter in bank.adapters.values()):
+        for handle in bank.prompt_hooks:
+            handle.remove()
+        bank.prompt_hooks = []
     return model
 
 

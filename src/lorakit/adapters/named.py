@@ -1,10 +1,12 @@
-"""Bottleneck and MoLE adapter folders as named adapters of `adapters.multi` (switched by name or per row).
+"""Bottleneck, MoLE and prompt-tuning folders as named adapters of `adapters.multi` (switched by name or per row).
 
-Such a named adapter holds, per hooked module path, a function (x, y) -> the amount added to
-that module's output y (x: the module's input): a MoLE layer adds its expert mixture of x to a
-linear layer's output, a bottleneck adds W_up f(W_down y) to a sub-block's output. The adapter
+A bottleneck or MoLE named adapter holds, per hooked module path, a function (x, y) -> the amount
+added to that module's output y (x: the module's input): a MoLE layer adds its expert mixture of x
+to a linear layer's output, a bottleneck adds W_up f(W_down y) to a sub-block's output. The adapter
 modules stay off the model's module tree (the base model is not changed); `multi`'s hooks call
-`delta`. Prompt tuning cannot be a per-row adapter: its virtual tokens lengthen the sequence.
+`delta`. A prompt-tuning named adapter hooks no module: it holds its virtual tokens, which one pair
+of model-level hooks (`attach_prompt_hooks`) puts in front of the rows that use it; rows of one
+batch with prompts of other lengths, or none, have the rest of the front masked out on the left.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorakit.adapters import own_format
+from lorakit.adapters import own_format, prompt_tuning
 from lorakit.adapters.bottleneck import CHILD, Bottleneck, BottleneckAdapter, _hidden_size, find_sublayers
 from lorakit.adapters.layers import adapter_dtype
 from lorakit.adapters.match import find_targets
@@ -44,14 +46,34 @@ class NamedDeltas:
         return self.deltas[path](x, y)
 
 
-def read_named(model: nn.Module, name: str, folder: Path) -> NamedDeltas | None:
-    """The named adapter of a bottleneck or MoLE folder; None for other folders (e.g. PEFT LoRA)."""
+@dataclass
+class NamedPrompt:
+    """One named prompt-tuning adapter: its (n, d) virtual tokens; it hooks no module (`paths` is empty)."""
+
+    name: str
+    embeddings: torch.Tensor
+    source: str = ""
+    paths: list[str] = field(default_factory=list)
+
+
+def read_named(model: nn.Module, name: str, folder: Path) -> NamedDeltas | NamedPrompt | None:
+    """The named adapter of a bottleneck, MoLE or prompt-tuning folder; None for other folders (e.g. PEFT LoRA)."""
     raw = _peek(folder / own_format.CONFIG_NAME)
-    if raw.get("peft_type") == "PROMPT_TUNING":
-        raise AdapterError(f"{folder}: a prompt-tuning adapter cannot be a named (per-row) adapter: its virtual "
-                           "tokens lengthen the sequence; load it alone with load_adapter")
-    reader = READERS.get(raw.get("lorakit_method"))
+    key = raw.get("lorakit_method") or raw.get("peft_type")
+    reader = READERS.get(key) if isinstance(key, str) else None
     return None if reader is None else reader(model, name, folder, raw)
+
+
+def attach_prompt_hooks(model: nn.Module, prompts_of: prompt_tuning.RowPrompts) -> list:
+    """Hooks on `model` that put each row's virtual tokens (`prompts_of(batch)`) in front of its input and cut
+    their logits off again; returns the handles (remove them to take the hooks off)."""
+    run = prompt_tuning.PromptRun()
+
+    def prepend(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return prompt_tuning.prepend_virtual(module, args, kwargs, run, prompts_of)
+
+    return [model.register_forward_pre_hook(prepend, with_kwargs=True),
+            model.register_forward_hook(lambda module, args, output: prompt_tuning.strip_virtual(run, output))]
 
 
 def _peek(path: Path) -> dict:
@@ -87,4 +109,11 @@ def _load_frozen(params: dict[str, torch.Tensor], folder: Path) -> None:
         param.requires_grad_(False)  # named adapters serve inference
 
 
-READERS: dict[str, Callable[[nn.Module, str, Path, dict], NamedDeltas]] = {"mole": _mole, "bottleneck": _bottleneck}
+def _prompt(model: nn.Module, name: str, folder: Path, raw: dict) -> NamedPrompt:
+    _, embeddings = prompt_tuning.read_folder(model, folder, raw)
+    device = model.get_input_embeddings().weight.device
+    return NamedPrompt(name, embeddings.to(device, torch.float32), str(folder))  # fp32, as VirtualTokens keeps it
+
+
+READERS: dict[str, Callable[[nn.Module, str, Path, dict], NamedDeltas | NamedPrompt]] = {
+    "mole": _mole, "bottleneck": _bottleneck, "PROMPT_TUNING": _prompt}

@@ -6,14 +6,17 @@ attention_mask, position_ids, cache_position and labels to match); a forward hoo
 virtual positions off the logits, so callers see logits aligned with their own T tokens, as the
 training loop expects. In generation the prompt enters once: later steps find it in the cache
 and only widen the mask and shift positions by n. Packed batches (4-D masks) are refused: every
-packed example would need its own copy of the prompt.
+packed example would need its own copy of the prompt. The same hook code serves named prompt
+adapters (adapters/named.py), whose rows in one batch may carry prompts of different lengths, or none.
 
 Saved in peft's PROMPT_TUNING folder format (adapter_config.json + `prompt_embeddings`).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -113,14 +116,28 @@ class PromptTuning:
 
 
 class VirtualTokens(nn.Module):
-    """The trained (n, d) table; `pending_length` is the caller's T while a prompted forward runs."""
+    """The trained (n, d) table; `run` carries what one prompted forward's hooks pass on."""
 
     report_group: ClassVar[str] = "prompt (virtual tokens)"
 
     def __init__(self, n: int, d: int) -> None:
         super().__init__()
         self.embeddings = nn.Parameter(torch.zeros(n, d))  # (n, d)
-        self.pending_length: int | None = None
+        self.run = PromptRun()
+
+
+@dataclass
+class PromptRun:
+    """What the hooks of a prompted model pass on: from its pre-hook to its forward hook, and from the first
+    (uncached) step of a generation to the steps that find the virtual tokens in the KV cache."""
+
+    pending_length: int | None = None
+    """The caller's T while a prompted forward runs (its logits are cut to the last T positions)."""
+    front: int = 0
+    """Positions in front of the caller's tokens that the last uncached step put in the cache."""
+
+
+RowPrompts = Callable[[int], Sequence[torch.Tensor | None]]  # batch size -> each row's (n_r, d) prompt or None
 
 
 def _cached_length(cache: Any) -> int:
@@ -134,51 +151,94 @@ def _cached_length(cache: Any) -> int:
 def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook: put the virtual tokens in front of the input (or account for them in the cache)."""
     prompt: VirtualTokens = getattr(model, CHILD)
-    n = prompt.embeddings.shape[0]
+    return prepend_virtual(model, args, kwargs, prompt.run, lambda batch: [prompt.embeddings] * batch)
+
+
+def prepend_virtual(model: nn.Module, args: tuple, kwargs: dict, run: PromptRun,
+                    prompts_of: RowPrompts) -> tuple[tuple, dict]:
+    """The pre-hook's work, row by row: row r gets its own n_r virtual tokens (None: none).
+
+    The front is as wide as the longest prompt; a row with a shorter one (or none) has the rest of
+    the front masked out on its left, like left padding, and its positions count from its own
+    tokens, so each row computes what it would with its prompt alone. A step that finds the
+    prompts in the KV cache only widens the mask and shifts positions.
+    """
     if args:  # model(input_ids, ...) called positionally
         kwargs, args = {"input_ids": args[0], **kwargs}, args[1:]
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         raise AdapterError("prompt tuning cannot run on packed batches (a 4-D attention mask): each packed example "
                            "would need its own virtual tokens; set data.packing: false")
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if _cached_length(cache) > 0:  # a decoding step: the prompt is already in the cache
-        prompt.pending_length = None
-        _widen(kwargs, n, offset_only=True)
+    embeds, input_ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
+    batch, length = (embeds if embeds is not None else input_ids).shape[:2]
+    prompts = prompts_of(batch)
+    cached = _cached_length(kwargs.get("cache", kwargs.get("past_key_values")))
+    run.pending_length = None
+    if cached == 0:
+        run.front = max((p.shape[0] for p in prompts if p is not None), default=0)
+    if run.front == 0:  # no virtual tokens here or in the cache: the plain model
         return args, kwargs
-    embeds = kwargs.pop("inputs_embeds", None)
-    input_ids = kwargs.pop("input_ids", None)
-    if embeds is None:
-        embeds = model.get_input_embeddings()(input_ids)  # (B, T, d)
-    batch, length = embeds.shape[:2]
-    virtual = prompt.embeddings.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
-    kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)  # (B, n + T, d)
-    _widen(kwargs, n, offset_only=False)
-    prompt.pending_length = length
+    device = (embeds if embeds is not None else input_ids).device
+    lengths = torch.tensor([0 if p is None else p.shape[0] for p in prompts], device=device)  # (B,)
+    if cached == 0:
+        kwargs.pop("inputs_embeds", None), kwargs.pop("input_ids", None)
+        if embeds is None:
+            embeds = model.get_input_embeddings()(input_ids)  # (B, T, d)
+        kwargs["inputs_embeds"] = torch.cat([_front_embeddings(prompts, run.front, embeds), embeds], dim=1)
+        run.pending_length = length
+    _widen(model, kwargs, lengths, run.front, cached, length)
     return args, kwargs
 
 
-def _widen(kwargs: dict, n: int, offset_only: bool) -> None:
-    """Make mask, positions and labels cover the n virtual positions in front (or shift them by n)."""
+def _front_embeddings(prompts: Sequence[torch.Tensor | None], front: int, embeds: torch.Tensor) -> torch.Tensor:
+    """(B, front, d): each row's virtual tokens at the right end of the front, zeros (masked out) before them."""
+    rows = []
+    for prompt in prompts:
+        pad = embeds.new_zeros(front - (0 if prompt is None else prompt.shape[0]), embeds.shape[-1])
+        rows.append(pad if prompt is None else torch.cat([pad, prompt.to(embeds.dtype)]))
+    return torch.stack(rows)
+
+
+def _widen(model: nn.Module, kwargs: dict, lengths: torch.Tensor, front: int, cached: int, length: int) -> None:
+    """Make mask, positions and labels cover the `front` virtual positions (or, with a cache, shift past them).
+
+    Row r's last lengths[r] front positions are its virtual tokens (positions 0..n_r-1) and the rest
+    are masked out; its own positions move up by n_r. Rows whose fronts differ need a mask and, where
+    the model takes them, position ids: made here when the caller gave none.
+    """
+    first, batch = cached == 0, lengths.shape[0]
+    past = 0 if first else cached - front  # the caller's own cached positions
+    skip = front - lengths  # (B,) masked-out front positions per row
+    ragged = bool((skip > 0).any())
+    slots = torch.arange(front, device=lengths.device)
     mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if mask is None and ragged:
+        mask = torch.ones(batch, past + length, dtype=torch.long, device=lengths.device)
     if mask is not None:
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)  # (B, n + T)
+        kwargs["attention_mask"] = torch.cat([(slots >= skip[:, None]).to(mask.dtype), mask], dim=1)  # (B, front + .)
+    if positions is None and ragged and "position_ids" in inspect.signature(model.forward).parameters:
+        positions = (past + torch.arange(length, device=lengths.device)).expand(batch, length)
     if positions is not None:
-        front = torch.arange(n, device=positions.device).expand(positions.shape[0], n)
-        kwargs["position_ids"] = positions + n if offset_only else torch.cat([front, positions + n], dim=1)
+        shifted = positions + lengths[:, None].to(positions.device)
+        kwargs["position_ids"] = shifted if not first else torch.cat(
+            [(slots - skip[:, None]).clamp(min=0).to(positions.device), shifted], dim=1)
     cache_position = kwargs.get("cache_position")
     if cache_position is not None:
-        kwargs["cache_position"] = (cache_position + n if offset_only else
-                                    torch.arange(n + cache_position.shape[0], device=cache_position.device))
+        kwargs["cache_position"] = (cache_position + front if not first else
+                                    torch.arange(front + cache_position.shape[0], device=cache_position.device))
     labels = kwargs.get("labels")
-    if labels is not None and not offset_only:
-        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), IGNORE_INDEX), labels], dim=1)
+    if labels is not None and first:
+        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], front), IGNORE_INDEX), labels], dim=1)
 
 
 def _strip_prompt_logits(model: nn.Module, args: tuple, output: Any) -> Any:
     """Forward hook: keep only the logits of the caller's own T positions."""
-    prompt: VirtualTokens = getattr(model, CHILD)
-    length, prompt.pending_length = prompt.pending_length, None
+    return strip_virtual(getattr(model, CHILD).run, output)
+
+
+def strip_virtual(run: PromptRun, output: Any) -> Any:
+    """The forward hook's work: cut the virtual positions off the logits of the forward `run` prompted."""
+    length, run.pending_length = run.pending_length, None
     logits = getattr(output, "logits", None)
     if length is None or logits is None:
         if length is not None:
@@ -203,8 +263,8 @@ def peft_config(cfg: PromptTuning, model: nn.Module, token_dim: int, base_name: 
     }
 
 
-def load(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
-    """Apply a peft PROMPT_TUNING folder (saved by lorakit or peft) to `base_model`."""
+def read_folder(base_model: nn.Module, folder: Path, raw: dict) -> tuple[PromptTuning, torch.Tensor]:
+    """The config and the (n, d) virtual-token table of a peft PROMPT_TUNING folder, checked against `base_model`."""
     source = folder / "adapter_config.json"
     if raw.get("num_transformer_submodules", 1) != 1:
         raise AdapterError(f"{source}: num_transformer_submodules is {raw['num_transformer_submodules']}; lorakit "
@@ -226,6 +286,12 @@ def load(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
                            tokenizer_name_or_path=raw.get("tokenizer_name_or_path"))
     except ConfigError as error:
         raise AdapterError(f"{source}: {error}") from error
+    return cfg, embeddings
+
+
+def load(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+    """Apply a peft PROMPT_TUNING folder (saved by lorakit or peft) to `base_model`."""
+    cfg, embeddings = read_folder(base_model, folder, raw)
     cfg.apply(base_model)
     with torch.no_grad():
         getattr(base_model, CHILD).embeddings.copy_(embeddings)
