@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _infer_fixtures import random_adapter
+from _infer_fixtures import check_rows_decode_alone, random_adapter
 from conftest import TINY_MODELS, tiny_batch
 
 import lorakit
 from lorakit.adapters import DoRA
-from lorakit.adapters.multi import (adapter_names, adapter_rows, add_adapter, delete_adapter, keep_rows, row_plan,
-                                    set_adapter)
+from lorakit.adapters.multi import adapter_names, adapter_rows, add_adapter, delete_adapter, row_plan, set_adapter
 from lorakit.errors import AdapterError
-from lorakit.infer.decode import decode
-from lorakit.infer.sampling import Sampling
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))
@@ -73,16 +70,8 @@ def test_mixed_batch_greedy_generations_equal_alone(arch, tmp_path, one_thread):
     prompts = [[5, 9, 11], [7, 3], [4, 4, 8, 20, 6], [30], [8, 9]]
     rows = ["b", "a", None, "b", "d"]
     budgets = [8, 3, 6, 1, 5]  # rows finish at different steps and leave the batch (cache and adapter rows)
-    kept = []
-    with adapter_rows(model, rows):
-        mixed = decode(model, prompts, [Sampling()] * 5, max_new_tokens=budgets, stop_ids=set(), pad_id=0,
-                       on_shrink=lambda k: (kept.append(list(k)), keep_rows(model, k)))
-    assert kept and [len(m) for m in mixed] == budgets
-    for row, name in enumerate(rows):
-        alone_model = build() if name is None else lorakit.load_adapter(build(), folders[name])
-        alone = decode(alone_model.eval(), [prompts[row]], [Sampling()], max_new_tokens=[budgets[row]],
-                       stop_ids=set(), pad_id=0)
-        assert mixed[row] == alone[0]
+    check_rows_decode_alone(model, rows, lambda name: build() if name is None else
+                            lorakit.load_adapter(build(), folders[name]), prompts, budgets)
 
 
 def test_named_adapter_errors(tmp_path):
