@@ -45,6 +45,7 @@ class Job:
     compile: bool = False  # lorakit only: TrainConfig(compile=True)
     chunked_loss: bool = False  # lorakit only: TrainConfig(chunked_loss=True)
     one_row: bool = False  # lorakit only: one packed row per micro-batch (no row padding), more accumulation
+    varlen: bool = True  # lorakit only: per-example attention for packed rows (False: the dense block mask)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -230,8 +231,9 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     """Train with lorakit: packed batches, lorakit's LoRA, lorakit's loop."""
     from lorakit.adapters import LoRA, apply
     from lorakit.data import DataConfig, check_packing, make_batches, tokenize_rows
-    from lorakit.train import TrainConfig, read_metrics, train
+    from lorakit.train import TrainConfig, read_metrics, train, varlen
 
+    varlen.ENABLED = job.varlen  # this child process only
     data_cfg = DataConfig(format="prompt_completion", prompt_template=PROMPT_TEMPLATE,
                           max_length=job.size.max_length, packing=job.pack)
     examples, _ = tokenize_rows(job.rows, job.tokenizer, data_cfg)

@@ -34,6 +34,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lorakit-plain": ("lorakit", {"precision": "fp32"}),  # packing only
     "lorakit-bf16": ("lorakit", {"precision": "bf16"}),  # + bf16 base weights, fp32 adapters
     "lorakit-chunked": ("lorakit", {"precision": "bf16", "chunked_loss": True}),  # + chunked cross-entropy
+    "lorakit-dense-mask": ("lorakit", {"precision": "bf16", "chunked_loss": True, "varlen": False}),  # - varlen
     "lorakit-one-row": ("lorakit", {"precision": "bf16", "chunked_loss": True, "one_row": True}),  # + 1 row/micro
     "lorakit": ("lorakit", {"precision": "bf16", "chunked_loss": True, "compile": True}),  # recommended on a CPU
 }

@@ -12,6 +12,7 @@ from torch import nn
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.train.config import TrainConfig
 from lorakit.train.precision import PRECISIONS
+from lorakit.train.varlen import enabled as varlen_enabled
 
 
 def seed_everything(seed: int) -> None:
@@ -131,14 +132,18 @@ def prepared(model: nn.Module, cfg: TrainConfig) -> Iterator[nn.Module]:
     """Ready `model` for training per `cfg`; yields the callable to run (compiled or not).
 
     Precision casts stay after exit (they are the weights the caller saves); checkpointing, the
-    KV-cache switch and train/eval mode are restored.
+    KV-cache switch, the attention implementation (per-example attention for packed rows where it
+    applies, train/varlen.py) and train/eval mode are restored.
     """
     was_training = model.training
-    PRECISIONS[cfg.precision].prepare(model)
+    precision = PRECISIONS[cfg.precision]
+    precision.prepare(model)
     with contextlib.ExitStack() as stack:
         if cfg.gradient_checkpointing:
             stack.enter_context(_enable_checkpointing(model))
         stack.enter_context(_no_kv_cache(model))
+        device = next(model.parameters()).device
+        stack.enter_context(varlen_enabled(model, lambda: precision.autocast(device)))
         model.train()
         call = stack.enter_context(compiled_layers(model)) if cfg.compile else model
         try:

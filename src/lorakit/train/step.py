@@ -18,6 +18,8 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.train.fastloss import chunked_loss_sum, split_head
 from lorakit.train.precision import Precision
+from lorakit.train.varlen import is_enabled as varlen_enabled
+from lorakit.train.varlen import varlen_inputs
 
 IGNORE_INDEX = -100
 Batch = dict[str, Any]
@@ -88,11 +90,15 @@ def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision, *
     chunked=True: when `call` is a causal LM whose head `fastloss.split_head` recognises, run its
     backbone and take the loss in chunks over trained positions only (no full-vocabulary
     logits); otherwise, or for other models, the plain path: logits, then `token_loss_sum`.
+    When `call` runs the "lorakit_varlen" attention (see train/varlen.py), packed batches get
+    their example boundaries added, so attention runs per example instead of with the dense mask.
     """
     split = split_head(call) if chunked and not _forward_is_hooked(call) else None
     auxiliary = AuxiliaryLosses(auxiliary_loss_modules(call))
 
     def loss_sum(batch: Batch) -> torch.Tensor:
+        if varlen_enabled(call):  # packed rows: pass the example boundaries (the mask stays as the fallback)
+            batch = varlen_inputs(batch)
         batch = to_device(batch, device)
         with precision.autocast(device):
             if split is not None:
