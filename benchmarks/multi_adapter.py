@@ -91,6 +91,27 @@ def _peft_pass(model, prompts, owners, tokenizer, max_new_tokens: int, count: in
     return texts, time.process_time() - start
 
 
+def measure(adapters: int = 8, prompts: int = 32, max_new_tokens: int = 32, rank: int = 8,
+            repeats: int = 3) -> dict:
+    """Both pipelines `repeats` times on the same adapters and prompts; medians of process CPU time."""
+    torch.set_num_threads(1)
+    from lorakit.models import load_tokenizer, quiet_progress_bars
+
+    quiet_progress_bars()
+    tokenizer = load_tokenizer("embedded")
+    texts = [f"Question: What is the capital of {COUNTRIES[i % len(COUNTRIES)]}?\nAnswer:" for i in range(prompts)]
+    owners = [i % adapters for i in range(prompts)]
+    with tempfile.TemporaryDirectory() as folder:
+        paths = make_adapters(Path(folder), adapters, rank)
+        runs = {"lorakit": [run_lorakit(paths, texts, owners, tokenizer, max_new_tokens) for _ in range(repeats)],
+                "peft": [run_peft(paths, texts, owners, tokenizer, max_new_tokens) for _ in range(repeats)]}
+    cpu = {name: sorted(t for _, t in results)[len(results) // 2] for name, results in runs.items()}
+    same = sum(a == b for a, b in zip(runs["lorakit"][0][0], runs["peft"][0][0]))
+    return {"adapters": adapters, "prompts": prompts, "max_new_tokens": max_new_tokens, "rank": rank,
+            "cpu_seconds": cpu, "speedup_vs_peft_set_adapter_loop": cpu["peft"] / cpu["lorakit"],
+            "same_text": f"{same}/{prompts}", "distinct_answers": len(set(runs["lorakit"][0][0]))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapters", type=int, default=8)
@@ -100,29 +121,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the median counts")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    from lorakit.models import load_tokenizer, quiet_progress_bars
-
-    quiet_progress_bars()
-    tokenizer = load_tokenizer("embedded")
-    prompts = [f"Question: What is the capital of {COUNTRIES[i % len(COUNTRIES)]}?\nAnswer:"
-               for i in range(args.prompts)]
-    owners = [i % args.adapters for i in range(args.prompts)]
-    with tempfile.TemporaryDirectory() as folder:
-        paths = make_adapters(Path(folder), args.adapters, args.rank)
-        runs = {"lorakit": [run_lorakit(paths, prompts, owners, tokenizer, args.max_new_tokens)
-                            for _ in range(args.repeats)],
-                "peft": [run_peft(paths, prompts, owners, tokenizer, args.max_new_tokens) for _ in range(args.repeats)]}
-    cpu = {name: sorted(t for _, t in results)[len(results) // 2] for name, results in runs.items()}
-    same = sum(a == b for a, b in zip(runs["lorakit"][0][0], runs["peft"][0][0]))
-    result = {"adapters": args.adapters, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
-              "rank": args.rank, "cpu_seconds": cpu, "speedup_vs_peft_set_adapter_loop": cpu["peft"] / cpu["lorakit"],
-              "same_text": f"{same}/{args.prompts}",
-              "distinct_answers": len(set(runs["lorakit"][0][0]))}
+    result = measure(args.adapters, args.prompts, args.max_new_tokens, args.rank, args.repeats)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

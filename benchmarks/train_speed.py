@@ -44,7 +44,8 @@ DEFAULT_PIPELINES = ("trainer", "trl", "lorakit")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="smollm")
-    parser.add_argument("--pipelines", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_PIPELINES))
+    parser.add_argument("--pipelines", nargs="*", choices=sorted(VARIANTS), default=list(DEFAULT_PIPELINES),
+                        help="training pipelines (none: only the generation part)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run, warmup included")
     parser.add_argument("--warmup", type=int, default=2, help="first steps run but not timed")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -54,8 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="pipeline 'lorakit' compiles its decoder layers (--no-compile: eager; compiling "
                              "takes a minute or two of warmup on a small CPU)")
+    parser.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure generation: peft + transformers generate vs lorakit (unmerged, merged), "
+                             "and the multi-adapter batch vs peft's set_adapter loop (benchmarks/infer_paths.py)")
+    parser.add_argument("--prompts", type=int, default=16, help="generation: prompts in the batch")
+    parser.add_argument("--new-tokens", type=int, default=64, help="generation: new tokens per prompt")
+    parser.add_argument("--multi-repeats", type=int, default=3,
+                        help="generation: timed repeats of the multi-adapter comparison (0 skips it)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
+    if not args.pipelines and not args.inference:
+        parser.error("nothing to run: give --pipelines or keep --inference")
     if args.steps <= args.warmup or args.warmup < 1:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}) >= 1")
     return args
@@ -152,16 +162,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for pipeline in args.pipelines:
         print(f"{pipeline} ...", file=sys.stderr, flush=True)
         runs.append(run_child(args, pipeline))
-    roofline = bf16_matmul_rate(size.hidden, size.intermediate)
-    runs = [{**run, **derived(run, args.warmup, roofline)} for run in runs]
-    result = {"benchmark": "lora-sft training speed: Trainer+peft, TRL SFTTrainer, lorakit",
+    result = {"benchmark": "lora-sft training speed: Trainer+peft, TRL SFTTrainer, lorakit; generation speed",
               "command": " ".join(["python", "benchmarks/train_speed.py", *(argv if argv is not None else sys.argv[1:])]),
               "settings": {"steps": args.steps, "warmup": args.warmup, "lr": args.lr, "lora_dropout": args.lora_dropout,
                            "seed": args.seed, "compile": args.compile, **describe(args.size)},
-              "environment": {**environment(runs), "trl": _version("trl")},
-              "roofline": roofline, "runs": runs,
-              "sanity": {"same_examples": len({r["examples_digest"] for r in runs}) == 1}}
-    print(table(result))
+              "environment": {"torch": torch.__version__, **_versions("transformers", "peft", "trl")}}
+    if runs:
+        roofline = bf16_matmul_rate(size.hidden, size.intermediate)
+        runs = [{**run, **derived(run, args.warmup, roofline)} for run in runs]
+        result.update(environment={**environment(runs), "trl": _version("trl")}, roofline=roofline, runs=runs,
+                      sanity={"same_examples": len({r["examples_digest"] for r in runs}) == 1})
+        print(table(result))
+    if args.inference:
+        from infer_paths import measure
+        from infer_paths import table as inference_table
+
+        print("generation ...", file=sys.stderr, flush=True)
+        result["inference"] = measure(args.size, args.seed, args.threads, args.prompts, args.new_tokens,
+                                      args.multi_repeats)
+        print(inference_table(result["inference"]))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -171,6 +190,10 @@ def _version(name: str) -> str:
     from importlib.metadata import version
 
     return version(name)
+
+
+def _versions(*names: str) -> dict[str, str]:
+    return {name: _version(name) for name in names}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/train_speed.py: the real script on the tiny size, three pipelines.
+"""Smoke test of benchmarks/train_speed.py: the real script on the tiny size, three pipelines + generation.
 
 It checks the result is well formed and consistent (same examples and steps everywhere, the
 packed pipelines carry almost no padding, rates are positive). It never checks speed.
@@ -20,7 +20,8 @@ def test_train_speed_prints_and_writes_the_three_pipelines(tmp_path: Path) -> No
     out = tmp_path / "speed.json"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "2", "--warmup", "1", "--threads", "1",
-         "--pipelines", "trainer", "trl", "lorakit", "--no-compile", "--out", str(out)],
+         "--pipelines", "trainer", "trl", "lorakit", "--no-compile", "--prompts", "4", "--new-tokens", "8",
+         "--multi-repeats", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=230)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -35,3 +36,11 @@ def test_train_speed_prints_and_writes_the_three_pipelines(tmp_path: Path) -> No
     assert trainer["padding_fraction"] > 0.1  # one example per row, padded to the longest
     assert lorakit["padding_fraction"] < 0.1 and lorakit["precision"] == "bf16" and lorakit["chunked_loss"]
     assert "real tokens/s (wall)" in done.stdout and "bf16 matmul rate" in done.stdout
+    generation = result["inference"]
+    assert [r["side"] for r in generation["runs"]] == ["peft-generate", "lorakit", "lorakit-merged"]
+    for run in generation["runs"]:
+        assert run["new_tokens"] == 4 * 8 and run["tokens_per_cpu_s"] > 0  # no early stop: equal work
+        assert run["same_ids_as_peft"] == 4  # greedy fp32: the same tokens as transformers + peft
+    multi = generation["multi_adapter"]
+    assert multi["same_text"] == "32/32" and multi["speedup_vs_peft_set_adapter_loop"] > 0
+    assert "new tokens/CPU-s" in done.stdout and "multi-adapter batch" in done.stdout
