@@ -11,7 +11,8 @@ the output, saved once in PEFT format. Each side runs in its own forked child:
 - `lorakit-merged`: the same after `lorakit.merge` (one adapter served at base-model cost).
 
 Every side generates exactly `new_tokens` tokens per prompt (no end-of-sequence stop), once
-untimed and once timed; the JSON says whether the token ids are identical across sides.
+untimed, then `repeats` timed runs (the median CPU time counts); the JSON says whether the token
+ids are identical across sides.
 """
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def _generate_lorakit(model: Any, prompts: list[list[int]], new_tokens: int, pad
 
 
 def child_main(side: str, size_name: str, seed: int, threads: int, adapter: Path, prompts: list[list[int]],
-               new_tokens: int, out: Path) -> None:
-    """Load one side, generate once untimed and once timed, write ids and times as JSON."""
+               new_tokens: int, repeats: int, out: Path) -> None:
+    """Load one side, generate once untimed and `repeats` times timed, write ids and the median time as JSON."""
     import torch
 
     import lorakit
@@ -97,14 +98,17 @@ def child_main(side: str, size_name: str, seed: int, threads: int, adapter: Path
         if side == "lorakit-merged":
             model = lorakit.merge(model)
     model.eval()
+    times = []
     with torch.no_grad():
         generate(model, prompts, new_tokens, tokenizer.pad_token_id)  # warm-up, untimed
-        wall, cpu = time.perf_counter(), time.process_time()
-        ids = generate(model, prompts, new_tokens, tokenizer.pad_token_id)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            ids = generate(model, prompts, new_tokens, tokenizer.pad_token_id)
+            times.append((time.process_time() - cpu, time.perf_counter() - wall))
+    cpu, wall = sorted(times)[len(times) // 2]  # the run with the median CPU time
     new = sum(len(row) for row in ids)
     out.write_text(json.dumps({"side": side, "ids": ids, "new_tokens": new, "wall_seconds": wall, "cpu_seconds": cpu,
-                               "tokens_per_s": new / wall, "tokens_per_cpu_s": new / cpu,
+                               "tokens_per_s": new / wall, "tokens_per_cpu_s": new / cpu, "repeats": repeats,
                                "threads": torch.get_num_threads()}))
 
 
@@ -121,7 +125,7 @@ def run_side(side: str, *args: Any) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def measure(size_name: str, seed: int, threads: int, prompts: int, new_tokens: int,
+def measure(size_name: str, seed: int, threads: int, prompts: int, new_tokens: int, repeats: int,
             multi_repeats: int) -> dict[str, Any]:
     """Every side on the same adapter and prompts, then the multi-adapter comparison."""
     import multi_adapter
@@ -130,7 +134,7 @@ def measure(size_name: str, seed: int, threads: int, prompts: int, new_tokens: i
     prompt_ids = make_prompts(make_tokenizer(size, seed), prompts, 32, min(128, size.max_length // 2), seed)
     with tempfile.TemporaryDirectory(prefix="infer-adapter-") as folder:
         adapter = save_adapter(size_name, seed, Path(folder))
-        runs = [run_side(side, size_name, seed, threads, adapter, prompt_ids, new_tokens) for side in SIDES]
+        runs = [run_side(side, size_name, seed, threads, adapter, prompt_ids, new_tokens, repeats) for side in SIDES]
     reference = runs[0]["ids"]
     for run in runs:
         run["same_ids_as_peft"] = sum(a == b for a, b in zip(run.pop("ids"), reference))

@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "and the multi-adapter batch vs peft's set_adapter loop (benchmarks/infer_paths.py)")
     parser.add_argument("--prompts", type=int, default=16, help="generation: prompts in the batch")
     parser.add_argument("--new-tokens", type=int, default=64, help="generation: new tokens per prompt")
+    parser.add_argument("--generate-repeats", type=int, default=3,
+                        help="generation: timed runs of each side (the median counts)")
     parser.add_argument("--multi-repeats", type=int, default=3,
                         help="generation: timed repeats of the multi-adapter comparison (0 skips it)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         print("generation ...", file=sys.stderr, flush=True)
         result["inference"] = measure(args.size, args.seed, args.threads, args.prompts, args.new_tokens,
-                                      args.multi_repeats)
+                                      args.generate_repeats, args.multi_repeats)
         print(inference_table(result["inference"]))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -21,7 +21,7 @@ def test_train_speed_prints_and_writes_the_three_pipelines(tmp_path: Path) -> No
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "2", "--warmup", "1", "--threads", "1",
          "--pipelines", "trainer", "trl", "lorakit", "--no-compile", "--prompts", "4", "--new-tokens", "8",
-         "--multi-repeats", "1", "--out", str(out)],
+         "--multi-repeats", "1", "--generate-repeats", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=230)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -17,11 +17,12 @@ from lorakit.infer.sampling import Sampling, next_token
 OnToken = Callable[[int, int], None]  # (row, token id)
 
 
-def _forward_kwargs(model) -> tuple[str, bool]:
-    """(name of the KV-cache argument, whether forward takes position ids): transformers 5 renamed
-    past_key_values to cache; BLOOM has no position ids (ALiBi reads the attention mask)."""
+def _forward_kwargs(model) -> tuple[str, bool, bool]:
+    """(name of the KV-cache argument, whether forward takes position ids, whether it can compute
+    the last position's logits only): transformers 5 renamed past_key_values to cache; BLOOM has
+    no position ids (ALiBi reads the attention mask)."""
     params = inspect.signature(model.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "position_ids" in params
+    return ("cache" if "cache" in params else "past_key_values"), "position_ids" in params, "logits_to_keep" in params
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +37,13 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def _forward(model, ids, mask, positions, cache, signature: tuple[str, bool]):
-    cache_name, use_positions = signature
+def _forward(model, ids, mask, positions, cache, signature: tuple[str, bool, bool]):
+    cache_name, use_positions, last_logits_only = signature
     kwargs = {"input_ids": ids, "attention_mask": mask, cache_name: cache, "use_cache": True}
     if use_positions:
         kwargs["position_ids"] = positions
+    if last_logits_only:  # the prompt pass needs no (B, T, V) logits, only the next token's
+        kwargs["logits_to_keep"] = 1
     out = model(**kwargs)
     return out.logits[:, -1, :], getattr(out, cache_name)  # (B, V)
 
