@@ -12,6 +12,7 @@ FLOPs:    model FLOPs per real token: 2 per weight in the forward pass, 2 more p
 """
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -128,11 +129,14 @@ def mean_causal_context(lengths: list[int]) -> float:
     return sum(n * (n + 1) / 2 for n in lengths) / max(1, sum(lengths))
 
 
-def bf16_matmul_rate(hidden: int, intermediate: int, tokens: int = 2048, seconds: float = 2.0) -> dict[str, float]:
-    """FLOP rate of bf16 matmuls shaped like the model's MLP (tokens x hidden @ hidden x intermediate).
+def bf16_matmul_rate(hidden: int, intermediate: int, tokens: int = 2048, seconds: float = 2.0,
+                     windows: int = 8) -> dict[str, float]:
+    """Peak FLOP rate of bf16 matmuls shaped like the model's MLP (tokens x hidden @ hidden x intermediate).
 
-    Both the forward and backward shapes of one projection are timed; reported per second of
-    wall time and per second of process CPU time (robust to a shared machine).
+    Both the forward and backward shapes of one projection are timed, in `windows` windows of
+    `seconds / windows` each. The best window is the rate reported (a roofline is a peak; on a
+    shared or throttled machine single windows vary by 2x), per second of wall time and per
+    second of process CPU time; the median window is kept alongside.
     """
     a = torch.randn(tokens, hidden, dtype=torch.bfloat16)
     w = torch.randn(intermediate, hidden, dtype=torch.bfloat16)
@@ -140,11 +144,23 @@ def bf16_matmul_rate(hidden: int, intermediate: int, tokens: int = 2048, seconds
     flops_per_round = 2 * 2 * tokens * hidden * intermediate  # y = a w^T and dx = g w
     for _ in range(3):  # warm up the kernels
         a @ w.T, g @ w
-    rounds, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - wall0 < seconds:
-        a @ w.T
-        g @ w
-        rounds += 1
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    return {"flops_per_s": rounds * flops_per_round / wall, "flops_per_cpu_s": rounds * flops_per_round / cpu,
+    wall_rates, cpu_rates = [], []
+    for _ in range(windows):
+        rounds, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - wall0 < seconds / windows:
+            a @ w.T
+            g @ w
+            rounds += 1
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        wall_rates.append(rounds * flops_per_round / wall)
+        cpu_rates.append(rounds * flops_per_round / max(cpu, 1e-9))
+    return {"flops_per_s": max(wall_rates), "flops_per_cpu_s": max(cpu_rates),
+            "median_flops_per_s": statistics.median(wall_rates),
+            "median_flops_per_cpu_s": statistics.median(cpu_rates),
             "threads": torch.get_num_threads()}
+
+
+def best_rate(samples: list[dict[str, float]]) -> dict[str, Any]:
+    """The highest of several bf16_matmul_rate measurements (e.g. before and after the runs), all kept."""
+    best = max(samples, key=lambda s: s["flops_per_cpu_s"])
+    return {**best, "samples": samples}

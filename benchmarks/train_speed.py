@@ -104,14 +104,35 @@ def child_main(args: argparse.Namespace, pipeline: str, out: Path) -> None:
 
 def run_child(args: argparse.Namespace, pipeline: str) -> dict[str, Any]:
     """One pipeline in a forked child (its own memory peak); returns its measurements."""
+    return _in_child(child_main, (args, pipeline), f"speed-{pipeline}")
+
+
+def matmul_child(args: argparse.Namespace, out: Path) -> None:
+    """The bf16 matmul peak, measured in a child like the runs (same threads)."""
+    import torch
+
+    from speed_paths import bf16_matmul_rate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size]
+    out.write_text(json.dumps(bf16_matmul_rate(size.hidden, size.intermediate)))
+
+
+def _in_child(target: Any, args: tuple[Any, ...], name: str) -> dict[str, Any]:
+    """Run target(*args, out) in a forked child and return the JSON it wrote to out.
+
+    The parent runs no torch work itself: a fork after torch's OpenMP pool has started (any
+    op with more than one thread) can leave the child waiting forever on the pool's lock.
+    """
     context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="train-speed-") as scratch:
         out = Path(scratch) / "result.json"
-        child = context.Process(target=child_main, args=(args, pipeline, out), name=f"speed-{pipeline}")
+        child = context.Process(target=target, args=(*args, out), name=name)
         child.start()
         child.join()
         if child.exitcode != 0:
-            raise SystemExit(f"the {pipeline} child failed with exit code {child.exitcode} (traceback above)")
+            raise SystemExit(f"the {name} child failed with exit code {child.exitcode} (traceback above)")
         return json.loads(out.read_text())
 
 
@@ -145,8 +166,10 @@ def table(result: dict[str, Any]) -> str:
             ratios = "".join(f"{r[key] / base[key]:>{width - 1}.2f}x" for r in runs)
             lines.append(f"{'  vs ' + base['pipeline']:24}{ratios}")
     roof = result["roofline"]
-    lines.append(f"bf16 matmul rate: {roof['flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-second "
-                 f"({roof['flops_per_s'] / 1e9:.0f} GFLOP/s wall, {roof['threads']} threads)")
+    lines.append(f"bf16 matmul peak: {roof['flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-second "
+                 f"({roof['flops_per_s'] / 1e9:.0f} GFLOP/s wall, {roof['threads']} threads; best window of "
+                 f"{len(roof.get('samples', [roof]))} measurements before/after the runs, median window "
+                 f"{roof.get('median_flops_per_cpu_s', roof['flops_per_cpu_s']) / 1e9:.0f})")
     return "\n".join(lines)
 
 
@@ -155,12 +178,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preload()
     import torch
 
-    from speed_paths import bf16_matmul_rate
+    from speed_paths import best_rate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = SIZES[args.size]
-    runs = []
+    runs, rates = [], []
+    if args.pipelines:  # the matmul peak, before and after the runs; the best counts
+        rates.append(_in_child(matmul_child, (args,), "speed-matmul"))
     for pipeline in args.pipelines:
         print(f"{pipeline} ...", file=sys.stderr, flush=True)
         runs.append(run_child(args, pipeline))
@@ -170,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "seed": args.seed, "compile": args.compile, **describe(args.size)},
               "environment": {"torch": torch.__version__, **_versions("transformers", "peft", "trl")}}
     if runs:
-        roofline = bf16_matmul_rate(size.hidden, size.intermediate)
+        rates.append(_in_child(matmul_child, (args,), "speed-matmul"))
+        roofline = best_rate(rates)
         runs = [{**run, **derived(run, args.warmup, roofline)} for run in runs]
         result.update(environment={**environment(runs), "trl": _version("trl")}, roofline=roofline, runs=runs,
                       sanity={"same_examples": len({r["examples_digest"] for r in runs}) == 1})
