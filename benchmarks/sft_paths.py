@@ -46,6 +46,7 @@ class Job:
     chunked_loss: bool = False  # lorakit only: TrainConfig(chunked_loss=True)
     one_row: bool = False  # lorakit only: one packed row per micro-batch (no row padding), more accumulation
     varlen: bool = True  # lorakit only: per-example attention for packed rows (False: the dense block mask)
+    ranks: int = 1  # lorakit only: this process is one of `ranks` DDP ranks (torch.distributed env set by the caller)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -222,16 +223,17 @@ def run_trainer(job: Job, workdir: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- lorakit
 
 
-def packed_rows_per_micro_batch(n_rows: int, job: Job) -> int:
-    """Rows per micro-batch so that one pass over the packed rows takes about `steps` steps."""
-    return max(1, round(n_rows / (job.steps * job.size.grad_accum)))
+def packed_rows_per_micro_batch(n_rows: int, job: Job, ranks: int = 1) -> int:
+    """Rows per micro-batch so that one pass over the packed rows takes about `steps` steps (a step
+    takes grad_accum micro-batches on each of `ranks` ranks)."""
+    return max(1, round(n_rows / (job.steps * job.size.grad_accum * ranks)))
 
 
 def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     """Train with lorakit: packed batches, lorakit's LoRA, lorakit's loop."""
     from lorakit.adapters import LoRA, apply
     from lorakit.data import DataConfig, check_packing, make_batches, tokenize_rows
-    from lorakit.train import TrainConfig, read_metrics, train, varlen
+    from lorakit.train import TrainConfig, distributed, read_metrics, train, varlen
 
     varlen.ENABLED = job.varlen  # this child process only
     data_cfg = DataConfig(format="prompt_completion", prompt_template=PROMPT_TEMPLATE,
@@ -246,8 +248,8 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     if job.pack:
         check_packing(model)
         n_rows = len(make_batches(examples, 1, epoch=0, **batch_of))
-        rows = 1 if job.one_row else packed_rows_per_micro_batch(n_rows, job)
-        accum = max(1, round(n_rows / job.steps)) if job.one_row else job.size.grad_accum
+        rows = 1 if job.one_row else packed_rows_per_micro_batch(n_rows, job, job.ranks)
+        accum = max(1, round(n_rows / (job.steps * job.ranks))) if job.one_row else job.size.grad_accum
     else:
         rows, accum = job.size.micro_batch, job.size.grad_accum
     memo: dict[int, list[dict]] = {}
@@ -269,19 +271,22 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     with StepClock(job.device) as clock:
         train(model, cfg, train_batches=train_batches, eval_batches=None, run_dir=workdir / "lorakit")
     peak = meter.peak_mb()
+    measured_share = (job.steps - job.warmup) / job.steps
+    if not distributed.is_main_process():  # only rank 0 writes metrics; the others report their cost
+        return {"cpu_seconds": clock.cpu[-1] - clock.cpu[job.warmup - 1] + sum(batching_seconds) * measured_share,
+                "peak_mb": peak, "baseline_mb": meter.baseline_mb}
     records = read_metrics(workdir / "lorakit" / "metrics.jsonl")
     cumulative = [0] + [r["trained_tokens"] for r in records]
     step_tokens = [b - a for a, b in zip(cumulative, cumulative[1:])]
     # the loop builds its batches before the first step; their share for the measured steps is
     # added, so lorakit pays for batching as the Trainer pays for collating inside its steps
-    measured_share = (job.steps - job.warmup) / job.steps
     result = summarise(job, clock, step_tokens, [r["loss"] for r in records],
                        extra_seconds=sum(batching_seconds) * measured_share)
     epoch0 = memo[0]
     real = sum(len(ex["input_ids"]) for ex in examples)
-    step_real = _step_real_tokens([memo[e] for e in sorted(memo)], job, accum)
+    step_real = _step_real_tokens([memo[e] for e in sorted(memo)], job, accum * job.ranks)
     return {**result, "peak_mb": peak, "baseline_mb": meter.baseline_mb, "peak_delta_mb": peak - meter.baseline_mb,
-            "micro_batch_rows": rows, "grad_accum": accum, "step_real_tokens": step_real,
+            "micro_batch_rows": rows, "grad_accum": accum, "ranks": job.ranks, "step_real_tokens": step_real,
             "padding_fraction": 1 - real / sum(b["input_ids"].numel() for b in epoch0),
             "batching_seconds": sum(batching_seconds), "examples_digest": examples_digest(examples)}
 

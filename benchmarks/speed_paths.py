@@ -157,7 +157,7 @@ def bf16_matmul_rate(hidden: int, intermediate: int, tokens: int = 2048, seconds
     return {"flops_per_s": max(wall_rates), "flops_per_cpu_s": max(cpu_rates),
             "median_flops_per_s": statistics.median(wall_rates),
             "median_flops_per_cpu_s": statistics.median(cpu_rates),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "windows": windows}
 
 
 def best_rate(samples: list[dict[str, float]]) -> dict[str, Any]:

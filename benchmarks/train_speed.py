@@ -17,6 +17,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import socket
 import sys
 import tempfile
 import warnings
@@ -37,6 +38,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lorakit-dense-mask": ("lorakit", {"precision": "bf16", "chunked_loss": True, "varlen": False}),  # - varlen
     "lorakit-one-row": ("lorakit", {"precision": "bf16", "chunked_loss": True, "one_row": True}),  # + 1 row/micro
     "lorakit": ("lorakit", {"precision": "bf16", "chunked_loss": True, "compile": True}),  # recommended on a CPU
+    # the same as 2 DDP ranks (gloo) of 1 thread each instead of 1 process of 2 threads: `lorakit train --nproc 2`
+    "lorakit-ddp2": ("lorakit", {"precision": "bf16", "chunked_loss": True, "compile": True, "ranks": 2}),
 }
 DEFAULT_PIPELINES = ("trainer", "trl", "lorakit")
 
@@ -75,6 +78,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def child_main(args: argparse.Namespace, pipeline: str, out: Path) -> None:
     """Build the job, run one pipeline, write its measurements and model FLOPs as JSON."""
+    ranks = VARIANTS[pipeline][1].get("ranks", 1)
+    if ranks > 1:
+        ranks_main(args, pipeline, ranks, out)
+    else:
+        train_one(args, pipeline, args.threads, out)
+
+
+def ranks_main(args: argparse.Namespace, pipeline: str, ranks: int, out: Path) -> None:
+    """Run one pipeline as `ranks` DDP processes (forked, torch.distributed env as torchrun sets
+    it), the machine's threads split between them; rank 0's measurements, with the CPU time and
+    peak RSS of all ranks summed (what the whole job costs)."""
+    threads = max(1, (args.threads or os.cpu_count() or 1) // ranks)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(ranks)}
+    with tempfile.TemporaryDirectory(prefix="train-speed-ranks-") as scratch:
+        context = multiprocessing.get_context("fork")
+        children = []
+        for rank in range(ranks):
+            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            child = context.Process(target=_rank_main, args=(env, args, pipeline, threads, Path(scratch) / f"{rank}.json"),
+                                    name=f"speed-{pipeline}-rank{rank}")
+            child.start()
+            children.append(child)
+        for child in children:
+            child.join()
+        failed = [c.name for c in children if c.exitcode != 0]
+        if failed:
+            raise SystemExit(f"{', '.join(failed)} failed (traceback above)")
+        results = [json.loads((Path(scratch) / f"{rank}.json").read_text()) for rank in range(ranks)]
+    main_rank = results[0]
+    cpu = sum(r["cpu_seconds"] for r in results)
+    out.write_text(json.dumps({**main_rank, "cpu_seconds": cpu, "tokens_per_cpu_s": main_rank["target_tokens"] / cpu,
+                               "peak_mb": sum(r["peak_mb"] for r in results),
+                               "rank_peak_mb": [r["peak_mb"] for r in results],
+                               "rank_cpu_seconds": [r["cpu_seconds"] for r in results]}))
+
+
+def _rank_main(env: dict[str, str], args: argparse.Namespace, pipeline: str, threads: int, out: Path) -> None:
+    os.environ.update(env)
+    from lorakit.train import distributed
+
+    try:
+        train_one(args, pipeline, threads, out)
+    finally:
+        distributed.shutdown()
+
+
+def train_one(args: argparse.Namespace, pipeline: str, threads: int, out: Path) -> None:
+    """One process of a pipeline (the whole of it, or one DDP rank): its measurements as JSON."""
     import torch
 
     from sft_paths import PIPELINES, Job, run_pipeline, tutorial_tokenize
@@ -83,8 +137,8 @@ def child_main(args: argparse.Namespace, pipeline: str, out: Path) -> None:
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
     PIPELINES.setdefault("trl", run_trl)
     size = SIZES[args.size]
     tokenizer = make_tokenizer(size, args.seed)
@@ -93,7 +147,7 @@ def child_main(args: argparse.Namespace, pipeline: str, out: Path) -> None:
     lengths = [len(tutorial_tokenize(tokenizer)(r)["input_ids"]) for r in rows]
     flops = model_flops_per_token(model, LORA["targets"], LORA["r"], mean_causal_context(lengths))
     runner, overrides = VARIANTS[pipeline]
-    if pipeline == "lorakit" and not args.compile:
+    if overrides.get("compile") and not args.compile:
         overrides = {**overrides, "compile": False}
     job = Job(size=size, model=model, tokenizer=tokenizer, rows=rows, steps=args.steps, warmup=args.warmup,
               lr=args.lr, seed=args.seed, device="cpu", precision="fp32", lora_dropout=args.lora_dropout)
@@ -167,8 +221,9 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"{'  vs ' + base['pipeline']:24}{ratios}")
     roof = result["roofline"]
     lines.append(f"bf16 matmul peak: {roof['flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-second "
-                 f"({roof['flops_per_s'] / 1e9:.0f} GFLOP/s wall, {roof['threads']} threads; best window of "
-                 f"{len(roof.get('samples', [roof]))} measurements before/after the runs, median window "
+                 f"({roof['flops_per_s'] / 1e9:.0f} GFLOP/s wall, {roof['threads']} threads; the best of "
+                 f"{len(roof.get('samples', [roof])) * roof.get('windows', 1)} timed windows before and after "
+                 f"the runs; that measurement's median window "
                  f"{roof.get('median_flops_per_cpu_s', roof['flops_per_cpu_s']) / 1e9:.0f})")
     return "\n".join(lines)
 
@@ -189,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"benchmark": "lora-sft training speed: Trainer+peft, TRL SFTTrainer, lorakit; generation speed",
               "command": " ".join(["python", "benchmarks/train_speed.py", *(argv if argv is not None else sys.argv[1:])]),
               "settings": {"steps": args.steps, "warmup": args.warmup, "lr": args.lr, "lora_dropout": args.lora_dropout,
-                           "seed": args.seed, "compile": args.compile, **describe(args.size)},
+                           "seed": args.seed, "compile": args.compile, **describe(args.size),
+                           "lora": {**LORA, "dropout": args.lora_dropout}},
               "environment": {"torch": torch.__version__, **_versions("transformers", "peft", "trl")}}
     if runs:
         rates.append(_in_child(matmul_child, (args,), "speed-matmul"))

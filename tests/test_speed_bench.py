@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/train_speed.py: the real script on the tiny size, three pipelines + generation.
+"""Smoke test of benchmarks/train_speed.py: the real script on the tiny size, four pipelines + generation.
 
 It checks the result is well formed and consistent (same examples and steps everywhere, the
 packed pipelines carry almost no padding, rates are positive). It never checks speed.
@@ -20,12 +20,12 @@ def test_train_speed_prints_and_writes_the_three_pipelines(tmp_path: Path) -> No
     out = tmp_path / "speed.json"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "2", "--warmup", "1", "--threads", "1",
-         "--pipelines", "trainer", "trl", "lorakit", "--no-compile", "--prompts", "4", "--new-tokens", "8",
+         "--pipelines", "trainer", "trl", "lorakit", "lorakit-ddp2", "--no-compile", "--prompts", "4", "--new-tokens", "8",
          "--multi-repeats", "1", "--generate-repeats", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=230)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [r["pipeline"] for r in result["runs"]] == ["trainer", "trl", "lorakit"]
+    assert [r["pipeline"] for r in result["runs"]] == ["trainer", "trl", "lorakit", "lorakit-ddp2"]
     assert result["sanity"]["same_examples"]
     roofline = result["roofline"]
     assert len(roofline["samples"]) == 2  # measured before and after the runs; the best one counts
@@ -35,9 +35,16 @@ def test_train_speed_prints_and_writes_the_three_pipelines(tmp_path: Path) -> No
         assert run["steps"] == 2 and len(run["step_real_tokens"]) == 2 and len(run["losses"]) == 2
         assert run["real_tokens_per_cpu_s"] > 0 and 0 < run["roofline_fraction"]
         assert run["peak_mb"] > 0
-    trainer, trl, lorakit = result["runs"]
+    trainer, trl, lorakit, ddp = result["runs"]
     assert trainer["padding_fraction"] > 0.1  # one example per row, padded to the longest
     assert lorakit["padding_fraction"] < 0.1 and lorakit["precision"] == "bf16" and lorakit["chunked_loss"]
+    # two DDP ranks: the same examples per step as one process, so the same losses; the job's
+    # memory and CPU time are both ranks' added
+    assert ddp["ranks"] == 2 and ddp["threads"] == 1 and len(ddp["rank_peak_mb"]) == 2
+    assert ddp["peak_mb"] == pytest.approx(sum(ddp["rank_peak_mb"]))
+    assert ddp["cpu_seconds"] == pytest.approx(sum(ddp["rank_cpu_seconds"]))
+    assert ddp["step_real_tokens"] == lorakit["step_real_tokens"]
+    assert ddp["losses"] == pytest.approx(lorakit["losses"], abs=1e-4)
     assert "real tokens/s (wall)" in done.stdout and "bf16 matmul peak" in done.stdout
     generation = result["inference"]
     assert [r["side"] for r in generation["runs"]] == ["peft-generate", "lorakit", "lorakit-merged"]
