@@ -46,6 +46,7 @@ class Job:
     chunked_loss: bool = False  # lorakit only: TrainConfig(chunked_loss=True)
     one_row: bool = False  # lorakit only: one packed row per micro-batch (no row padding), more accumulation
     varlen: bool = True  # lorakit only: per-example attention for packed rows (False: the dense block mask)
+    torch_dropout: bool = False  # lorakit only: LoRA dropout through nn.Dropout instead of lorakit's CPU mask
     ranks: int = 1  # lorakit only: this process is one of `ranks` DDP ranks (torch.distributed env set by the caller)
 
 
@@ -241,6 +242,10 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     examples, _ = tokenize_rows(job.rows, job.tokenizer, data_cfg)
     model = apply(job.model, LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=job.lora_dropout,
                                   targets=LORA["targets"])).to(job.device)
+    if job.torch_dropout:  # the mask torch draws (what peft uses), to measure lorakit's against it
+        for module in model.modules():
+            if isinstance(getattr(module, "lora_dropout", None), torch.nn.Dropout):
+                module.lora_dropout = torch.nn.Dropout(module.lora_dropout.p)
     # several rows per micro-batch are padded to the longest, so long rows pack tighter; a lone row is never padded
     multi_row = job.pack and not job.one_row
     row_length = (job.size.pack_length or job.size.max_length) if multi_row else job.size.max_length

@@ -38,6 +38,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lorakit-dense-mask": ("lorakit", {"precision": "bf16", "chunked_loss": True, "varlen": False}),  # - varlen
     "lorakit-one-row": ("lorakit", {"precision": "bf16", "chunked_loss": True, "one_row": True}),  # + 1 row/micro
     "lorakit": ("lorakit", {"precision": "bf16", "chunked_loss": True, "compile": True}),  # recommended on a CPU
+    # the same with LoRA dropout through nn.Dropout (torch's mask, as peft) instead of lorakit's; for --lora-dropout > 0
+    "lorakit-torch-dropout": ("lorakit", {"precision": "bf16", "chunked_loss": True, "compile": True,
+                                          "torch_dropout": True}),
     # the same as 2 DDP ranks (gloo) of 1 thread each instead of 1 process of 2 threads: `lorakit train --nproc 2`
     "lorakit-ddp2": ("lorakit", {"precision": "bf16", "chunked_loss": True, "compile": True, "ranks": 2}),
 }

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.adapters.dropout import LoRADropout
 from lorakit.adapters.lora_math import (InitMethod, delta_weight, init_lora_A_, init_lora_B_, lora_branch,
                                         merge_weight, scaling, unmerge_weight)
 from lorakit.errors import AdapterError
@@ -124,7 +125,7 @@ class LoRALayer(WrappedLayer):
         self.lora_B = nn.Linear(r, d_out, bias=False, **factory)  # weight (d_out, r)
         init_lora_A_(self.lora_A.weight, init)
         init_lora_B_(self.lora_B.weight)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.in_features, self.out_features = d_in, d_out
         self.scaling = scaling(alpha, r, rslora)
