@@ -2,9 +2,10 @@
 
     python benchmarks/dropout_mask.py                 # 1,024 tokens x 576 features, bf16, p = 0.05, 1 thread
 
-Times the forward and backward pass of one LoRA A product on a dropped-out input,
-x -> dropout(x) @ A^T for two projections that share x (as q and v do), with the r=16 product
-alone (no dropout) as the reference, in one process, interleaved rounds, median per variant.
+Times the forward and backward pass of the LoRA A products of two projections that share their
+input x (as q and v do), each on its own dropped-out copy: dropout(x) @ A^T, with the r=16
+products alone (no dropout) as the reference, in one process, interleaved rounds, median per
+variant.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,20 +22,24 @@ from torch import nn
 from lorakit.adapters.dropout import LoRADropout
 
 
+class Pair(nn.Module):
+    """The LoRA A products of two projections of one input, each after its own dropout module."""
+
+    def __init__(self, features: int, rank: int, make_dropout: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(features, rank, bias=False), nn.Linear(features, rank, bias=False)
+        self.drop_a, self.drop_b = make_dropout(), make_dropout()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(self.drop_a(x).float()) + self.b(self.drop_b(x).float())
+
+
 def variants(p: float, features: int, rank: int) -> dict[str, nn.Module]:
-    """name -> a module computing the two projections' LoRA A products of one input."""
-    class Pair(nn.Module):
-        def __init__(self, make_dropout) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(features, rank, bias=False), nn.Linear(features, rank, bias=False)
-            self.drop_a, self.drop_b = make_dropout(), make_dropout()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.a(self.drop_a(x).float()) + self.b(self.drop_b(x).float())
-
+    """name -> a Pair, eager and compiled, without dropout, with nn.Dropout and with lorakit's."""
     torch.manual_seed(0)
-    plain = {"no dropout": Pair(nn.Identity), "nn.Dropout": Pair(lambda: nn.Dropout(p)),
-             "lorakit": Pair(lambda: LoRADropout(p))}
+    plain = {"no dropout": Pair(features, rank, nn.Identity),
+             "nn.Dropout": Pair(features, rank, lambda: nn.Dropout(p)),
+             "lorakit": Pair(features, rank, lambda: LoRADropout(p))}
     compiled = {f"{name}, compiled": torch.compile(module, dynamic=False) for name, module in plain.items()}
     return {**plain, **compiled}
 

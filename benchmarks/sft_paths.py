@@ -122,6 +122,11 @@ class StepClock:
         self.cpu.append(time.process_time())
 
 
+def measured_seconds(ticks: list[float], warmup: int) -> float:
+    """Clock time of the measured steps: from the end of the last warmup step to the end of the run."""
+    return ticks[-1] - ticks[warmup - 1] if warmup else ticks[-1]
+
+
 def summarise(job: Job, clock: StepClock, step_tokens: list[int], losses: list[float],
               extra_seconds: float = 0.0) -> dict[str, Any]:
     """Steady-state numbers from the step clock, per-step target tokens and per-step losses.
@@ -132,9 +137,8 @@ def summarise(job: Job, clock: StepClock, step_tokens: list[int], losses: list[f
     if len(clock.wall) != job.steps or len(step_tokens) != job.steps or len(losses) != job.steps:
         raise RuntimeError(f"expected {job.steps} optimizer steps, got {len(clock.wall)} clock ticks, "
                            f"{len(step_tokens)} token counts and {len(losses)} losses")
-    first = job.warmup - 1  # the clock starts when the last warmup step ends
-    seconds = (clock.wall[-1] - clock.wall[first] if job.warmup else clock.wall[-1]) + extra_seconds
-    cpu_seconds = (clock.cpu[-1] - clock.cpu[first] if job.warmup else clock.cpu[-1]) + extra_seconds
+    seconds = measured_seconds(clock.wall, job.warmup) + extra_seconds
+    cpu_seconds = measured_seconds(clock.cpu, job.warmup) + extra_seconds
     tokens = sum(step_tokens[job.warmup:])
     measured = job.steps - job.warmup
     return {"steps": job.steps, "measured_steps": measured, "train_seconds": seconds,
@@ -278,7 +282,7 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     peak = meter.peak_mb()
     measured_share = (job.steps - job.warmup) / job.steps
     if not distributed.is_main_process():  # only rank 0 writes metrics; the others report their cost
-        return {"cpu_seconds": clock.cpu[-1] - clock.cpu[job.warmup - 1] + sum(batching_seconds) * measured_share,
+        return {"cpu_seconds": measured_seconds(clock.cpu, job.warmup) + sum(batching_seconds) * measured_share,
                 "peak_mb": peak, "baseline_mb": meter.baseline_mb}
     records = read_metrics(workdir / "lorakit" / "metrics.jsonl")
     cumulative = [0] + [r["trained_tokens"] for r in records]

@@ -13,9 +13,9 @@ resume behave as before), but on the CPU it draws 64 random bits per four elemen
 0.0500030..., a difference of 3e-6), and the scale uses that rounded p, so the output's
 expectation is exactly x. On other devices it is F.dropout.
 
-The mask is a custom op tagged nondeterministic_seeded: torch.compile keeps it as one opaque
-call per layer (no per-element RNG in generated code) and never merges two layers' masks, even
-where they see the same input tensor (q, k and v projections).
+The mask is a custom op: torch.compile keeps it as one opaque call per layer (no per-element
+RNG in generated code). Each layer passes its own empty `owner` tensor, so compiled graphs never
+merge two layers' masks where they see the same input tensor (q, k and v projections).
 """
 from __future__ import annotations
 
@@ -26,9 +26,14 @@ from torch import nn
 LEVELS = 1 << 16  # the mask compares 16-bit uniform integers: p is rounded to a multiple of 1/65536
 
 
+def drop_levels(p: float) -> int:
+    """How many of the LEVELS 16-bit values drop an element, for a requested `p`."""
+    return round(p * LEVELS)
+
+
 def rounded_p(p: float) -> float:
     """The drop probability the CPU mask realises for a requested `p`."""
-    return round(p * LEVELS) / LEVELS
+    return drop_levels(p) / LEVELS
 
 
 @torch.library.custom_op("lorakit::dropout_keep_mask", mutates_args=(), device_types="cpu",
@@ -43,7 +48,7 @@ def keep_mask(x: torch.Tensor, p: float, owner: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     words = torch.randint(-(1 << 63), (1 << 63) - 1, (-(-n // 4),), dtype=torch.int64)
     uniform = words.view(torch.int16)[:n].view(x.shape)  # each uniform on [-32768, 32767]
-    return uniform >= round(p * LEVELS) - LEVELS // 2
+    return uniform >= drop_levels(p) - LEVELS // 2
 
 
 @keep_mask.register_fake
