@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -48,9 +49,21 @@ def init_from_env(timeout_s: float) -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group (if any) cleanly."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group (if any) cleanly.
+
+    Called from a `finally`: when no exception is in flight, every rank first waits for the others
+    (a barrier, bounded by the group's timeout), so no rank tears down its gloo threads while a
+    peer still talks to it (seen as a rare SIGABRT at exit, "terminate called without an active
+    exception"); after an error, e.g. a lost rank, it leaves at once.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if sys.exc_info()[0] is None:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone after all: leave anyway
+            pass
+    dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
