@@ -16,7 +16,7 @@ from lorakit.errors import LorakitError
 from lorakit.train import TrainConfig, read_metrics
 from lorakit.train import checkpoint as ckpt
 from lorakit.train.setup import build_optimizer
-from train_fixtures import freeze_except, resume_scenario, run_tiny, tiny_llama
+from train_fixtures import TEST_THREADS, freeze_except, resume_scenario, run_tiny, tiny_llama
 
 TIMING_KEYS = {"elapsed", "tokens_per_s"}  # wall-clock columns differ between any two runs
 
@@ -38,7 +38,8 @@ def _model():
 
 
 SETTINGS = dict(epochs=2, lr=1e-2, schedule="cosine", warmup_steps=2, weight_decay=0.1, log_every=3,
-                eval_every=5, eval_examples=4, save_every=2, keep_checkpoints=0, seed=5)
+                eval_every=5, eval_examples=4, save_every=2, keep_checkpoints=0, seed=5,
+                base_dropout="keep")  # the base's dropout stays on: resume must restore the RNG
 
 
 class Interrupt(Exception):
@@ -88,7 +89,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
         assert not (killed / "summary.json").exists()  # it died mid-run
         resumed = subprocess.Popen(script + [str(killed), "--resume"], stdout=log, stderr=log)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the same arithmetic as the children
+        torch.set_num_threads(TEST_THREADS)  # the same arithmetic as the children
         try:
             resume_scenario(reference)  # the uninterrupted run, here while the child resumes
         finally:

@@ -8,6 +8,7 @@ from lorakit.train.progress import PROGRESS_MODES
 from lorakit.train.schedules import SCHEDULES
 
 DISTRIBUTED_MODES = ("auto", "ddp", "fsdp")  # the strategies of lorakit.train.distributed, plus auto
+BASE_DROPOUT_MODES = ("off", "keep")  # what happens to the base model's own dropout (train/base_dropout.py)
 
 
 @dataclass
@@ -67,6 +68,13 @@ class TrainConfig:
         default=False,
         metadata={"help": "Recompute layer activations in the backward pass to save memory (Hugging Face "
                           "models; non-reentrant, so frozen embeddings work with adapters)."},
+    )
+    base_dropout: str = field(
+        default="off",
+        metadata={"help": "The base model's own dropout (from its config, e.g. 0.1 in GPT-2 and OPT) while "
+                          "training: off (set to 0 for the run; the default, because inherited dropout is a "
+                          "regulariser nobody chose and makes packed and unpacked runs differ) or keep. Adapter "
+                          "dropout (lora.dropout) is separate. The run prints which is in force."},
     )
     compile: bool = field(default=False, metadata={"help": "Compile each decoder layer with torch.compile "
                                                            "(dynamic shapes; the whole model when no layer "
@@ -146,6 +154,7 @@ def _problems(cfg: TrainConfig) -> list[str]:
         ("eps", cfg.eps > 0, "must be > 0"),
         ("max_grad_norm", cfg.max_grad_norm is None or cfg.max_grad_norm >= 0, "must be >= 0 or empty"),
         ("precision", cfg.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+        ("base_dropout", cfg.base_dropout in BASE_DROPOUT_MODES, f"must be one of {', '.join(BASE_DROPOUT_MODES)}"),
         ("eval_every", cfg.eval_every >= 0, "must be >= 0"),
         ("save_every", cfg.save_every >= 0, "must be >= 0"),
         ("keep_checkpoints", cfg.keep_checkpoints >= 0, "must be >= 0"),
