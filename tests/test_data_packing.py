@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tiny import CORPUS, tiny_tokenizer
-from conftest import tiny_bloom, tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lorakit.data import DataConfig, check_packing, make_batches, pack_lengths, tokenize_rows
@@ -173,12 +173,6 @@ def test_changing_one_packed_example_does_not_change_its_neighbour():
 @pytest.mark.parametrize("name", ["llama-sdpa", "llama-eager", "gpt2", "qwen2"])
 def test_check_packing_accepts_supported_models(name):
     check_packing(MODELS[name]())
-
-
-def test_check_packing_refuses_bloom_with_a_clear_error():
-    with pytest.raises(DataError, match="packing is not supported for model type 'bloom': BLOOM builds its "
-                                        "ALiBi bias from a 2D padding mask"):
-        check_packing(tiny_bloom())
 
 
 class MaskDroppingModel(torch.nn.Module):

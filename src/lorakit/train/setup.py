@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorakit.data.packing import packed_forward
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.train.base_dropout import switched_off as base_dropout_policy
 from lorakit.train.config import TrainConfig
 from lorakit.train.precision import PRECISIONS
 from lorakit.train.varlen import enabled as varlen_enabled
@@ -131,18 +133,22 @@ def compiled_layers(model: nn.Module, backend: str = "inductor") -> Iterator[nn.
 def prepared(model: nn.Module, cfg: TrainConfig) -> Iterator[nn.Module]:
     """Ready `model` for training per `cfg`; yields the callable to run (compiled or not).
 
-    Precision casts stay after exit (they are the weights the caller saves); checkpointing, the
-    KV-cache switch, the attention implementation (per-example attention for packed rows where it
-    applies, train/varlen.py) and train/eval mode are restored.
+    Precision casts stay after exit (they are the weights the caller saves); the base model's
+    dropout (train.base_dropout, train/base_dropout.py), checkpointing, the KV-cache switch, the
+    attention implementation (per-example attention for packed rows where it applies,
+    train/varlen.py), BLOOM's packed ALiBi (data/packing.py `packed_forward`) and train/eval mode
+    are restored.
     """
     was_training = model.training
     precision = PRECISIONS[cfg.precision]
     precision.prepare(model)
+    device = next(model.parameters()).device
     with contextlib.ExitStack() as stack:
+        stack.enter_context(base_dropout_policy(model, cfg.base_dropout, lambda: precision.autocast(device)))
         if cfg.gradient_checkpointing:
             stack.enter_context(_enable_checkpointing(model))
         stack.enter_context(_no_kv_cache(model))
-        device = next(model.parameters()).device
+        stack.enter_context(packed_forward(model))  # BLOOM: ALiBi per packed example
         stack.enter_context(varlen_enabled(model, lambda: precision.autocast(device)))
         model.train()
         call = stack.enter_context(compiled_layers(model)) if cfg.compile else model
