@@ -92,8 +92,9 @@ def pick_device(device: str | None) -> str:
 def load_adapted_model(cfg: RunConfig, log: Log) -> tuple[Any, Any]:
     """(model with the method applied, tokenizer), on the configured device."""
     from lorakit.adapters import apply, parameter_report
+    from lorakit.adapters.param_lora import experts_note
     from lorakit.models import load_model, load_tokenizer
-
+    from lorakit.train.base_dropout import describe
     from lorakit.train.setup import seed_everything
 
     model_cfg = cfg.model
@@ -104,6 +105,9 @@ def load_adapted_model(cfg: RunConfig, log: Log) -> tuple[Any, Any]:
                        trust_remote_code=model_cfg.trust_remote_code)
     model = apply(model, cfg.method).to(device)  # new adapter weights join the base on its device
     log(parameter_report(model))
+    for line in (experts_note(model), describe(model, cfg.train.base_dropout)):
+        if line:
+            log(line)
     return model, tokenizer
 
 
@@ -246,7 +250,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     if cfg.data.packing:
         from lorakit.data import check_packing
 
-        check_packing(model)
+        check_packing(model, max_length=cfg.data.max_length)
     pad_id = pad_id_of(tokenizer)
     train_batches = batch_maker(train_examples, cfg, pad_id)
     eval_batches = eval_batches_of(val_examples, cfg, pad_id)

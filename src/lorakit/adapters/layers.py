@@ -7,10 +7,15 @@ approach). The wrapped module itself is kept off the module tree and handed back
 current parameters, when the adapter is merged or unloaded.
 
 Supported base layers live in `LAYER_KINDS` (exact type -> how to read it); another layer type
-is one `register_layer_kind` call, not a new branch.
+is one `register_layer_kind` call, not a new branch. A subclass of a supported type (Falcon's
+`FalconLinear` overrides nn.Linear's forward with `x @ W.T + b`) is accepted when a probe shows
+its forward equals its parent's math on the layer's own weights, because a LoRA layer computes
+the base output with the parent's math; one that computes something else is refused.
 """
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,9 +63,54 @@ def register_layer_kind(layer_type: type, kind: LayerKind) -> None:
     LAYER_KINDS[layer_type] = kind
 
 
+_subclass_verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> LayerKind | None
+
+
 def layer_kind(module: nn.Module) -> LayerKind | None:
-    """The LayerKind of `module`, or None when LoRA cannot wrap it."""
-    return LAYER_KINDS.get(type(module))
+    """The LayerKind of `module`, or None when LoRA cannot wrap it.
+
+    Registered types match exactly; a subclass of one matches only if `_same_math` proves its
+    forward is its parent's (checked once per module).
+    """
+    kind = LAYER_KINDS.get(type(module))
+    if kind is not None:
+        return kind
+    parent = next((cls for cls in type(module).__mro__[1:] if cls in LAYER_KINDS), None)
+    if parent is None:
+        return None
+    if module not in _subclass_verdicts:
+        _subclass_verdicts[module] = LAYER_KINDS[parent] if _same_math(module, LAYER_KINDS[parent]) else None
+    return _subclass_verdicts[module]
+
+
+def registered_parent(module: nn.Module) -> type | None:
+    """The supported layer type that `module`'s class derives from, if any (for error messages)."""
+    return next((cls for cls in type(module).__mro__ if cls in LAYER_KINDS), None)
+
+
+@torch.no_grad()
+def _same_math(module: nn.Module, kind: LayerKind) -> bool:
+    """True when module(x) equals kind.forward(x, weight, bias) on random x, up to float rounding.
+
+    The tolerance is the rounding of a length-d_in dot product in the weight's dtype (the two
+    sides may sum in different orders); a different formula differs by far more.
+    """
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.is_meta or not weight.is_floating_point():
+        return False
+    d_in = kind.dims(weight)[0]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, d_in, generator=generator).to(device=weight.device, dtype=weight.dtype)
+    try:
+        expected = kind.forward(x, weight, bias).float()
+        actual = module(x).float()
+    except Exception:  # a forward that needs other inputs or another layout: not the parent's math
+        return False
+    if actual.shape != expected.shape:
+        return False
+    scale = expected.abs().max().item() + 1.0
+    tolerance = 16 * torch.finfo(weight.dtype).eps * math.sqrt(d_in) * scale
+    return bool((actual - expected).abs().max().item() <= tolerance)
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

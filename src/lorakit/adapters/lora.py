@@ -15,6 +15,7 @@ from torch import nn
 
 from lorakit.adapters.layers import LoRALayer, layer_kind
 from lorakit.adapters.match import find_targets, match_spec
+from lorakit.adapters.param_lora import ParamLoRA, find_param_targets
 from lorakit.adapters.registry import register_method
 from lorakit.adapters.state import (AdapterState, attach_state, ensure_plain, is_inside, replace_module,
                                     set_parameter)
@@ -37,7 +38,11 @@ class LoRA:
     alpha: float = 16.0
     """Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) with rslora)."""
     targets: str | list[str] = "all-linear"
-    """Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or 'all-linear'."""
+    """Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or 'all-linear'
+    ([] adapts parameters only, see target_parameters)."""
+    target_parameters: list[str] = field(default_factory=list)
+    """Parameters to adapt directly, as peft's target_parameters: names or dotted suffixes such as
+    'experts.gate_up_proj', for MoE experts stored as 3-D tensors (one LoRA pair per expert); needs dropout 0."""
     dropout: float = 0.0
     """Dropout probability on the LoRA branch's input (training only); 0 disables it."""
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -52,6 +57,8 @@ class LoRA:
     def __post_init__(self) -> None:
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
         for message in _config_problems(self):
             raise ConfigError(f"LoRA: {message}")
 
@@ -59,8 +66,9 @@ class LoRA:
         """Inject LoRA into `model` in place (see the module docstring); returns the model."""
         ensure_plain(model)
         saved = resolve_modules_to_save(model, self.modules_to_save)
-        paths = [p for p in find_targets(model, self.targets) if not is_inside(p, saved)]
-        if not paths:
+        module_targets = self.targets if self.targets or not self.target_parameters else None
+        paths = [p for p in find_targets(model, module_targets) if not is_inside(p, saved)] if module_targets else []
+        if module_targets and not paths:
             raise AdapterError(f"LoRA targets {self.targets!r} select only modules listed in modules_to_save; "
                                "nothing is left to adapt")
         return inject(model, self, paths, saved)
@@ -80,9 +88,19 @@ def _config_problems(cfg: LoRA) -> list[str]:
     if cfg.init not in INIT_METHODS:
         problems.append(f"init must be one of {', '.join(INIT_METHODS)}; got {cfg.init!r}")
     specs = [cfg.targets] if isinstance(cfg.targets, str) else cfg.targets
-    if not isinstance(specs, (list, tuple)) or not specs or not all(isinstance(s, str) and s for s in specs):
+    parameters_only = isinstance(specs, (list, tuple)) and not specs and bool(cfg.target_parameters)
+    if not isinstance(specs, (list, tuple)) or not (specs or parameters_only) or not all(
+            isinstance(s, str) and s for s in specs):
         problems.append(f"targets must be a module name, a pattern, 'all-linear' or a non-empty list; "
                         f"got {cfg.targets!r}")
+    if not isinstance(cfg.target_parameters, (list, tuple)) or not all(
+            isinstance(s, str) and s for s in cfg.target_parameters):
+        problems.append(f"target_parameters must be a list of parameter names; got {cfg.target_parameters!r}")
+    elif cfg.target_parameters and cfg.name != "lora":
+        problems.append(f"target_parameters is supported by method lora only, not {cfg.name}")
+    elif cfg.target_parameters and cfg.dropout:
+        problems.append("dropout must be 0 with target_parameters: dropout on the input of a parameter's "
+                        "product cannot be expressed (peft has the same rule)")
     if not all(isinstance(s, str) and s for s in cfg.modules_to_save):
         problems.append(f"modules_to_save must be a list of module names; got {cfg.modules_to_save!r}")
     return problems
@@ -105,12 +123,21 @@ def inject(model: nn.Module, cfg: LoRA, paths: list[str], saved: list[str]) -> n
     modules = dict(model.named_modules())
     for path in paths:
         _check_rank(path, modules[path], cfg.r)
+    owners = find_param_targets(model, cfg.target_parameters) if cfg.target_parameters else {}
+    for path in owners:
+        if is_inside(path, saved) or any(is_inside(path, [p]) or is_inside(p, [path]) for p in paths):
+            raise AdapterError(f"module {path!r} holds a target parameter but also lies in targets or "
+                               "modules_to_save; adapt it one way only")
     model.requires_grad_(False)
-    state = AdapterState(method=copy.deepcopy(cfg), targets=list(paths), saved_modules=list(saved))
-    for path in paths:  # model order: the same random-number use as peft
+    state = AdapterState(method=copy.deepcopy(cfg), targets=list(paths), saved_modules=list(saved),
+                         param_targets={path: list(names) for path, names in owners.items()})
+    for path in paths:  # model order, then the parameters: the same random-number use as peft
         layer = cfg.layer_type(modules[path], cfg.r, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
                                init=cfg.init)
         replace_module(model, path, layer)
+    for path, names in owners.items():
+        replace_module(model, path, ParamLoRA(modules[path], names, cfg.r, cfg.alpha, rslora=cfg.rslora,
+                                              init=cfg.init))
     for path, param in _trained_biases(model, cfg.bias, paths, saved):
         state.bias_backup[path] = param.detach().clone()
         param.requires_grad_(True)

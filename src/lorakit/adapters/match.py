@@ -8,7 +8,7 @@ from typing import Iterable
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.adapters.layers import LAYER_KINDS, LoRALayer, layer_kind
+from lorakit.adapters.layers import LAYER_KINDS, LoRALayer, layer_kind, registered_parent
 from lorakit.errors import AdapterError, ConfigError
 
 ALL_LINEAR = "all-linear"
@@ -103,6 +103,11 @@ def _no_match_message(spec: str, names: list[str], model: nn.Module) -> str:
 
 
 def _unsupported_message(name: str, module: nn.Module) -> str:
+    parent = registered_parent(module)
+    if parent is not None:
+        return (f"target module {name!r} has type {type(module).__name__}, a subclass of {parent.__name__} whose "
+                f"forward does not compute {parent.__name__}'s output from its own weights, so LoRA cannot wrap "
+                "it; leave it out of targets")
     supported = ", ".join(sorted(t.__name__ for t in LAYER_KINDS))
     return (f"target module {name!r} has type {type(module).__name__}, which LoRA cannot wrap; "
             f"supported layer types: {supported}")

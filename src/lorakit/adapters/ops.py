@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.layers import LoRALayer
+from lorakit.adapters.param_lora import param_lora_modules
 from lorakit.adapters.state import detach_state, get_state, lora_layers, replace_module, set_parameter
 from lorakit.errors import AdapterError
 
@@ -19,17 +20,21 @@ def merge(model: nn.Module, *, safe: bool = True, keep_layers: bool = False) -> 
     `safe` first checks every merged weight and refuses NaN / Inf, naming the module.
     """
     layers = lora_layers(model)
+    owners = param_lora_modules(model)
     _refuse_tied(model, layers)
     if safe:
-        for path, layer in layers:
-            if not layer.merged and not torch.isfinite(layer.merged_weight()).all():
-                raise AdapterError(f"merging the LoRA adapter of module {path!r} gives NaN or Inf weights; "
+        merged = [(f"module {path!r}", layer.merged_weight()) for path, layer in layers if not layer.merged]
+        merged += [(f"parameter '{path}.{name}'", owner.adapted(name)) for path, owner in owners
+                   if not owner.merged for name in owner.names]
+        for path, weight in merged:
+            if not torch.isfinite(weight).all():
+                raise AdapterError(f"merging the LoRA adapter of {path} gives NaN or Inf weights; "
                                    "its lora_A / lora_B hold non-finite or overflowing values, so nothing was merged")
-    for _, layer in layers:
+    for _, layer in layers + owners:
         layer.merge()
     if keep_layers:
         return model
-    for path, layer in layers:
+    for path, layer in layers + owners:
         replace_module(model, path, layer.to_plain())
     _untie_config_if_diverged(model)
     detach_state(model)
@@ -38,7 +43,7 @@ def merge(model: nn.Module, *, safe: bool = True, keep_layers: bool = False) -> 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract the LoRA deltas folded in by `merge(model, keep_layers=True)`; returns the model."""
-    layers = lora_layers(model)
+    layers = lora_layers(model) + param_lora_modules(model)
     if not layers:
         raise AdapterError(f"{type(model).__name__} has no LoRA layers to unmerge; only a model merged with "
                            "merge(model, keep_layers=True) can be unmerged")
@@ -54,7 +59,7 @@ def unload(model: nn.Module) -> nn.Module:
     original parameters back, and biases trained by a bias mode get their base values back.
     Full fine-tuning has nothing to undo: its weights are the model's own.
     """
-    for path, layer in lora_layers(model):
+    for path, layer in lora_layers(model) + param_lora_modules(model):
         layer.unmerge()
         replace_module(model, path, layer.to_plain())
     state = get_state(model)

@@ -9,6 +9,8 @@ whose keys are the ones peft writes (checked against peft 0.21 in the tests):
     base_model.model.<module>.base_layer.bias      bias of an adapted module (bias 'all' / 'lora_only')
     base_model.model.<path>.bias                   other biases (bias 'all')
     base_model.model.<saved module>.<param>        modules_to_save, e.g. base_model.model.lm_head.weight
+    base_model.model.<owner>[.base_layer...].lora_A.weight  (r * E, d_in)   target_parameters (MoE experts):
+    base_model.model.<owner>[.base_layer...].lora_B.weight  (d_out, r * E)  see adapters/param_lora.py
 
 In the live model the same tensors sit at `<module>.lora_A.weight`, `<module>.bias` and
 `<saved module>.<param>`: the prefix is dropped and `base_layer.` is not used.
@@ -26,6 +28,7 @@ from torch import nn
 from lorakit.adapters.dora import DoRA
 from lorakit.adapters.lora import LoRA, inject, resolve_modules_to_save
 from lorakit.adapters.match import compact_targets
+from lorakit.adapters.param_lora import find_param_targets, param_dims, param_lora_modules, peft_keys
 from lorakit.adapters.peft_load import AdapterWeights, read_config, read_weights, validate
 from lorakit.adapters.state import lora_layers, require_state
 from lorakit.errors import AdapterError, ConfigError
@@ -45,6 +48,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
         if isinstance(state.method, DoRA):
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    for path, owner in param_lora_modules(model):
+        for name, stem in peft_keys(path, owner.names).items():
+            tensors[f"{PREFIX}{stem}.lora_A.weight"] = owner.lora_A[name].weight
+            tensors[f"{PREFIX}{stem}.lora_B.weight"] = owner.lora_B[name].weight
     for param_path in state.bias_backup:
         module_path = param_path.rpartition(".")[0]
         key = f"{module_path}.base_layer.bias" if module_path in lora_paths else param_path
@@ -66,7 +73,8 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         "base_model_name_or_path": base_model_name_or_path or _name_or_path(model), "revision": None,
         "inference_mode": True,
         "r": cfg.r, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
-        "target_modules": compact_targets(model, state.targets), "exclude_modules": None,
+        "target_modules": compact_targets(model, state.targets) if state.targets else None,
+        "target_parameters": sorted(cfg.target_parameters) or None, "exclude_modules": None,
         "bias": cfg.bias, "modules_to_save": list(state.saved_modules) or None,
         "fan_in_fan_out": any(layer.kind.fan_in_fan_out for layer in layers),
         "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
@@ -97,8 +105,9 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
     the same as `apply` followed by training: adapter weights trainable, the rest frozen.
     """
     folder = Path(path)
-    raw = read_config(folder / CONFIG_NAME)
+    raw = read_config(folder / CONFIG_NAME, parameters=True)
     weights = read_weights(folder / WEIGHTS_NAME, prefix=PREFIX)
+    param_weights = _take_param_weights(base_model, weights, raw, folder)
     cfg = _lora_config(raw, targets=list(weights.lora), source=folder / CONFIG_NAME)
     try:
         saved = resolve_modules_to_save(base_model, cfg.modules_to_save)
@@ -107,7 +116,41 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
     paths = validate(base_model, weights, raw, saved, source=folder / WEIGHTS_NAME)
     inject(base_model, cfg, paths, saved)
     _copy_in(base_model, weights)
+    with torch.no_grad():
+        for (path, name), (A, B) in param_weights.items():
+            owner = base_model.get_submodule(path)
+            owner.lora_A[name].weight.copy_(A)
+            owner.lora_B[name].weight.copy_(B)
     return base_model
+
+
+def _take_param_weights(model: nn.Module, weights: AdapterWeights, raw: dict, folder: Path
+                        ) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Move the target_parameters pairs out of `weights.lora`, keyed (owner path, parameter), checked."""
+    specs = raw.get("target_parameters") or []
+    if not specs:
+        return {}
+    try:
+        owners = find_param_targets(model, specs)
+    except AdapterError as error:
+        raise AdapterError(f"{folder / CONFIG_NAME}: {error}") from error
+    taken = {}
+    for path, names in owners.items():
+        module = model.get_submodule(path)
+        for name, stem in peft_keys(path, names).items():
+            pair = weights.lora.pop(stem, None)
+            if pair is None:
+                raise AdapterError(f"{folder / WEIGHTS_NAME}: target parameter {path}.{name} has no LoRA weights "
+                                   f"(expected {PREFIX}{stem}.lora_A.weight)")
+            experts, d_in, d_out = param_dims(module.get_parameter(name), bool(getattr(module, "is_transposed",
+                                                                                           False)))
+            want = ((raw["r"] * experts, d_in), (d_out, raw["r"] * experts))
+            if (tuple(pair[0].shape), tuple(pair[1].shape)) != want:
+                raise AdapterError(f"{folder / WEIGHTS_NAME}: LoRA weights of parameter {path}.{name} are "
+                                   f"{tuple(pair[0].shape)} / {tuple(pair[1].shape)}, but r={raw['r']} on "
+                                   f"{experts} experts of {d_in} -> {d_out} needs {want[0]} / {want[1]}")
+            taken[(path, name)] = pair
+    return taken
 
 
 def _lora_config(raw: dict, targets: list[str], source: Path) -> LoRA:
@@ -115,6 +158,7 @@ def _lora_config(raw: dict, targets: list[str], source: Path) -> LoRA:
     method = DoRA if raw.get("use_dora") else LoRA
     try:
         return method(r=raw["r"], alpha=raw.get("lora_alpha", 8), targets=targets,
+                      target_parameters=list(raw.get("target_parameters") or []),
                     dropout=raw.get("lora_dropout", 0.0), bias=raw.get("bias", "none"),
                     rslora=bool(raw.get("use_rslora", False)),
                     modules_to_save=list(raw.get("modules_to_save") or []),

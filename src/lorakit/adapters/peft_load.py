@@ -23,7 +23,7 @@ from lorakit.errors import AdapterError
 # peft features that change the math or the base weights; lorakit refuses them rather than
 # silently computing something else
 _UNSUPPORTED = ("lora_bias", "rank_pattern", "alpha_pattern", "layer_replication",
-                "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora")
+                "trainable_token_indices", "alora_invocation_tokens", "use_qalora")
 # init_lora_weights values under which peft rewrites the base weights (PiSSA, OLoRA, LoftQ, ...)
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 
@@ -40,8 +40,11 @@ class AdapterWeights:
     """Module path -> DoRA magnitude m (d_out,) (adapters saved with use_dora: true)."""
 
 
-def read_config(path: Path) -> dict:
-    """adapter_config.json as a dict, refusing anything that is not a plain LoRA adapter."""
+def read_config(path: Path, parameters: bool = False) -> dict:
+    """adapter_config.json as a dict, refusing anything that is not a plain LoRA adapter.
+
+    `parameters`: the caller reads target_parameters (LoRA on MoE experts); other callers refuse it.
+    """
     if not path.parent.is_dir():
         raise AdapterError(f"adapter folder {str(path.parent)!r} does not exist")
     raw = read_json_object(path, "a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors")
@@ -49,6 +52,9 @@ def read_config(path: Path) -> dict:
         raise AdapterError(f"{path}: peft_type is {raw.get('peft_type')!r}; lorakit.load_adapter reads LoRA "
                            "adapters (peft_type 'LORA'), prompt tuning ('PROMPT_TUNING') and lorakit's own "
                            "folders ('lorakit_method')")
+    if raw.get("target_parameters") and not parameters:
+        raise AdapterError(f"{path}: the adapter adapts parameters (target_parameters, e.g. MoE experts), which "
+                           "named and per-row adapters do not support; load it with lorakit.load_adapter")
     used = [name for name in _UNSUPPORTED if raw.get(name)]
     if used:
         raise AdapterError(f"{path}: the adapter uses {', '.join(used)}, which lorakit's LoRA does not support")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from lorakit.adapters.layers import LoRALayer
+from lorakit.adapters.param_lora import ParamLoRA
 from lorakit.adapters.state import get_state
 
 
@@ -60,14 +61,19 @@ def _module_group(name: str, module: nn.Module, lora_paths: set[str], named_grou
         return named_groups.get(name) or named_groups[parent]
     if parent in lora_paths and name.rpartition(".")[2] in ("lora_A", "lora_B"):
         return "LoRA A+B"
+    holder, _, part = parent.rpartition(".")
+    if holder in lora_paths and part in ("lora_A", "lora_B"):  # ParamLoRA: lora_A.<parameter>
+        return "LoRA A+B"
     if isinstance(module, LoRALayer):
         return f"{module.base_type.__name__} ({type(module).__name__.removesuffix('Layer')} base)"  # DoRA: + m
+    if isinstance(module, ParamLoRA):
+        return f"{type(module._base).__name__} (LoRA base)"
     return type(module).__name__
 
 
 def _by_module_type(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     """group -> (modules holding parameters, trainable, total), biggest total first."""
-    lora_paths = {n for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    lora_paths = {n for n, m in model.named_modules() if isinstance(m, (LoRALayer, ParamLoRA))}
     named_groups = {n: m.report_group for n, m in model.named_modules()
                     if isinstance(getattr(m, "report_group", None), str)}
     seen: set[int] = set()

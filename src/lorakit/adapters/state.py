@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.layers import LoRALayer
+from lorakit.adapters.param_lora import ParamLoRA
 from lorakit.errors import AdapterError
 
 STATE_ATTR = "lorakit_adapter"
@@ -26,6 +27,8 @@ class AdapterState:
     """The method config that was applied (LoRA, Full, ...)."""
     targets: list[str] = field(default_factory=list)
     """Paths of the modules wrapped by adapter layers, in model order."""
+    param_targets: dict[str, list[str]] = field(default_factory=dict)
+    """Module path -> names of its parameters adapted directly (LoRA target_parameters, e.g. MoE experts)."""
     saved_modules: list[str] = field(default_factory=list)
     """Paths of the modules_to_save: trained in full, as copies of the base modules."""
     originals: dict[str, nn.Parameter] = field(default_factory=dict)
@@ -62,7 +65,7 @@ def detach_state(model: nn.Module) -> None:
 def ensure_plain(model: nn.Module) -> None:
     """Refuse a model that already carries an adapter: one adapter per model."""
     state = get_state(model)
-    has_layers = any(isinstance(m, LoRALayer) for m in model.modules())
+    has_layers = any(isinstance(m, (LoRALayer, ParamLoRA)) for m in model.modules())
     if state is not None or has_layers:
         name = getattr(getattr(state, "method", None), "name", "lora")
         raise AdapterError(f"{type(model).__name__} already carries a '{name}' adapter; merge or unload it "
