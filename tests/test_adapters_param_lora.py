@@ -131,3 +131,48 @@ def test_a_linear_subclass_is_wrapped_only_when_its_forward_is_linear():
     assert str(error.value) == ("target module '2' has type Doubled, a subclass of Linear whose forward does not "
                                 "compute Linear's output from its own weights, so LoRA cannot wrap it; leave it "
                                 "out of targets")
+
+
+def test_a_user_trains_moe_experts_with_the_cli_then_generates_and_merges(tmp_path, capsys):
+    import json
+
+    import yaml
+    from _method_runs import ROWS, _tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+
+    tokenizer = _tokenizer(tuple(r["prompt"] + r["completion"] for r in ROWS), 300)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    recipe = {"name": "moe", "model": {"name_or_path": str(tmp_path / "base")},
+              "method": {"name": "lora", "r": 4, "targets": [], "target_parameters": EXPERTS},
+              "data": {"source": str(tmp_path / "rows.jsonl"), "val_fraction": 0.0, "max_length": 48,
+                       "packing": True},
+              "train": {"lr": 1e-2, "epochs": 15, "micro_batch_size": 12, "progress": "none"},
+              "output_dir": str(tmp_path / "runs")}
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "moe.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "base dropout: none in this model" in out and "MoE experts" not in out  # experts are adapted
+    run = tmp_path / "runs" / "moe"
+    curve = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert curve[-1] < 0.75 * curve[0]
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["target_parameters"] == sorted(EXPERTS) and adapter_config["target_modules"] is None
+    assert main(["generate", "Copy the word tiger.", "--adapter", str(run / "adapter"), "--max-new-tokens", "4"]) == 0
+    assert "### prompt 1: Copy the word tiger." in capsys.readouterr().out
+    assert main(["merge", str(run / "adapter"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapted = load_adapter(MixtralForCausalLM.from_pretrained(tmp_path / "base").eval(), run / "adapter")
+    ids = torch.tensor([tokenizer("Copy the word tiger.")["input_ids"]])
+    with torch.no_grad():
+        expected = adapted(ids).logits
+        torch.testing.assert_close(merged(ids).logits, expected,
+                                   **tol(torch.float32, reduction=48, scale=expected.abs().max().item()))
