@@ -28,10 +28,10 @@ from torch import nn
 from lorakit.adapters.state import AdapterState, attach_state, detach_state, ensure_plain
 from lorakit.adapters.registry import register_method
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.labels import IGNORE_INDEX
 
 CHILD = "lorakit_prompt"
 PEFT_KEY = "prompt_embeddings"
-IGNORE_INDEX = -100
 
 
 @register_method

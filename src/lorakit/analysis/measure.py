@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lorakit.labels import IGNORE_INDEX
+
 
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -36,7 +38,7 @@ def random_batches(vocab: int, batch_size: int, seq_len: int, count: int, seed: 
     batches = []
     for _ in range(count):
         ids = torch.randint(3, vocab, (batch_size, seq_len), generator=generator)  # (B, T)
-        labels = torch.cat([ids[:, 1:], torch.full((batch_size, 1), -100)], dim=1)  # (B, T)
+        labels = torch.cat([ids[:, 1:], torch.full((batch_size, 1), IGNORE_INDEX)], dim=1)  # (B, T)
         batches.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
     return batches
 

@@ -26,7 +26,7 @@ _EXPORTS = {
     "register_format": "lorakit.data.formats",
     "detect_format": "lorakit.data.formats",
     "BUILTIN_CHAT_TEMPLATE": "lorakit.data.chat",
-    "IGNORE_INDEX": "lorakit.data.tokenize",
+    "IGNORE_INDEX": "lorakit.labels",
     "Example": "lorakit.data.tokenize",
     "TokenizeStats": "lorakit.data.tokenize",
     "tokenize_rows": "lorakit.data.tokenize",

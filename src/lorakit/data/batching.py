@@ -18,7 +18,8 @@ from typing import Callable, overload
 import torch
 
 from lorakit.data.packing import block_causal_mask, pack_lengths
-from lorakit.data.tokenize import IGNORE_INDEX, Example
+from lorakit.data.tokenize import Example
+from lorakit.labels import IGNORE_INDEX
 from lorakit.errors import DataError
 
 

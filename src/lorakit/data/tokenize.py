@@ -13,8 +13,8 @@ from typing import Any
 from lorakit.data.config import DataConfig
 from lorakit.data.formats import FORMATS, Rendered, RowError, RowFormat, apply_columns, detect_format
 from lorakit.errors import DataError
+from lorakit.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 Example = dict[str, list[int]]
 
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from lorakit.labels import IGNORE_INDEX
+
 
 def normalize(text: str) -> str:
     """Trim, collapse runs of whitespace to one space, and case-fold."""
@@ -45,8 +47,8 @@ def scored_ids(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     target_ids = target_ids + [tokenizer.eos_token_id]
     if not prompt_ids:  # plain text: the first token has nothing to be predicted from
-        return target_ids, [-100] + target_ids[1:]
-    return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
+        return target_ids, [IGNORE_INDEX] + target_ids[1:]
+    return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids
 
 
 @torch.no_grad()
@@ -63,14 +65,14 @@ def token_loss(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
             width = max(len(ids) for ids, _ in encoded)
             pad = tokenizer.pad_token_id
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded])
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded])
+            labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in encoded])
             mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded])
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             targets = labels[:, 1:].to(device)                      # (B, T-1)
             losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                     ignore_index=-100, reduction="sum")
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
             total += losses.item()
-            count += int((targets != -100).sum())
+            count += int((targets != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
     loss = total / max(count, 1)

@@ -26,7 +26,8 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoint as ckpt
-from lorakit.train.step import IGNORE_INDEX, Batch, Halving, accumulate_gradients
+from lorakit.labels import IGNORE_INDEX
+from lorakit.train.step import Batch, Halving, accumulate_gradients
 
 LossSum = Callable[[Batch], torch.Tensor]
 

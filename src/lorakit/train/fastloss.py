@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from lorakit.labels import IGNORE_INDEX
+
 CHUNK_ELEMENTS = 2**22  # logits per chunk (16 MiB in fp32), whatever the vocabulary
 
 # model_type -> attribute holding the backbone; these compute logits = lm_head(hidden) and nothing more

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.labels import IGNORE_INDEX
 from lorakit.train.fastloss import chunked_loss_sum, split_head
 from lorakit.train.precision import Precision
 from lorakit.train.varlen import is_enabled as varlen_enabled
 from lorakit.train.varlen import varlen_inputs
 
-IGNORE_INDEX = -100
 Batch = dict[str, Any]
 
 
