@@ -48,20 +48,16 @@ def evaluate(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 16
 
 def read_rows(path: str | Path, *, prompt_column: str = "prompt",
               completion_column: str = "completion", limit: int | None = None) -> list[dict]:
-    """Rows of a .jsonl or .json file, with the given columns renamed to prompt/completion."""
+    """Rows of a local data file (json, jsonl, csv, parquet: the training reader, data.sources), with the
+    given columns renamed to prompt/completion."""
+    from lorakit.data.config import DataConfig
+    from lorakit.data.sources import read_source
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".json":
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise DataError(f"{path}: expected a list of JSON objects, one row each")
+    source = read_source(str(path), "train", DataConfig(source=str(path)))
+    rows = source if isinstance(source, list) else source.to_list()
     renamed = []
     for row in rows[:limit]:
         row = dict(row)
