@@ -223,7 +223,7 @@ def enabled(model: nn.Module, autocast: Callable[[], contextlib.AbstractContextM
     config = getattr(model, "config", None)
     original = getattr(config, "_attn_implementation", None)
     if (not ENABLED or original != "sdpa" or getattr(config, "model_type", None) in UNSUPPORTED
-            or _forward_is_hooked(model) or not hasattr(model, "set_attn_implementation")
+            or _forward_is_hooked(model) or not getattr(model, "_supports_attention_backend", False)
             or not hasattr(model, "get_input_embeddings")):
         yield False
         return
