@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_fixtures import TEST_THREADS
 from transformers import (BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
@@ -52,8 +53,9 @@ def tiny_batch(batch: int = 2, length: int = 8, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture
 def one_thread():
-    """In-process training on one thread: on a busy 2-core machine, 2 threads mostly wait on each other."""
+    """In-process training on TEST_THREADS threads (LORAKIT_TEST_THREADS, default 1: on a busy 2-core
+    machine 2 threads mostly wait on each other), as the child processes the tests compare with."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from train_fixtures import epoch_batches, freeze_except, make_examples, tiny_llama
+from train_fixtures import TEST_THREADS, epoch_batches, freeze_except, make_examples, tiny_llama
 
 FINAL = "final_trainable.safetensors"
 MICRO_BATCH = 2
@@ -65,7 +65,7 @@ def scenario(run_dir: Path, *, method: str = "adapter", grad_accum: int = 2, res
 def _main() -> None:
     from lorakit.train.distributed import shutdown
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     try:
         for job in json.loads(sys.argv[1]):
             scenario(Path(job.pop("run_dir")), **job)

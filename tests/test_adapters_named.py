@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tol import TINY, tol
 from conftest import tiny_batch, tiny_llama
 
 from lorakit.adapters import Bottleneck, LoRA, MoLE, apply, load_adapter, save_adapter
@@ -36,22 +37,22 @@ def test_named_bottleneck_and_mole_adapters_switch_and_mix_per_row(folders):
         add_adapter(model, name, folder)
     for name in folders:
         set_adapter(model, name)
-        torch.testing.assert_close(model(input_ids=ids).logits, alone[name], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(model(input_ids=ids).logits, alone[name], **tol(reduction=TINY))
     set_adapter(model, None)
     assert torch.equal(model(input_ids=ids).logits, base)
     with adapter_rows(model, ["neck", None, "mole"]):
         mixed = model(input_ids=ids).logits
     for row, expected in enumerate([alone["neck"], base, alone["mole"]]):
-        torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(mixed[row], expected[row], **tol(reduction=TINY))
     with adapter_rows(model, ["lora", "neck", "lora"]):  # LoRA beside a bottleneck in one batch
         mixed = model(input_ids=ids).logits
     for row, expected in enumerate([alone["lora"], alone["neck"], alone["lora"]]):
-        torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(mixed[row], expected[row], **tol(reduction=TINY))
     with adapter_rows(model, ["lora", None, "lora"]):  # LoRA rows only: the bottleneck's hooks stay idle
         mixed = model(input_ids=ids).logits
     for row, expected in enumerate([alone["lora"], base, alone["lora"]]):
-        torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(mixed[row], expected[row], **tol(reduction=TINY))
     delete_adapter(model, "neck")
     set_adapter(model, "mole")
-    torch.testing.assert_close(model(input_ids=ids).logits, alone["mole"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(model(input_ids=ids).logits, alone["mole"], **tol(reduction=TINY))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tol import TINY, tol
 from _infer_fixtures import check_rows_decode_alone, random_adapter
 from _tiny import CHATML, tiny_tokenizer
 from conftest import TINY_MODELS, tiny_batch
@@ -95,7 +96,7 @@ def test_rows_mixing_prompts_lora_and_base_equal_each_alone(arch, tmp_path, one_
             row_mask = None if mask is None else mask[row:row + 1]
             alone = _alone(build, folders.get(name))(input_ids=ids[row:row + 1], **_padding(arch, row_mask)).logits
             real = slice(None) if mask is None else mask[row].bool()
-            torch.testing.assert_close(mixed[row][real], alone[0][real], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mixed[row][real], alone[0][real], **tol(reduction=TINY))
     assert not torch.allclose(mixed[0], build()(input_ids=ids[:1]).logits[0], atol=1e-3)  # the prompt counts
 
 
@@ -134,8 +135,8 @@ def test_cached_steps_without_mask_or_positions_equal_each_alone(arch, tmp_path)
         alone = _alone(build, folders.get(name))
         expected = alone(input_ids=ids[row:row + 1, :4], use_cache=True)
         expected_second = alone(input_ids=ids[row:row + 1, 4:], cache=expected.cache, use_cache=True)
-        torch.testing.assert_close(first.logits[row], expected.logits[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(second.logits[row], expected_second.logits[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(first.logits[row], expected.logits[0], **tol(reduction=TINY))
+        torch.testing.assert_close(second.logits[row], expected_second.logits[0], **tol(reduction=TINY))
 
 
 def test_generation_by_name_equals_load_adapter(tmp_path, one_thread):

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from _tol import TINY, tol
 from test_adapters_layer import build, logits, perturb_
 
 from lorakit.adapters import (LoRA, apply, find_targets, load_adapter, parameter_report, save_adapter,
@@ -52,7 +53,7 @@ def test_lorakit_adapter_loads_in_peft_with_equal_logits(case, tmp_path):
     assert not torch.allclose(logits(ours), logits(build(arch)), atol=1e-3)  # the adapter does something
 
     theirs = peft.PeftModel.from_pretrained(build(arch), tmp_path).eval()
-    torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(theirs), logits(ours), **tol(reduction=TINY))
     loaded = theirs.peft_config["default"]
     assert (loaded.r, loaded.lora_alpha, loaded.bias, loaded.use_rslora) == (cfg.r, cfg.alpha, cfg.bias, cfg.rslora)
     assert loaded.base_model_name_or_path == f"tiny-{arch}" and loaded.task_type == "CAUSAL_LM"
@@ -64,7 +65,7 @@ def test_peft_adapter_loads_in_lorakit_with_equal_logits_and_resaves_identically
     theirs = perturb_(peft_model(arch, cfg))
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(build(arch), tmp_path / "peft").eval()
-    torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(ours), logits(theirs), **tol(reduction=TINY))
 
     save_adapter(ours, tmp_path / "ours")  # same key names as peft, same tensors
     peft_tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")

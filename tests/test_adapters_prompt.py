@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _tol import TINY, tol
 from conftest import tiny_batch, tiny_bloom, tiny_gpt2, tiny_llama
 from _method_runs import losses, make_workdir, run_method
 from _tiny import tiny_tokenizer
@@ -43,7 +44,7 @@ def test_peft_folder_loads_into_lorakit_with_equal_logits(arch, tmp_path):
     model = load_adapter(BUILDERS[arch](), tmp_path / "peft")
     got = model(input_ids=ids, attention_mask=mask).logits
     assert got.shape == ids.shape + (model.config.vocab_size,)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected, **tol(reduction=TINY))
 
 
 @pytest.mark.parametrize("arch", ["llama", "bloom"])
@@ -55,7 +56,7 @@ def test_lorakit_folder_loads_into_peft_with_equal_logits(arch, tmp_path):
     assert (config["peft_type"], config["num_virtual_tokens"], config["token_dim"]) == ("PROMPT_TUNING", N, 32)
     peft_model = PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours").eval()
     expected = peft_model(input_ids=ids, attention_mask=mask).logits[:, N:]
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, **tol(reduction=TINY))
     reloaded = load_adapter(BUILDERS[arch](), tmp_path / "ours")
     assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits,
                        model(input_ids=ids, attention_mask=mask).logits)
@@ -145,7 +146,7 @@ def test_lorakit_train_with_method_prompt_tuning(tmp_path, one_thread):
     ids = tiny_batch(length=6)
     result.model.eval()
     torch.testing.assert_close(result.model(input_ids=ids).logits, base(input_ids=ids).logits[:, 4:],
-                               rtol=0, atol=1e-6)
+                               **tol(reduction=TINY))
 
 
 def test_chunked_loss_option_keeps_the_virtual_tokens():

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from _tol import TINY, tol
 from _method_runs import losses, make_workdir, run_method
 from conftest import tiny_batch, tiny_gpt2, tiny_llama
 from test_adapters_layer import perturb_
@@ -53,7 +54,7 @@ def test_stored_4bit_weights_equal_bitsandbytes_quantize_4bit(quant_type, double
     layer = model.model.layers[0].mlp.up_proj
     x = torch.randn(3, 5, layer.in_features)
     with torch.no_grad():
-        torch.testing.assert_close(layer.kind.forward(x, stored, b), F.linear(x, oracle, b), atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.kind.forward(x, stored, b), F.linear(x, oracle, b), **tol(reduction=TINY))
 
 
 def test_nf4_with_double_quant_takes_about_half_a_byte_per_weight():
@@ -72,7 +73,7 @@ def test_a_fresh_qlora_model_equals_its_dequantised_base_and_the_head_stays_unqu
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)  # non-targets are quantised too
     oracle = dequantized_copy(_quantized_llama())
-    torch.testing.assert_close(logits(model), logits(oracle), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model), logits(oracle), **tol(reduction=TINY))
 
 
 def _quantized_llama():
@@ -109,7 +110,7 @@ def test_merge_dequantises_and_equals_the_unmerged_forward_and_requantising_cost
     before = logits(model)
     merged = merge(perturb_(apply(tiny_llama(), cfg), std=0.05))
     assert not any(isinstance(m, (bnb.nn.Linear4bit,)) for m in merged.modules())
-    torch.testing.assert_close(logits(merged), before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(merged), before, **tol(reduction=TINY))
     requantized = merge(perturb_(apply(tiny_llama(), cfg), std=0.05), requantize=True)
     for name in ("q_proj", "v_proj"):  # re-quantised: bitsandbytes' rounding of the merged weight
         merged_weight = getattr(merged.model.layers[1].self_attn, name).weight.detach()

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
+from _tol import tol
+from train_fixtures import TEST_THREADS
 import lorakit
 from lorakit.config import RECIPES_DIR, load_config
 from lorakit.data import train_byte_bpe
@@ -73,7 +75,7 @@ def tiny_bloom_dir(tmp_path_factory) -> Path:
 def test_bloomz_recipe_runs_offline_on_a_tiny_bloom(tiny_bloom_dir):
     from peft import PeftModel
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(TEST_THREADS), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "bloomz-awesome-prompts",
                              "--model.name_or_path", str(tiny_bloom_dir / "bloom"),
                              "--data.source", str(tiny_bloom_dir / "prompts.jsonl")],
@@ -102,7 +104,7 @@ def test_bloomz_recipe_runs_offline_on_a_tiny_bloom(tiny_bloom_dir):
     ours = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_bloom_dir / "bloom"), adapter)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits,
-                                   atol=1e-5, rtol=0)
+                                   **tol(reduction=512))  # vocabulary 300
 
 
 def test_quickstart_recipe_is_the_run_lorakit_quickstart_makes(tmp_path):

@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import lorakit
+from _tol import TINY, approx, tol
+from train_fixtures import TEST_THREADS
 from _method_runs import make_workdir
 from lorakit.config import config_to_dict, load_config
 from lorakit.data import load_rows, make_batches, tokenize_rows
@@ -31,7 +33,7 @@ WORDS = ("apple river stone cloud tiger piano garden silver window forest candle
          "velvet thunder orbit").split()
 ROWS = [{"prompt": f"Copy the word {w}.", "completion": f" {w} {w}"} for w in WORDS]
 COMPARED = ("step", "loss", "lr", "eval_loss", "trained_tokens")  # metrics that do not depend on the clock
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+ENV = {**os.environ, "OMP_NUM_THREADS": str(TEST_THREADS), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -108,7 +110,7 @@ def test_lora_adapter_loads_in_peft_with_equal_logits(lora_run, workdir):
     base = AutoModelForCausalLM.from_pretrained(workdir / "base").eval()
     with torch.no_grad():
         peft_logits, our_logits, base_logits = (m(input_ids=ids).logits for m in (peft_model, ours, base))
-    torch.testing.assert_close(our_logits, peft_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(our_logits, peft_logits, **tol(reduction=TINY))
     assert (peft_logits - base_logits).abs().max() > 1e-2  # the adapter learned something
 
 
@@ -132,7 +134,7 @@ def test_final_eval_loss_is_reproduced_by_base_from_disk_plus_peft_adapter(lora_
                                                        ignore_index=-100, reduction="sum").item()
             count += int((batch["labels"] != -100).sum())
     final_eval = [r["eval_loss"] for r in metrics(lora_run) if r.get("eval_loss") is not None][-1]
-    assert total / count == pytest.approx(final_eval, abs=1e-5)
+    assert total / count == approx(final_eval, reduction=512)  # vocabulary 320, ~500 validation tokens
 
 
 def test_run_folder_holds_config_report_curve_and_summary(lora_run, workdir):
@@ -252,5 +254,5 @@ def test_packed_and_accumulated_run_equals_one_padded_full_batch(workdir, tmp_pa
     assert [r["step"] for r in ours] == [r["step"] for r in reference] == [1, 2, 3]
     for mine, theirs in zip(ours, reference):
         assert mine["trained_tokens"] == theirs["trained_tokens"]
-        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
-        assert mine["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
+        assert mine["loss"] == approx(theirs["loss"], reduction=2048, steps=3)  # ~1000 tokens a step
+        assert mine["eval_loss"] == approx(theirs["eval_loss"], reduction=2048, steps=3)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _tol import approx, tol
 from _method_runs import make_workdir
 from safetensors.torch import load_file
 
@@ -46,10 +47,10 @@ def test_nproc_2_full_fine_tuning_matches_one_process(workdir, one_thread):
     expected = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [r["step"] for r in expected] == list(range(1, 9))  # 7 micro-batches: 4 steps per epoch
     for got, want in zip(records, expected):
-        assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+        assert got["loss"] == approx(want["loss"], reduction=512, steps=8)  # vocabulary 320, ~500 tokens a step
     ours, reference = load_file(str(two / "model" / "model.safetensors")), load_file(
         str(one / "model" / "model.safetensors"))
     assert ours.keys() == reference.keys()
     for name in ours:
-        torch.testing.assert_close(ours[name], reference[name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(ours[name], reference[name], msg=name, **tol(reduction=512, steps=8, scale=1e-3 * 8))
     assert (two / "report.md").is_file() and (two / "model" / "tokenizer.json").is_file()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tol import TINY, tol
 from _infer_fixtures import check_rows_decode_alone, random_adapter
 from conftest import TINY_MODELS, tiny_batch
 
@@ -43,16 +44,16 @@ def test_mixed_batch_logits_equal_each_adapter_alone(arch, tmp_path, one_thread)
         mixed = model(ids).logits
     for row, name in enumerate(rows):
         alone = _alone(build, folders.get(name), ids[row:row + 1])
-        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[row:row + 1], alone, **tol(reduction=TINY))
     assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters really change the output
     for name in ("b", "d"):  # whole-batch choice
         set_adapter(model, name)
         with torch.no_grad():
-            torch.testing.assert_close(model(ids[:2]).logits, _alone(build, folders[name], ids[:2]), rtol=1e-5,
-                                       atol=1e-5)
+            torch.testing.assert_close(model(ids[:2]).logits, _alone(build, folders[name], ids[:2]),
+                                       **tol(reduction=TINY))
     set_adapter(model, None)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids[:1]).logits, _alone(build, None, ids[:1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids[:1]).logits, _alone(build, None, ids[:1]), **tol(reduction=TINY))
 
 
 def _some_targets(arch: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _tol import TINY, tol
 from conftest import tiny_llama
 from lorakit.adapters import LoRA, apply
 from lorakit.train.config import TrainConfig
@@ -36,7 +37,7 @@ def test_compiled_layers_give_the_plain_losses_and_are_undone_after(one_thread):
         assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
     for got, expected in zip(compiled, plain):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, expected, **tol(reduction=TINY))
 
 
 def test_prepared_compiles_layers_only_when_asked():

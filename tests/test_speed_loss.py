@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _tol import TINY, tol
 from conftest import VOCAB, tiny_bloom, tiny_gpt2, tiny_llama
 from lorakit.adapters import LoRA, apply
 from lorakit.data.batching import make_batches
@@ -44,10 +45,10 @@ def test_chunked_loss_equals_plain_loss_and_adapter_gradients(build):
     batch = packed_batch()
     plain_loss, plain_grads = loss_and_grads(model, chunked=False, batch=batch)
     fast_loss, fast_grads = loss_and_grads(model, chunked=True, batch=batch)
-    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(fast_loss, plain_loss, **tol(reduction=TINY))
     assert plain_grads.keys() == fast_grads.keys() and plain_grads
     for name in plain_grads:
-        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], msg=name, **tol(reduction=TINY))
 
 
 def test_chunked_loss_gives_a_trainable_tied_head_its_gradient():
@@ -55,9 +56,9 @@ def test_chunked_loss_gives_a_trainable_tied_head_its_gradient():
     batch = packed_batch(seed=3)
     plain_loss, plain_grads = loss_and_grads(model, chunked=False, batch=batch)
     fast_loss, fast_grads = loss_and_grads(model, chunked=True, batch=batch)
-    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(fast_loss, plain_loss, **tol(reduction=TINY))
     torch.testing.assert_close(fast_grads["transformer.wte.weight"], plain_grads["transformer.wte.weight"],
-                               rtol=1e-4, atol=1e-6)
+                               **tol(reduction=TINY))
 
 
 def test_chunks_of_any_size_give_the_same_sum():
@@ -68,7 +69,7 @@ def test_chunks_of_any_size_give_the_same_sum():
     labels[0, :3] = -100
     plain = torch.nn.functional.cross_entropy(head(hidden).reshape(-1, 50), labels.reshape(-1), reduction="sum")
     for rows in (1, 4, 100):
-        torch.testing.assert_close(chunked_loss_sum(hidden, head, labels, rows=rows), plain)
+        torch.testing.assert_close(chunked_loss_sum(hidden, head, labels, rows=rows), plain, **tol(reduction=50))
 
 
 def test_bf16_chunked_loss_is_close_to_the_plain_bf16_loss():
@@ -77,7 +78,7 @@ def test_bf16_chunked_loss_is_close_to_the_plain_bf16_loss():
     batch = packed_batch(seed=4)
     plain, _ = loss_and_grads(model, chunked=False, batch=batch, precision="bf16")
     fast, _ = loss_and_grads(model, chunked=True, batch=batch, precision="bf16")
-    torch.testing.assert_close(fast, plain, rtol=1e-2, atol=0)
+    torch.testing.assert_close(fast, plain, **tol(torch.bfloat16))
 
 
 def test_heads_it_cannot_stand_in_for_use_the_plain_path():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tol import TINY, approx, tol
 from conftest import tiny_bloom, tiny_llama
 from test_data_packing import MODELS, alone_losses, batches, examples, segments, token_losses, vocab  # noqa: F401
 from test_speed_loss import packed_batch
@@ -32,12 +33,12 @@ def test_varlen_per_token_losses_equal_one_by_one_and_the_dense_mask(examples, n
         for batch in batches(examples, pack=True):
             losses = varlen_losses(model, batch)  # (B, T)
             dense = token_losses(model, batch)  # no boundaries: the dense mask path
-            torch.testing.assert_close(losses, dense, atol=1e-5, rtol=0)
+            torch.testing.assert_close(losses, dense, **tol(reduction=TINY))
             for b, s, e in segments(batch):
                 key = batch["input_ids"][b, s:e].tolist()
                 if key != [0]:
                     ex = next(ex for ex in examples if ex["input_ids"] == key)
-                    torch.testing.assert_close(losses[b, s:e], alone_losses(model, ex), atol=1e-5, rtol=0)
+                    torch.testing.assert_close(losses[b, s:e], alone_losses(model, ex), **tol(reduction=TINY))
     assert model.config._attn_implementation == "sdpa"  # restored
 
 
@@ -66,10 +67,10 @@ def test_varlen_lora_gradients_equal_the_dense_mask(name, chunked):
         loss_of = make_loss_sum(call, torch.device("cpu"), PRECISIONS["fp32"], chunked=chunked)
         per_example = loss_and_grads(loss_of, model, batch)
     assert varlen.calls["varlen"] > before and not varlen.is_enabled(model)
-    torch.testing.assert_close(per_example[0], dense[0], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(per_example[0], dense[0], **tol(reduction=TINY))
     assert per_example[1].keys() == dense[1].keys()
     for key in dense[1]:
-        torch.testing.assert_close(per_example[1][key], dense[1][key], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(per_example[1][key], dense[1][key], **tol(reduction=TINY))
 
 
 def test_varlen_under_bf16_autocast_stays_close_to_the_dense_mask():
@@ -79,7 +80,7 @@ def test_varlen_under_bf16_autocast_stays_close_to_the_dense_mask():
     with prepared(model, TrainConfig(precision="bf16-autocast")) as call:
         assert varlen.is_enabled(call)
         got = make_loss_sum(call, torch.device("cpu"), PRECISIONS["bf16-autocast"])(batch).item()
-    assert got == pytest.approx(dense, rel=2e-2)
+    assert got == approx(dense, torch.bfloat16)
 
 
 def test_only_lorakit_block_causal_masks_get_boundaries(examples):
@@ -116,7 +117,7 @@ def test_attention_falls_back_to_sdpa_for_what_it_does_not_cover(examples):
         assert varlen.calls["varlen"] == before
         torch.testing.assert_close(out, expected)
     out, _ = varlen.varlen_attention_forward(attention, q, kv, kv, mask, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected, **tol(reduction=64))  # keys per row, head size 8
 
 
 def test_varlen_is_not_applied_where_it_does_not_fit():
@@ -143,4 +144,4 @@ def test_compiled_layers_with_varlen_give_the_dense_losses(one_thread):
         compiled = [loss_of(batch) for batch in widths]
         assert varlen.calls["varlen"] > before
     for got, expected in zip(compiled, dense):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, expected, **tol(reduction=TINY))

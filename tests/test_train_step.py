@@ -12,6 +12,7 @@ from lorakit.train import TrainConfig, field_help, lr_factor
 from lorakit.train.precision import PRECISIONS
 from lorakit.train.step import (Halving, accumulate_gradients, count_trained_tokens, evaluate, make_loss_sum,
                                 split_batch, token_loss_sum)
+from _tol import TINY, approx, tol
 from train_fixtures import freeze_except, make_examples, pad_batch, tiny_llama
 
 FP32 = PRECISIONS["fp32"]
@@ -33,10 +34,10 @@ def _accumulated_grads(model, micro_batches, call=None, halving=None) -> tuple[d
     return _grads(model), summed
 
 
-def _assert_same_grads(a: dict, b: dict, atol: float = 1e-6) -> None:
+def _assert_same_grads(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+    for name in a:  # sums over the batch's tokens in another order
+        torch.testing.assert_close(a[name], b[name], msg=name, **tol(reduction=TINY))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_token_loss_sum_uses_labels_as_given_without_shifting():
     labels = torch.tensor([[1, 2, -100, 3, -100], [-100, -100, 4, 5, 6]])
     expected = sum(F.cross_entropy(logits[b, t][None], labels[b, t][None])
                    for b in range(2) for t in range(5) if labels[b, t] != -100)
-    torch.testing.assert_close(token_loss_sum(logits, labels), expected)
+    torch.testing.assert_close(token_loss_sum(logits, labels), expected, **tol(reduction=8))
 
 
 def test_accumulation_4x2_gives_the_gradient_of_one_batch_of_8(examples):
@@ -58,7 +59,7 @@ def test_accumulation_4x2_gives_the_gradient_of_one_batch_of_8(examples):
     micro = [pad_batch(examples[i: i + 2]) for i in range(0, 8, 2)]  # each padded to its own length
     accumulated, accumulated_sum = _accumulated_grads(model, micro)
     _assert_same_grads(full, accumulated)
-    torch.testing.assert_close(full_sum, accumulated_sum, atol=0, rtol=1e-6)
+    torch.testing.assert_close(full_sum, accumulated_sum, **tol(reduction=TINY))
 
     # The test has teeth: averaging per-micro-batch means (the classic mistake) gives another gradient.
     model.zero_grad(set_to_none=True)
@@ -109,7 +110,7 @@ def test_out_of_memory_splits_in_halves_and_keeps_the_gradient(examples, make_er
     assert halving.parts == 4  # 8 rows -> 4 -> 2
     assert faulty.calls == [8, 4, 2, 2, 2, 2]
     _assert_same_grads(unsplit, split)
-    torch.testing.assert_close(unsplit_sum, split_sum, atol=0, rtol=1e-6)
+    torch.testing.assert_close(unsplit_sum, split_sum, **tol(reduction=TINY))
 
 
 class _RaiseInBackward(torch.autograd.Function):
@@ -165,7 +166,7 @@ def test_eval_loss_is_the_token_weighted_mean(examples):
         logits = model(**{k: v for k, v in pad_batch(examples).items() if k != "labels"}).logits
     labels = pad_batch(examples)["labels"]
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-    assert loss == pytest.approx(expected.item(), abs=1e-5)
+    assert loss == approx(expected.item(), reduction=TINY)
 
 
 @pytest.mark.parametrize("schedule, expected", [
