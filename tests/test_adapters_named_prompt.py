@@ -182,7 +182,8 @@ def test_serve_and_compare_with_a_prompt_adapter(tmp_path, one_thread):
     """The server's per-row batches and `lorakit compare` (base and adapter rows in one batch) take prompt
     adapters, loaded at start or through the admin endpoint."""
     from lorakit.commands.compare import compare
-    from lorakit.infer.server import ServerConfig, create_app
+    from lorakit.infer.api import ServerConfig
+    from lorakit.infer.server import create_app
 
     build = lambda: TINY_MODELS["gpt2"](vocab_size=VOCAB)  # noqa: E731
     tokenizer = tiny_tokenizer(CHATML)

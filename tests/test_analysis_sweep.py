@@ -11,7 +11,8 @@ from lorakit.analysis.sweep import CELL_FILE, Cell, final_train_loss, grid
 from lorakit.analysis.targets import resolve_target_set
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.lab.datasets import EMBEDDED_DATASETS, read_jsonl
+from lorakit.lab.datasets import read_jsonl
+from lorakit.models import EMBEDDED_DATASETS
 
 
 def test_grid_gives_full_one_cell_per_lr():

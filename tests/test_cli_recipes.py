@@ -112,12 +112,13 @@ def test_quickstart_recipe_is_the_run_lorakit_quickstart_makes(tmp_path):
     import argparse
     import dataclasses
 
+    from lorakit.commands import quickstart as command
     from lorakit.config import config_to_dict
     from lorakit.lab import quickstart
     from lorakit.run import resolve_embedded_data
 
     parser = argparse.ArgumentParser()
-    quickstart.add_arguments(parser)
+    command.add_arguments(parser)
     lab = quickstart.run_config(parser.parse_args([]), Path("runs/quickstart"))
     recipe = load_config("quickstart")
     recipe = dataclasses.replace(recipe, data=resolve_embedded_data(recipe.data))

@@ -10,7 +10,8 @@ from transformers.models.bloom import modeling_bloom
 
 from lorakit.adapters import LoRA, apply
 from lorakit.data import check_packing, packing
-from lorakit.data.packing import ALIBI_BUILDER, block_causal_mask, mask_positions, packed_forward
+from lorakit.data.batching import block_causal_mask
+from lorakit.data.packing import ALIBI_BUILDER, mask_positions, packed_forward
 from lorakit.errors import DataError
 from lorakit.train.config import TrainConfig
 from lorakit.train.precision import PRECISIONS

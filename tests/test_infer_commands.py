@@ -19,7 +19,7 @@ import lorakit
 from lorakit.cli import main
 from lorakit.commands.compare import parse_adapters, to_html, to_markdown
 from lorakit.errors import LorakitError
-from lorakit.infer.inputs import read_prompts
+from lorakit.commands.inputs import read_prompts
 from lorakit.models import load_model
 
 

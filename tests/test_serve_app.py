@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 
 from lorakit.adapters.multi import add_adapter
 from lorakit.infer.generate import generate_texts
-from lorakit.infer.server import ServerConfig, create_app
+from lorakit.infer.api import ServerConfig
+from lorakit.infer.server import create_app
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lorakit.data.batching import LazyBatches, collate_packed, make_batches, packing_efficiency
-from lorakit.data.packing import pack_lengths
+from lorakit.data.batching import pack_lengths
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -18,16 +18,16 @@ from lorakit.errors import LorakitError
 
 # name -> (module with add_arguments/run, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("lorakit.lab.quickstart", "the offline demo: LoRA-tune the embedded model, compare base vs tuned"),
+    "quickstart": ("lorakit.commands.quickstart", "the offline demo: LoRA-tune the embedded model, compare base vs tuned"),
     "train": ("lorakit.commands.train", "fine-tune a model from a YAML config plus dotted overrides"),
     "params": ("lorakit.commands.params", "apply a method to a model and print the trainable-parameter report"),
-    "evaluate": ("lorakit.infer.evaluate", "exact-match accuracy and loss of a model (+ adapter) on a dataset"),
-    "pretrain": ("lorakit.lab.pretrain", "pre-train the small embedded base model from scratch"),
+    "evaluate": ("lorakit.commands.evaluate", "exact-match accuracy and loss of a model (+ adapter) on a dataset"),
+    "pretrain": ("lorakit.commands.pretrain", "pre-train the small embedded base model from scratch"),
     "calc": ("lorakit.commands.calc", "trainable parameters and training memory of each method, from a config"),
     "sweep": ("lorakit.commands.sweep", "a grid of short trainings: rank x lr x method x target set, with plots"),
     "inspect": ("lorakit.commands.inspect", "spectra of fine-tuned vs base weights: effective rank, intruder dimensions"),
     "report": ("lorakit.commands.report", "one self-contained HTML page for a run folder"),
-    "lab-report": ("lorakit.analysis.labdoc", "re-run the lab experiments on the embedded model, write docs/lab.md"),
+    "lab-report": ("lorakit.commands.lab_report", "re-run the lab experiments on the embedded model, write docs/lab.md"),
     "generate": ("lorakit.commands.generate", "complete prompts with a model, alone or with an adapter (streams)"),
     "compare": ("lorakit.commands.compare", "the same prompts through the base and adapters, side by side"),
     "merge": ("lorakit.commands.merge", "fold an adapter into its base: a standalone transformers model folder"),

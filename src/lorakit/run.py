@@ -122,7 +122,7 @@ def stats_line(stats: Any) -> str:
 def resolve_embedded_data(data_cfg: Any) -> Any:
     """The data config with the embedded dataset names ('embedded-train', 'embedded-eval',
     'embedded-general') as `source`/`val_source` replaced by their files inside lorakit."""
-    from lorakit.lab.datasets import EMBEDDED_DATASETS
+    from lorakit.models import EMBEDDED_DATASETS
 
     named = {key: getattr(data_cfg, key) for key in ("source", "val_source")}
     paths = {key: str(EMBEDDED_DATASETS[value]) for key, value in named.items()

@@ -187,3 +187,19 @@ def write_outputs(rows: Sequence[dict], sweep_dir: Path, base: dict | None = Non
                "forgetting": plot_forgetting(rows, sweep_dir / "forgetting.png", base)}
     outputs.update({name: p for name, p in figures.items() if p is not None})
     return outputs
+
+
+def spectra_figure(spectra: Sequence, path: Path, title: str = "") -> Path:
+    """Left: normalised singular values of dW per module; right: intruders per module (analysis/spectral.py)."""
+    figure, (left, right) = _figure(11, 4.2, ncols=2)
+    for m in spectra:
+        s = m.delta_singular_values
+        if s and s[0] > 0:
+            left.plot(range(1, len(s) + 1), [v / s[0] for v in s], alpha=0.5, linewidth=1)
+    left.set(xscale="log", yscale="log", ylim=(1e-4, 1.5), xlabel="index", ylabel="s_i / s_1 of dW",
+             title="singular values of the update, per module")
+    left.grid(alpha=0.3, which="both")
+    right.bar(range(len(spectra)), [len(m.intruders) for m in spectra])
+    right.set(xlabel="module (model order)", ylabel="intruder dimensions", title="intruders per module")
+    figure.suptitle(title)
+    return _save(figure, path)

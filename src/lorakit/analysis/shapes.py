@@ -7,7 +7,7 @@ the calculator counts comes from here, so presets (public config numbers) and re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from lorakit.errors import ConfigError

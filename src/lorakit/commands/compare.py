@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 from lorakit.errors import LorakitError
-from lorakit.infer.inputs import (add_decoding_arguments, add_model_arguments, load_base, read_prompts,
+from lorakit.commands.inputs import (add_decoding_arguments, add_model_arguments, load_base, read_prompts,
                                   sampling_from_args)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lorakit.infer.inputs import (add_decoding_arguments, add_model_arguments, load_base, read_prompts,
+from lorakit.commands.inputs import (add_decoding_arguments, add_model_arguments, load_base, read_prompts,
                                   sampling_from_args)
 
 

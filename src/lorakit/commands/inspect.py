@@ -40,31 +40,9 @@ def table(spectra: Sequence[ModuleSpectrum]) -> str:
     return "\n".join(lines)
 
 
-def plot(spectra: Sequence[ModuleSpectrum], path: Path, title: str = "") -> Path:
-    """Left: normalised singular values of dW per module; right: intruders per module."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 4.2), dpi=100)
-    FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
-    for m in spectra:
-        s = m.delta_singular_values
-        if s and s[0] > 0:
-            left.plot(range(1, len(s) + 1), [v / s[0] for v in s], alpha=0.5, linewidth=1)
-    left.set(xscale="log", yscale="log", ylim=(1e-4, 1.5), xlabel="index", ylabel="s_i / s_1 of dW",
-             title="singular values of the update, per module")
-    left.grid(alpha=0.3, which="both")
-    right.bar(range(len(spectra)), [len(m.intruders) for m in spectra])
-    right.set(xlabel="module (model order)", ylabel="intruder dimensions", title="intruders per module")
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
     """Load both weight sets, compare every linear layer, print the table, write the PNG."""
+    from lorakit.analysis.plots import spectra_figure
     from lorakit.analysis.spectral import compare_state_dicts
     from lorakit.analysis.weights import load_pair
     from lorakit.models import quiet_progress_bars
@@ -75,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.target} vs base {base_name}  (intruders: top {args.top_k}, |cos| < {args.threshold})")
     print(table(spectra))
     png = args.png or Path(args.target) / "spectra.png"
-    print(f"figure: {plot(spectra, png, f'{Path(args.target).name} vs {base_name}')}")
+    print(f"figure: {spectra_figure(spectra, png, f'{Path(args.target).name} vs {base_name}')}")
     if args.json:
         args.json.write_text(json.dumps([asdict(m) for m in spectra], indent=1) + "\n")
     return 0

@@ -21,7 +21,7 @@ def merge_to_folder(adapter: str | Path, out: str | Path, model_name: str | None
                     dtype: str | None = None) -> Path:
     """Load base + adapter, merge, and save safetensors + config (+ tokenizer) that plain transformers loads."""
     from lorakit.adapters import load_adapter, merge
-    from lorakit.infer.inputs import adapter_base
+    from lorakit.commands.inputs import adapter_base
     from lorakit.models import load_model, load_tokenizer, quiet_progress_bars
 
     out = Path(out)

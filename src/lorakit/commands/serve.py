@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.adapters.multi import add_adapter
     from lorakit.commands.compare import parse_adapters
-    from lorakit.infer.server import ServerConfig, create_app
+    from lorakit.infer.api import ServerConfig
+    from lorakit.infer.server import create_app
     from lorakit.models import load_model, load_tokenizer, quiet_progress_bars
 
     quiet_progress_bars()

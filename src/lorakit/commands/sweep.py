@@ -51,9 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _rows(name: str | None) -> list[dict] | None:
     if name is None:
         return None
-    from lorakit.infer.evaluate import _data_path, read_rows
+    from lorakit.infer.evaluate import read_rows
+    from lorakit.models import dataset_path
 
-    return read_rows(_data_path(name))
+    return read_rows(dataset_path(name))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ _EXPORTS = {
     "make_batches": "lorakit.data.batching",
     "shift_labels": "lorakit.data.batching",
     "check_packing": "lorakit.data.packing",
-    "pack_lengths": "lorakit.data.packing",
+    "pack_lengths": "lorakit.data.batching",
     "train_byte_bpe": "lorakit.data.bpe",
 }
 

@@ -11,16 +11,50 @@ Packed batch:  input_ids (B, T), labels (B, T), position_ids (B, T) restarting a
 """
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Sequence
 from typing import Callable, overload
 
 import torch
 
-from lorakit.data.packing import block_causal_mask, pack_lengths
 from lorakit.data.tokenize import Example
-from lorakit.labels import IGNORE_INDEX
 from lorakit.errors import DataError
+from lorakit.labels import IGNORE_INDEX
+
+
+def pack_lengths(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit packing: indices of `lengths` grouped into rows of total length <= max_length.
+
+    Examples are placed in the given order, each into the open row with the least space that
+    still fits it (or a new row). Deterministic; O(n log n) apart from list inserts.
+    """
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (space left, row index)
+    for j, n in enumerate(lengths):
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, r = free.pop(k)
+        else:
+            rows.append([])
+            space, r = max_length, len(rows) - 1
+        rows[r].append(j)
+        if space - n > 0:
+            bisect.insort(free, (space - n, r))
+    return rows
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, 1, T, T) additive float mask: 0 where t may attend to s.
+
+    t attends to s when both belong to the same segment and s <= t.
+    """
+    width = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
+    blocked = ~(same & causal)
+    mask = torch.zeros(blocked.shape, dtype=torch.float32)
+    return mask.masked_fill(blocked, torch.finfo(torch.float32).min)[:, None]  # (B, 1, T, T)
 
 
 def shift_labels(labels: list[int]) -> list[int]:

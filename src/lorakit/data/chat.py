@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lorakit.data.formats import Rendered, RowError
+from lorakit.data.rows import Rendered, RowError
 
 if TYPE_CHECKING:
     from lorakit.data.config import DataConfig

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lorakit.data.formats import FORMATS
 from lorakit.errors import ConfigError
 
 TRUNCATION_MODES = ("prompt", "end", "drop")
@@ -117,8 +118,6 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value cannot work."""
-        from lorakit.data.formats import FORMATS  # late: formats imports nothing from here
-
         if self.format != "auto" and self.format not in FORMATS:
             choices = ", ".join(["auto", *FORMATS])
             raise ConfigError(f"data.format: unknown format {self.format!r} (choose from {choices})")

@@ -14,23 +14,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lorakit.data.chat import render_chat
+from lorakit.data.rows import Rendered, RowError
 from lorakit.errors import DataError
 
 if TYPE_CHECKING:
     from lorakit.data.config import DataConfig
-
-
-class RowError(DataError):
-    """A row that does not fit its format; the caller prefixes the row number."""
-
-
-@dataclass
-class Rendered:
-    """One row as text segments, ready to tokenize."""
-
-    segments: list[tuple[str, bool]]  # (text, trained) in order
-    add_bos: bool = True  # prepend the tokenizer's own leading special tokens (BOS), untrained
-    add_eos: bool = True  # append tokenizer.eos_token_id, trained, so the model learns to stop
 
 
 Renderer = Callable[[dict[str, Any], Any, "DataConfig"], Rendered]
@@ -136,13 +125,7 @@ def render_text(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendere
     return Rendered([(text_field(row, "text"), True)])
 
 
-def _render_chat(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendered:
-    from lorakit.data.chat import render_chat  # chat rendering lives in its own module
-
-    return render_chat(row, tokenizer, cfg)
-
-
-register_format(RowFormat("chat", ("messages",), _render_chat,
+register_format(RowFormat("chat", ("messages",), render_chat,
                           "a `messages` list of {role, content}; every assistant turn is trained"))
 register_format(RowFormat("alpaca", ("instruction", "output"), render_alpaca,
                           "instruction, optional input, output (Alpaca prompt template)"))

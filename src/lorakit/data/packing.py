@@ -1,4 +1,6 @@
-"""Packing: bin-pack examples into rows, and keep packed examples from attending to each other.
+"""Packed rows on a model: the leak probe (`check_packing`) and BLOOM's ALiBi per example.
+
+(Packing itself, best-fit rows and the block-diagonal causal mask, is layout: data/batching.py.)
 
 Why a mask: restarted position_ids alone do not isolate packed examples. transformers 5.x
 derives a packed mask from position_ids only when no attention_mask and no cache is passed;
@@ -25,7 +27,6 @@ examples leak, so a transformers version that builds BLOOM's bias differently is
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
 from importlib.metadata import version
 from typing import Any, Callable, Iterator
@@ -33,45 +34,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from lorakit.data.batching import collate_packed
 from lorakit.errors import DataError
 
-# model_type -> why packed batches cannot be made leak-free for it (none today; BLOOM needs `packed_forward`)
-UNSUPPORTED: dict[str, str] = {}
 ALIBI_BUILDER = "build_alibi_tensor"  # BloomModel's method: (2D mask, num_heads, dtype) -> (B*H, 1, T) bias
-
-
-def pack_lengths(lengths: list[int], max_length: int) -> list[list[int]]:
-    """Best-fit packing: indices of `lengths` grouped into rows of total length <= max_length.
-
-    Examples are placed in the given order, each into the open row with the least space that
-    still fits it (or a new row). Deterministic; O(n log n) apart from list inserts.
-    """
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (space left, row index)
-    for j, n in enumerate(lengths):
-        k = bisect.bisect_left(free, (n, -1))
-        if k < len(free):
-            space, r = free.pop(k)
-        else:
-            rows.append([])
-            space, r = max_length, len(rows) - 1
-        rows[r].append(j)
-        if space - n > 0:
-            bisect.insort(free, (space - n, r))
-    return rows
-
-
-def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) segment ids -> (B, 1, T, T) additive float mask: 0 where t may attend to s.
-
-    t attends to s when both belong to the same segment and s <= t.
-    """
-    width = segment_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
-    blocked = ~(same & causal)
-    mask = torch.zeros(blocked.shape, dtype=torch.float32)
-    return mask.masked_fill(blocked, torch.finfo(torch.float32).min)[:, None]  # (B, 1, T, T)
 
 
 def mask_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -139,9 +105,7 @@ def packed_forward(model: nn.Module) -> Iterator[str]:
                 setattr(module, ALIBI_BUILDER, before)
 
 
-def _probe_inputs(vocab_size: int, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, slice]:
-    from lorakit.data.batching import collate_packed  # batching imports this module
-
+def probe_inputs(vocab_size: int, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, slice]:
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in (5, 6))
     row = [{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}]
@@ -173,9 +137,6 @@ def check_packing(model: Any, max_length: int | None = None, tolerance: float | 
     a window shorter than the rows (`max_length`; unknown: the model's longest) is refused.
     """
     model_type = getattr(model.config, "model_type", "unknown")
-    if model_type in UNSUPPORTED:
-        raise DataError(f"packing is not supported for model type {model_type!r}: "
-                        f"{UNSUPPORTED[model_type]}; set data.packing: false")
     window = sliding_window(model.config)
     longest = max_length or getattr(model.config, "max_position_embeddings", None)
     if window is not None and (longest is None or longest > window):
@@ -183,7 +144,7 @@ def check_packing(model: Any, max_length: int | None = None, tolerance: float | 
                         f"(window {window}) shorter than data.max_length ({longest}), which a packed row's mask "
                         f"cannot express; set data.max_length <= {window} or data.packing: false")
     parameter = next(model.parameters())
-    packed, alone, second = _probe_inputs(model.get_input_embeddings().num_embeddings, parameter.device)
+    packed, alone, second = probe_inputs(model.get_input_embeddings().num_embeddings, parameter.device)
     was_training = model.training
     model.eval()
     with packed_forward(model) as changed:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from lorakit.data.config import DataConfig
-from lorakit.data.formats import FORMATS, Rendered, RowError, RowFormat, apply_columns, detect_format
+from lorakit.data.formats import FORMATS, RowFormat, apply_columns, detect_format
+from lorakit.data.rows import Rendered, RowError
 from lorakit.errors import DataError
 from lorakit.labels import IGNORE_INDEX
 

@@ -1,4 +1,4 @@
-"""The HTTP routes of the server (infer/server.py): OpenAI's completions, chat and models, and admin."""
+"""The HTTP routes of the server (infer/server.py builds the app): OpenAI's completions, chat and models, and admin."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from lorakit.adapters.multi import add_adapter, adapter_names, delete_adapter
 from lorakit.errors import LorakitError
 from lorakit.infer.batcher import Batcher, Job
-from lorakit.infer.server import (APIError, ServerConfig, check_key, completion_id, make_job, now, prompt_ids_of,
+from lorakit.infer.api import (APIError, ServerConfig, check_key, completion_id, make_job, now, prompt_ids_of,
                                   read_json)
 
 

@@ -15,12 +15,6 @@ from pathlib import Path
 from lorakit.lab.corpus import iter_documents
 from lorakit.lab.facts import COUNTRIES, Country, country
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "embedded" / "data"
-EMBEDDED_DATASETS = {
-    "embedded-train": DATA_DIR / "sft_train.jsonl",
-    "embedded-eval": DATA_DIR / "sft_eval.jsonl",
-    "embedded-general": DATA_DIR / "general.jsonl",
-}
 
 PROMPT = "Question: {question}\nAnswer:"
 

@@ -12,31 +12,15 @@ import json
 import time
 from pathlib import Path
 
-from lorakit.lab.datasets import EMBEDDED_DATASETS, qa_row, read_jsonl
+from lorakit.lab.datasets import qa_row, read_jsonl
 from lorakit.lab.facts import country
-from lorakit.lab.report import accuracy_by_kind, markdown_report, terminal_report
+from lorakit.lab.report import accuracy_by_kind, markdown_report
+from lorakit.models import EMBEDDED_DATASETS
 
 # (country, question kind) shown side by side; all held out from fine-tuning
 SHOWN = (("the Netherlands", "capital"), ("Japan", "capital"), ("Kenya", "currency"),
          ("Peru", "continent"), ("Canada", "capital"), ("Norway", "currency"))
 DEFAULT_OUT = Path("runs/quickstart")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `lorakit quickstart` (the defaults are the README's demo)."""
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"run folder (default: {DEFAULT_OUT}, or {DEFAULT_OUT}-2, ... if taken)")
-    parser.add_argument("--epochs", type=int, default=6, help="passes over the training questions")
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (short test runs)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=32, help="LoRA alpha (scale = alpha / r)")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per step")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init and data order")
-    parser.add_argument("--progress", default="auto", help="auto, bar, plain or none")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (0: torch's default); the model is tiny, and on a "
-                             "busy 2-core machine one thread trained ~5x faster than two")
 
 
 def free_run_dir(out: Path | None) -> Path:
@@ -157,18 +141,3 @@ def quickstart(args: argparse.Namespace, log=print) -> dict:
     write_report(report, result.run_dir)
     write_predictions(eval_rows, base, tuned, result.run_dir)
     return report
-
-
-def run(args: argparse.Namespace) -> int:
-    """The `lorakit quickstart` command."""
-    from lorakit.models import quiet_progress_bars
-
-    quiet_progress_bars()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    report = quickstart(args)
-    print(terminal_report(report))
-    print(f"\n  whole command         {report['wall_time_s']:.0f} s")
-    return 0

@@ -12,8 +12,20 @@ import torch
 
 from lorakit.errors import LorakitError
 
+# The assets that ship inside lorakit (src/lorakit/embedded/): the model, and the datasets of its lab
 EMBEDDED_NAME = "embedded"
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded" / "model"
+EMBEDDED_DATA_DIR = EMBEDDED_DIR.parent / "data"
+EMBEDDED_DATASETS = {
+    "embedded-train": EMBEDDED_DATA_DIR / "sft_train.jsonl",
+    "embedded-eval": EMBEDDED_DATA_DIR / "sft_eval.jsonl",
+    "embedded-general": EMBEDDED_DATA_DIR / "general.jsonl",
+}
+
+
+def dataset_path(name: str) -> Path:
+    """The file of an embedded dataset name ('embedded-train', ...); any other name as a path."""
+    return EMBEDDED_DATASETS.get(name, Path(name))
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

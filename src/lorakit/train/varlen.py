@@ -38,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.data.batching import block_causal_mask
+from lorakit.data.packing import probe_inputs
+
 IMPLEMENTATION = "lorakit_varlen"
 ENABLED = True  # process-wide switch: False keeps every model on the dense mask path (benchmarks compare both)
 CU_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k")
@@ -59,8 +62,6 @@ def varlen_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
     Any other batch (padded, no position_ids, a mask of another shape or content) is returned unchanged.
     """
-    from lorakit.data.packing import block_causal_mask
-
     mask, positions = batch.get("attention_mask"), batch.get("position_ids")
     if mask is None or positions is None or mask.ndim != 4 or positions.ndim != 2 or mask.shape[1] != 1:
         return batch
@@ -193,10 +194,8 @@ def _forward_is_hooked(model: nn.Module) -> bool:
 
 def _probe(model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> bool:
     """True when a packed two-example row gives the dense path's logits with the boundaries passed."""
-    from lorakit.data.packing import _probe_inputs
-
     parameter = next(model.parameters())
-    packed, _, _ = _probe_inputs(model.get_input_embeddings().num_embeddings, parameter.device)
+    packed, _, _ = probe_inputs(model.get_input_embeddings().num_embeddings, parameter.device)
     with_cu = varlen_inputs(packed)
     if CU_KEYS[0] not in with_cu:
         return False
@@ -218,13 +217,10 @@ def _probe(model: nn.Module, autocast: Callable[[], contextlib.AbstractContextMa
 def enabled(model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
             ) -> Iterator[bool]:
     """Switch `model` to "lorakit_varlen" while inside, if it applies (yields whether it did); restore after."""
-    from lorakit.data.packing import UNSUPPORTED
-
     config = getattr(model, "config", None)
     original = getattr(config, "_attn_implementation", None)
-    if (not ENABLED or original != "sdpa" or getattr(config, "model_type", None) in UNSUPPORTED
-            or _forward_is_hooked(model) or not getattr(model, "_supports_attention_backend", False)
-            or not hasattr(model, "get_input_embeddings")):
+    if (not ENABLED or original != "sdpa" or _forward_is_hooked(model)
+            or not getattr(model, "_supports_attention_backend", False) or not hasattr(model, "get_input_embeddings")):
         yield False
         return
     register()

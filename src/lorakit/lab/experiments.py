@@ -41,7 +41,8 @@ def lab_config(epochs: int = EPOCHS) -> Any:
 
 def lab_rows() -> tuple[list[dict], list[dict]]:
     """(held-out QA rows, general-text rows) of the embedded datasets."""
-    from lorakit.lab.datasets import EMBEDDED_DATASETS, read_jsonl
+    from lorakit.lab.datasets import read_jsonl
+    from lorakit.models import EMBEDDED_DATASETS
 
     return read_jsonl(EMBEDDED_DATASETS["embedded-eval"]), read_jsonl(EMBEDDED_DATASETS["embedded-general"])
 

@@ -1,7 +1,7 @@
 """docs/lab.md's verdicts: computed from the runs by the stated rules, never typed in."""
 from __future__ import annotations
 
-from lorakit.analysis.labclaims import forgetting_section, lr_section, targets_section
+from lorakit.lab.claims import forgetting_section, lr_section, targets_section
 from lorakit.cli import main
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from lorakit.analysis.labrun import ALPHA, EPOCHS, LORA_LR
+from lorakit.lab.experiments import ALPHA, EPOCHS, LORA_LR
 
 REGENERATE = "lorakit lab-report --out docs --work runs/lab"
 
