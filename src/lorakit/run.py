@@ -65,6 +65,16 @@ def check_resume_config(saved: dict, current: dict) -> None:
                           "folder's own config.yaml, or start a new run with another name")
 
 
+def free_run_dir(parent: Path, base: str) -> Path:
+    """The first of parent/base, parent/base-2, parent/base-3, ... that is absent or empty: the one
+    rule for naming a new run, so a run never writes into an earlier one."""
+    candidate, number = Path(parent) / base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        number += 1
+        candidate = Path(parent) / f"{base}-{number}"
+    return candidate
+
+
 def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
     """The run folder, after checking it suits a fresh run (absent or empty) or a resume."""
     run_dir = cfg.run_dir

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lorakit.commands.configargs import CONFIG_FILE, add_config_arguments, config_from_args
 from lorakit.config import RunConfig
+from lorakit.run import free_run_dir
 
 ACCEPTS_EXTRA_ARGS = True  # unknown --keys reach run() and become closest-key errors
 
@@ -39,12 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def free_run_name(cfg: RunConfig, base: str) -> RunConfig:
-    """The first of base, base-2, base-3, ... whose run folder is free or empty."""
-    cfg, number = dataclasses.replace(cfg, name=base), 1
-    while cfg.run_dir.exists() and any(cfg.run_dir.iterdir()):
-        number += 1
-        cfg = dataclasses.replace(cfg, name=f"{base}-{number}")
-    return cfg
+    """`cfg` named by `run.free_run_dir`: the first of base, base-2, ... whose run folder is free or empty."""
+    return dataclasses.replace(cfg, name=free_run_dir(Path(cfg.output_dir), base).name)
 
 
 def is_run_folder(folder: Path) -> bool:

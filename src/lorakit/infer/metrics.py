@@ -9,9 +9,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lorakit.labels import IGNORE_INDEX
+from lorakit.train.step import token_loss_sum
 
 
 def normalize(text: str) -> str:
@@ -69,9 +69,7 @@ def token_loss(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
             mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded])
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             targets = labels[:, 1:].to(device)                      # (B, T-1)
-            losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                     ignore_index=IGNORE_INDEX, reduction="sum")
-            total += losses.item()
+            total += token_loss_sum(logits[:, :-1], targets).item()
             count += int((targets != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)

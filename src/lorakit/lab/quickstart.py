@@ -16,6 +16,7 @@ from lorakit.lab.datasets import qa_row, read_jsonl
 from lorakit.lab.facts import country
 from lorakit.lab.report import accuracy_by_kind, markdown_report
 from lorakit.models import EMBEDDED_DATASETS
+from lorakit.run import free_run_dir
 
 # (country, question kind) shown side by side; all held out from fine-tuning
 SHOWN = (("the Netherlands", "capital"), ("Japan", "capital"), ("Kenya", "currency"),
@@ -23,15 +24,9 @@ SHOWN = (("the Netherlands", "capital"), ("Japan", "capital"), ("Kenya", "curren
 DEFAULT_OUT = Path("runs/quickstart")
 
 
-def free_run_dir(out: Path | None) -> Path:
+def quickstart_run_dir(out: Path | None) -> Path:
     """`out` as given, or the first of runs/quickstart, runs/quickstart-2, ... not yet used."""
-    if out is not None:
-        return Path(out)
-    candidate, n = DEFAULT_OUT, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}-{n}")
-    return candidate
+    return Path(out) if out is not None else free_run_dir(DEFAULT_OUT.parent, DEFAULT_OUT.name)
 
 
 def run_config(args: argparse.Namespace, run_dir: Path):
@@ -124,7 +119,7 @@ def quickstart(args: argparse.Namespace, log=print) -> dict:
     from lorakit.run import run_training
 
     started = time.perf_counter()
-    run_dir = free_run_dir(args.out)
+    run_dir = quickstart_run_dir(args.out)
     train_rows, eval_rows, general_rows = (read_jsonl(EMBEDDED_DATASETS[name]) for name in
                                            ("embedded-train", "embedded-eval", "embedded-general"))
     tokenizer = load_tokenizer("embedded")

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lorakit.adapters.report import trainable_parameters
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
@@ -25,7 +26,7 @@ from lorakit.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, Metri
 from lorakit.train.precision import PRECISIONS
 from lorakit.train.progress import Progress, make_progress
 from lorakit.train.schedules import lr_factor
-from lorakit.train.setup import (build_optimizer, count_parameters, prepared, seed_everything,
+from lorakit.train.setup import (build_optimizer, prepared, seed_everything,
                                  trainable_named_parameters)
 from lorakit.train.step import (Batch, Halving, count_input_tokens, count_trained_tokens, evaluate,
                                 make_loss_sum)
@@ -292,7 +293,7 @@ class _Trainer:
         records = self.metrics.records
         if self.parallel.is_main:
             plot_loss_curve(records, self.run_dir / CURVE_FILE)
-        trainable, total = count_parameters(self.model)
+        trainable, total = trainable_parameters(self.model)
         evals = [r["eval_loss"] for r in records if "eval_loss" in r]
         summary = TrainSummary(
             steps=state.step, epochs=records[-1]["epoch"] if records else 0.0,

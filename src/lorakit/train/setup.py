@@ -35,12 +35,6 @@ def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
     return named
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights counted once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only; fused kernel where the build has one, else foreach."""
     decay = [p for _, p in named if p.ndim >= 2]
