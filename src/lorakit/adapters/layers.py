@@ -118,7 +118,24 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class WrappedLayer(nn.Module):
+class StandIn(nn.Module):
+    """A module standing in for a base module that it keeps off the module tree (no duplicate
+    state-dict keys); attributes it does not know are read from the base."""
+
+    def hold(self, base: nn.Module) -> None:
+        object.__setattr__(self, "_base", base)  # off the module tree
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base")
+            if base is None:
+                raise
+            return getattr(base, name)  # e.g. Conv1D's nf / nx, an experts module's num_experts
+
+
+class WrappedLayer(StandIn):
     """A layer standing in for a base linear layer (LoRA, DoRA, MoLE layers build on it).
 
     It holds the base layer's `weight` and `bias` under the same names, so base checkpoint keys
@@ -135,7 +152,7 @@ class WrappedLayer(nn.Module):
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self.kind = kind
-        object.__setattr__(self, "_base", base)  # off the module tree
+        self.hold(base)
         return kind
 
     @property
@@ -149,15 +166,6 @@ class WrappedLayer(nn.Module):
         base.weight = self.weight
         base.bias = self.bias
         return base
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_base")
-            if base is None:
-                raise
-            return getattr(base, name)  # e.g. Conv1D's nf / nx, read by some model code
 
 
 class LoRALayer(WrappedLayer):

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from lorakit.adapters.layers import adapter_dtype
+from lorakit.adapters.layers import StandIn, adapter_dtype
 from lorakit.adapters.lora_math import InitMethod, init_lora_A_, init_lora_B_, scaling
 from lorakit.errors import AdapterError
 
@@ -102,7 +102,7 @@ def experts_note(model: nn.Module) -> str | None:
             f"modules and experts are not modules; add method.target_parameters: {names} to adapt them")
 
 
-class ParamLoRA(nn.Module):
+class ParamLoRA(StandIn):
     """The module owning targeted parameters, with one LoRA pair per targeted parameter."""
 
     def __init__(self, base: nn.Module, names: list[str], r: int, alpha: float, *, rslora: bool = False,
@@ -114,7 +114,7 @@ class ParamLoRA(nn.Module):
             self.register_buffer(name, buffer, persistent=name not in base._non_persistent_buffers_set)
         for name, child in base.named_children():
             self.add_module(name, child)
-        object.__setattr__(self, "_base", base)  # off the module tree
+        self.hold(base)
         self.transposed = bool(getattr(base, "is_transposed", False))
         self.names, self.r, self.alpha, self.rslora = list(names), r, alpha, rslora
         self.scaling = scaling(alpha, r, rslora)
@@ -173,15 +173,6 @@ class ParamLoRA(nn.Module):
         for name, param in self.named_parameters(recurse=False):
             setattr(base, name, param)
         return base
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_base")
-            if base is None:
-                raise
-            return getattr(base, name)  # e.g. num_experts, act_fn settings read by the owner's code
 
     def extra_repr(self) -> str:
         return (f"base={type(self._base).__name__}, parameters={self.names}, r={self.r}, alpha={self.alpha}, "
