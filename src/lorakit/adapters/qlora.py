@@ -100,8 +100,8 @@ def _copy_off_checkpoint(model: nn.Module) -> None:
     """Give the unquantised CPU tensors (embeddings, norms, head) their own memory.
 
     A model loaded from safetensors on CPU keeps its tensors in a memory map of the file; while one
-    tensor still points into it, every page quantisation read stays resident (measured: 482 MiB
-    of file pages for a 226M-parameter bf16 Llama, 97 MiB after this copy).
+    tensor still points into it, every page quantisation read stays resident (figures in
+    benchmarks/RESULTS.md, "Measured in passing").
     """
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.device.type == "cpu" and getattr(tensor, "quant_state", None) is None:
@@ -112,8 +112,8 @@ def release_freed_memory() -> None:
     """Hand the replaced full-precision weights back to the OS.
 
     On CPU, glibc keeps freed heap pages resident; without a trim, quantising after load leaves
-    the process as large as the unquantised model (measured: 833 -> 398 MiB anonymous memory for
-    a 226M-parameter bf16 Llama). On GPU, the caching allocator's free blocks are released.
+    the process about as large as the unquantised model (benchmarks/RESULTS.md, "Measured in
+    passing"). On GPU, the caching allocator's free blocks are released.
     """
     import ctypes
     import gc

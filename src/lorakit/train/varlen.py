@@ -22,9 +22,8 @@ them away. This module computes only each example's own causal block:
 
 CPU: one SDPA call (is_causal) per example, in fp32 with autocast off, and each run of one-token
 examples (lorakit's padding tokens) is a copy of its values. fp32 because torch's CPU flash
-attention backward in bf16 costs ~30 us per query token whatever the length (measured on torch
-2.13: 2 x 512 tokens, 9 heads: dense bf16 48 ms forward+backward, per example bf16 45 ms, per
-example fp32 19 ms). Under bf16 autocast the result is cast back to bf16; it is at least as
+attention backward in bf16 has a large cost per query token whatever the length (figures in
+benchmarks/RESULTS.md, "Measured in passing"). Under bf16 autocast the result is cast back to bf16; it is at least as
 accurate as the bf16 dense path. CUDA (bf16/fp16): one `torch.nn.attention.varlen.varlen_attn`
 call (flash varlen) for the whole batch. Under torch.compile the attention call is left out of
 the graph (`torch.compiler.disable`): its loop depends on the data.
