@@ -44,6 +44,7 @@ class Bottleneck:
     """Houlsby bottleneck adapters after the attention and/or MLP sub-block of each decoder layer."""
 
     name: ClassVar[str] = "bottleneck"
+    folder_type: ClassVar[str] = "bottleneck"  # adapter_config.json's lorakit_method
 
     size: int = 16
     """Bottleneck width: each adapter trains 2 * size * d + size + d numbers (d = hidden size)."""
@@ -79,6 +80,11 @@ class Bottleneck:
             sublayer.register_forward_hook(_adapt_output)
         attach_state(model, AdapterState(method=self, targets=paths))
         return model
+
+    @staticmethod
+    def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+        """Load a folder of this method onto `base_model` (see `load`)."""
+        return load(base_model, folder, raw)
 
     def save(self, model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write the adapter in lorakit's own folder format."""

@@ -1,10 +1,10 @@
 """Save, load, merge and unload for every method, dispatched by what the model or folder holds.
 
 A method config may define `save(model, path, base_model_name_or_path)`, `merge(model, **kw)`
-and `unload(model)`; without them the LoRA (PEFT-format) functions serve. Folders are read by
-the loader that their adapter_config.json names: `FOLDER_LOADERS` maps peft's `peft_type`
-(e.g. "PROMPT_TUNING") or lorakit's own `lorakit_method` (e.g. "bottleneck") to a function
-(base_model, folder, raw config) -> model. Everything else goes to the PEFT LoRA loader.
+and `unload(model)`; without them the LoRA (PEFT-format) functions serve. A folder is read by
+the method whose `folder_type` its adapter_config.json names (peft's `peft_type`, e.g.
+"PROMPT_TUNING", or lorakit's own `lorakit_method`, e.g. "bottleneck"), looked up in the method
+registry; everything else goes to the PEFT LoRA loader.
 """
 from __future__ import annotations
 
@@ -14,15 +14,10 @@ from typing import Callable
 
 from torch import nn
 
-from lorakit.adapters import bottleneck, mole, ops, peft_format, prompt_tuning
+from lorakit.adapters import ops, peft_format
+from lorakit.adapters.registry import method_for_folder, own_folder_types
 from lorakit.adapters.state import get_state
 from lorakit.errors import AdapterError
-
-FOLDER_LOADERS: dict[str, Callable[[nn.Module, Path, dict], nn.Module]] = {
-    "PROMPT_TUNING": prompt_tuning.load,
-    "bottleneck": bottleneck.load,
-    "mole": mole.load,
-}
 
 
 def _method_hook(model: nn.Module, name: str) -> Callable | None:
@@ -42,15 +37,13 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
     """Load an adapter folder onto `base_model` in place, with the loader its config names."""
     folder = Path(path)
     raw = _peek_config(folder / peft_format.CONFIG_NAME)
-    key = raw.get("lorakit_method") or raw.get("peft_type")
-    loader = FOLDER_LOADERS.get(key) if isinstance(key, str) else None
-    if loader is None and "lorakit_method" in raw:
-        own = sorted(k for k in FOLDER_LOADERS if k.islower())
+    method = method_for_folder(raw.get("lorakit_method") or raw.get("peft_type"))
+    if method is None and "lorakit_method" in raw:
         raise AdapterError(f"{folder / peft_format.CONFIG_NAME}: lorakit_method {raw['lorakit_method']!r} has no "
-                           f"folder loader; lorakit's own folders hold one of: {', '.join(own)}")
-    if loader is None:
+                           f"folder loader; lorakit's own folders hold one of: {', '.join(own_folder_types())}")
+    if method is None:
         return peft_format.load_adapter(base_model, folder)  # LoRA, or its clear error about the folder
-    return loader(base_model, folder, raw)
+    return method.load_folder(base_model, folder, raw)
 
 
 def _peek_config(path: Path) -> dict:

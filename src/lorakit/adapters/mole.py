@@ -42,6 +42,7 @@ class MoLE:
     """Mixture of LoRA experts: k LoRA pairs per target layer and a per-token softmax router."""
 
     name: ClassVar[str] = "mole"
+    folder_type: ClassVar[str] = "mole"  # adapter_config.json's lorakit_method
 
     r: int = 8
     """Rank of the update B A; each target layer trains r * (d_in + d_out) numbers per expert."""
@@ -88,6 +89,11 @@ class MoLE:
             replace_module(model, path, MoLELayer(modules[path], self))
         attach_state(model, AdapterState(method=self, targets=paths))
         return model
+
+    @staticmethod
+    def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+        """Load a folder of this method onto `base_model` (see `load`)."""
+        return load(base_model, folder, raw)
 
     def save(self, model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write the adapter in lorakit's own folder format."""

@@ -22,6 +22,7 @@ from lorakit.adapters.bottleneck import CHILD, Bottleneck, BottleneckAdapter, _h
 from lorakit.adapters.layers import adapter_dtype
 from lorakit.adapters.match import find_targets
 from lorakit.adapters.mole import MoLE, MoLELayer
+from lorakit.adapters.registry import method_for_folder
 from lorakit.errors import AdapterError
 
 Delta = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]  # (module input, module output) -> added
@@ -59,8 +60,7 @@ class NamedPrompt:
 def read_named(model: nn.Module, name: str, folder: Path) -> NamedDeltas | NamedPrompt | None:
     """The named adapter of a bottleneck, MoLE or prompt-tuning folder; None for other folders (e.g. PEFT LoRA)."""
     raw = _peek(folder / own_format.CONFIG_NAME)
-    key = raw.get("lorakit_method") or raw.get("peft_type")
-    reader = READERS.get(key) if isinstance(key, str) else None
+    reader = READERS.get(method_for_folder(raw.get("lorakit_method") or raw.get("peft_type")))
     return None if reader is None else reader(model, name, folder, raw)
 
 
@@ -115,5 +115,6 @@ def _prompt(model: nn.Module, name: str, folder: Path, raw: dict) -> NamedPrompt
     return NamedPrompt(name, embeddings.to(device, torch.float32), str(folder))  # fp32, as VirtualTokens keeps it
 
 
-READERS: dict[str, Callable[[nn.Module, str, Path, dict], NamedDeltas | NamedPrompt]] = {
-    "mole": _mole, "bottleneck": _bottleneck, "PROMPT_TUNING": _prompt}
+# method (found by its folder_type in the registry) -> how a folder of it becomes a named adapter
+READERS: dict[type, Callable[[nn.Module, str, Path, dict], NamedDeltas | NamedPrompt]] = {
+    MoLE: _mole, Bottleneck: _bottleneck, prompt_tuning.PromptTuning: _prompt}

@@ -40,6 +40,7 @@ class PromptTuning:
     """Prompt tuning: n learned virtual-token embeddings in front of every input; the base is frozen."""
 
     name: ClassVar[str] = "prompt_tuning"
+    folder_type: ClassVar[str] = "PROMPT_TUNING"  # adapter_config.json's peft_type
 
     num_virtual_tokens: int = 20
     """n: virtual tokens prepended to each row; n * d numbers train (d = embedding size)."""
@@ -87,6 +88,11 @@ class PromptTuning:
         ids = load_tokenizer(name)(self.init_text)["input_ids"]
         ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat or cut to n tokens, as peft does
         return table[torch.tensor(ids, device=table.device)].float()
+
+    @staticmethod
+    def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+        """Load a folder of this method onto `base_model` (see `load`)."""
+        return load(base_model, folder, raw)
 
     def save(self, model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write peft's PROMPT_TUNING folder (adapter_config.json + adapter_model.safetensors)."""
