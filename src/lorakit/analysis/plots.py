@@ -14,23 +14,10 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
+from lorakit.plotting import new_figure, save_figure
+
 COLUMNS = ("name", "method", "r", "targets", "lr", "steps", "trainable_params", "final_train_loss", "eval_loss",
            "general_loss", "accuracy", "train_time_s")
-
-
-def _figure(width: float = 6.4, height: float = 4.2, ncols: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure, figure.subplots(1, ncols, squeeze=False)[0]
-
-
-def _save(figure, path: Path) -> Path:
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
 
 
 def loss_curve(sweep_dir: Path, name: str) -> list[tuple[int, float]]:
@@ -72,7 +59,7 @@ def plot_rank_curves(rows: Sequence[dict], sweep_dir: Path, path: Path) -> Path 
     full = best_by([r for r in rows if r["method"] == "full"], ("method",))
     if len(lora) < 2 and not (lora and full):
         return None
-    figure, (axes,) = _figure()
+    figure, (axes,) = new_figure()
     for (_, r), row in sorted(lora.items(), key=lambda kv: kv[0][1]):
         axes.plot(*zip(*loss_curve(sweep_dir, row["name"])), label=f"{_label(row)}, lr {row['lr']:.0e}")
     for row in full.values():
@@ -80,7 +67,7 @@ def plot_rank_curves(rows: Sequence[dict], sweep_dir: Path, path: Path) -> Path 
     axes.set(xscale="log", yscale="log", xlabel="step", ylabel="training loss", title="loss vs step by LoRA rank")
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_lr(rows: Sequence[dict], path: Path) -> Path | None:
@@ -92,7 +79,7 @@ def plot_lr(rows: Sequence[dict], path: Path) -> Path | None:
     lines = {label: sorted(group, key=lambda r: r["lr"]) for label, group in lines.items() if len(group) > 1}
     if not lines:
         return None
-    figure, axes = _figure(10, 4, ncols=2)
+    figure, axes = new_figure(10, 4, ncols=2)
     for axis, metric, title in ((axes[0], "final_train_loss", "final training loss"),
                                 (axes[1], "eval_loss", "held-out loss")):
         for label, group in lines.items():
@@ -103,7 +90,7 @@ def plot_lr(rows: Sequence[dict], path: Path) -> Path | None:
         axis.grid(alpha=0.3, which="both")
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_targets(rows: Sequence[dict], sweep_dir: Path, path: Path) -> Path | None:
@@ -111,14 +98,14 @@ def plot_targets(rows: Sequence[dict], sweep_dir: Path, path: Path) -> Path | No
     sets = best_by([r for r in rows if r.get("targets") is not None], ("targets", "r"))
     if len({targets for targets, _ in sets}) < 2:
         return None
-    figure, (axes,) = _figure()
+    figure, (axes,) = new_figure()
     for (targets, r), row in sorted(sets.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         axes.plot(*zip(*loss_curve(sweep_dir, row["name"])),
                   label=f"{targets} r={r} ({row['trainable_params']:,} params), lr {row['lr']:.0e}")
     axes.set(xscale="log", yscale="log", xlabel="step", ylabel="training loss", title="LoRA target sets")
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_forgetting(rows: Sequence[dict], path: Path, base: dict | None = None) -> Path | None:
@@ -126,7 +113,7 @@ def plot_forgetting(rows: Sequence[dict], path: Path, base: dict | None = None) 
     points = [r for r in rows if r.get("general_loss") is not None and r.get("eval_loss") is not None]
     if not points:
         return None
-    figure, (axes,) = _figure()
+    figure, (axes,) = new_figure()
     for method, marker in (("full", "s"), ("lora", "o")):
         group = [r for r in points if r["method"] == method]
         if group:
@@ -146,7 +133,7 @@ def plot_forgetting(rows: Sequence[dict], path: Path, base: dict | None = None) 
     _plain_ticks(axes)
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> Path:
@@ -191,7 +178,7 @@ def write_outputs(rows: Sequence[dict], sweep_dir: Path, base: dict | None = Non
 
 def spectra_figure(spectra: Sequence, path: Path, title: str = "") -> Path:
     """Left: normalised singular values of dW per module; right: intruders per module (analysis/spectral.py)."""
-    figure, (left, right) = _figure(11, 4.2, ncols=2)
+    figure, (left, right) = new_figure(11, 4.2, ncols=2)
     for m in spectra:
         s = m.delta_singular_values
         if s and s[0] > 0:
@@ -202,4 +189,4 @@ def spectra_figure(spectra: Sequence, path: Path, title: str = "") -> Path:
     right.bar(range(len(spectra)), [len(m.intruders) for m in spectra])
     right.set(xlabel="module (model order)", ylabel="intruder dimensions", title="intruders per module")
     figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)

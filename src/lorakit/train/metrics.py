@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.plotting import new_figure, save_figure
+
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
 SUMMARY_FILE = "summary.json"
@@ -76,15 +78,10 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "loss") -> None:
-    """Train and eval loss against step, as a PNG (Agg canvas: no display, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """Train and eval loss against step, as a PNG."""
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-    figure = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, (axes,) = new_figure(6, 4)
     if train:
         axes.plot(*zip(*train), label="train", linewidth=1.5)
     if evals:
@@ -95,8 +92,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "los
     axes.grid(alpha=0.3)
     if train or evals:
         axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
+    save_figure(figure, path)
 
 
 def write_summary(summary: TrainSummary, path: Path) -> None:
