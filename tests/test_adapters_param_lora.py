@@ -176,3 +176,17 @@ def test_a_user_trains_moe_experts_with_the_cli_then_generates_and_merges(tmp_pa
         expected = adapted(ids).logits
         torch.testing.assert_close(merged(ids).logits, expected,
                                    **tol(torch.float32, reduction=48, scale=expected.abs().max().item()))
+
+
+def test_named_adapters_refuse_expert_adapters_with_the_way_out(tmp_path):
+    from lorakit.adapters import add_adapter
+
+    base = tiny_mixtral()
+    save_adapter(apply(copy.deepcopy(base), LoRA(r=2, targets=[], target_parameters=EXPERTS)), tmp_path / "experts")
+    with pytest.raises(AdapterError) as error:
+        add_adapter(base, "experts", tmp_path / "experts")
+    assert str(error.value) == (
+        f"{tmp_path / 'experts' / 'adapter_config.json'}: the adapter adapts parameters (target_parameters, e.g. "
+        "MoE experts), which named and per-row adapters (compare, serve) do not support yet; merge it first "
+        "(lorakit merge ADAPTER OUT, then use OUT as the model) or load it alone (generate --adapter, "
+        "lorakit.load_adapter)")

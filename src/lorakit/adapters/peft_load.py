@@ -54,7 +54,9 @@ def read_config(path: Path, parameters: bool = False) -> dict:
                            "folders ('lorakit_method')")
     if raw.get("target_parameters") and not parameters:
         raise AdapterError(f"{path}: the adapter adapts parameters (target_parameters, e.g. MoE experts), which "
-                           "named and per-row adapters do not support; load it with lorakit.load_adapter")
+                           "named and per-row adapters (compare, serve) do not support yet; merge it first "
+                           "(lorakit merge ADAPTER OUT, then use OUT as the model) or load it alone "
+                           "(generate --adapter, lorakit.load_adapter)")
     used = [name for name in _UNSUPPORTED if raw.get(name)]
     if used:
         raise AdapterError(f"{path}: the adapter uses {', '.join(used)}, which lorakit's LoRA does not support")
