@@ -1,4 +1,4 @@
-"""`lorakit pretrain`: build the embedded base model from nothing, through lorakit's own loop.
+"""The embedded model's pre-training (`lorakit pretrain`, commands/pretrain.py), through lorakit's own loop.
 
 Steps: generate the declarative corpus (`lorakit.lab.corpus`), train a byte-level BPE tokenizer
 on it, initialise a small Llama-architecture model, and train it with `lorakit.train.train` on

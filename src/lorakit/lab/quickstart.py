@@ -1,4 +1,4 @@
-"""`lorakit quickstart`: the lecture's demo, offline. Base model vs instruction-tuned, side by side.
+"""The quickstart (`lorakit quickstart`, commands/quickstart.py): the lecture's demo, offline, base vs tuned.
 
 The embedded base model knows facts about countries (it read them in pre-training) but has
 never seen a question. LoRA fine-tuning on question/answer pairs about 60% of the countries
