@@ -129,8 +129,7 @@ def inject(model: nn.Module, cfg: LoRA, paths: list[str], saved: list[str]) -> n
             raise AdapterError(f"module {path!r} holds a target parameter but also lies in targets or "
                                "modules_to_save; adapt it one way only")
     model.requires_grad_(False)
-    state = AdapterState(method=copy.deepcopy(cfg), targets=list(paths), saved_modules=list(saved),
-                         param_targets={path: list(names) for path, names in owners.items()})
+    state = AdapterState(method=copy.deepcopy(cfg), targets=list(paths), saved_modules=list(saved))
     for path in paths:  # model order, then the parameters: the same random-number use as peft
         layer = cfg.layer_type(modules[path], cfg.r, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
                                init=cfg.init)

@@ -32,12 +32,18 @@ from lorakit.adapters.lora_math import InitMethod, init_lora_A_, init_lora_B_, s
 from lorakit.errors import AdapterError
 
 
-def param_dims(param: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
-    """(experts, d_in, d_out) of a targeted parameter, read as peft reads it."""
+def stores_transposed(owner: nn.Module) -> bool:
+    """True when `owner` stores its expert weights (E, d_in, d_out) instead of (E, d_out, d_in)."""
+    return bool(getattr(owner, "is_transposed", False))
+
+
+def param_dims(owner: nn.Module, name: str) -> tuple[int, int, int]:
+    """(experts, d_in, d_out) of parameter `name` of `owner`, read as peft reads it."""
+    param = owner.get_parameter(name)
     if param.ndim == 2:
         return 1, param.shape[1], param.shape[0]
     experts, first, second = param.shape
-    return (experts, first, second) if transposed else (experts, second, first)
+    return (experts, first, second) if stores_transposed(owner) else (experts, second, first)
 
 
 def param_delta(A: torch.Tensor, B: torch.Tensor, scale: float, shape: torch.Size, transposed: bool) -> torch.Tensor:
@@ -47,8 +53,8 @@ def param_delta(A: torch.Tensor, B: torch.Tensor, scale: float, shape: torch.Siz
     A3 = A.reshape(experts, rank, A.shape[1])  # (E, r, d_in)
     B3 = B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)  # (E, d_out, r)
     delta = (B3 @ A3) * scale  # (E, d_out, d_in)
-    if transposed:
-        delta = delta.transpose(1, 2)  # (E, d_in, d_out)
+    if transposed:  # the owner stores (E, d_in, d_out)
+        delta = delta.transpose(1, 2)
     return delta.reshape(shape)
 
 
@@ -115,13 +121,13 @@ class ParamLoRA(StandIn):
         for name, child in base.named_children():
             self.add_module(name, child)
         self.hold(base)
-        self.transposed = bool(getattr(base, "is_transposed", False))
+        self.transposed = stores_transposed(base)
         self.names, self.r, self.alpha, self.rslora = list(names), r, alpha, rslora
         self.scaling = scaling(alpha, r, rslora)
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         for name in self.names:  # peft's order of random-number use: A, B, then A's init
             param = base.get_parameter(name)
-            experts, d_in, d_out = param_dims(param, self.transposed)
+            experts, d_in, d_out = param_dims(base, name)
             if r > min(d_in, d_out):
                 raise AdapterError(f"rank r={r} is larger than min(d_in, d_out) = {min(d_in, d_out)} of parameter "
                                    f"{name!r} ({tuple(param.shape)}); use r <= {min(d_in, d_out)}")

@@ -115,12 +115,7 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
         raise AdapterError(f"{folder / CONFIG_NAME}: {error}") from error
     paths = validate(base_model, weights, raw, saved, source=folder / WEIGHTS_NAME)
     inject(base_model, cfg, paths, saved)
-    _copy_in(base_model, weights)
-    with torch.no_grad():
-        for (path, name), (A, B) in param_weights.items():
-            owner = base_model.get_submodule(path)
-            owner.lora_A[name].weight.copy_(A)
-            owner.lora_B[name].weight.copy_(B)
+    _copy_in(base_model, weights, param_weights)
     return base_model
 
 
@@ -142,8 +137,7 @@ def _take_param_weights(model: nn.Module, weights: AdapterWeights, raw: dict, fo
             if pair is None:
                 raise AdapterError(f"{folder / WEIGHTS_NAME}: target parameter {path}.{name} has no LoRA weights "
                                    f"(expected {PREFIX}{stem}.lora_A.weight)")
-            experts, d_in, d_out = param_dims(module.get_parameter(name), bool(getattr(module, "is_transposed",
-                                                                                           False)))
+            experts, d_in, d_out = param_dims(module, name)
             want = ((raw["r"] * experts, d_in), (d_out, raw["r"] * experts))
             if (tuple(pair[0].shape), tuple(pair[1].shape)) != want:
                 raise AdapterError(f"{folder / WEIGHTS_NAME}: LoRA weights of parameter {path}.{name} are "
@@ -159,7 +153,7 @@ def _lora_config(raw: dict, targets: list[str], source: Path) -> LoRA:
     try:
         return method(r=raw["r"], alpha=raw.get("lora_alpha", 8), targets=targets,
                       target_parameters=list(raw.get("target_parameters") or []),
-                    dropout=raw.get("lora_dropout", 0.0), bias=raw.get("bias", "none"),
+                      dropout=raw.get("lora_dropout", 0.0), bias=raw.get("bias", "none"),
                     rslora=bool(raw.get("use_rslora", False)),
                     modules_to_save=list(raw.get("modules_to_save") or []),
                     init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming")
@@ -167,8 +161,13 @@ def _lora_config(raw: dict, targets: list[str], source: Path) -> LoRA:
         raise AdapterError(f"{source}: {error}") from error
 
 
-def _copy_in(model: nn.Module, weights: AdapterWeights) -> None:
+def _copy_in(model: nn.Module, weights: AdapterWeights,
+             param_weights: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
+        for (path, name), (A, B) in param_weights.items():  # target_parameters (MoE experts)
+            owner = model.get_submodule(path)
+            owner.lora_A[name].weight.copy_(A)
+            owner.lora_B[name].weight.copy_(B)
         for path, (A, B) in weights.lora.items():
             layer = model.get_submodule(path)
             layer.lora_A.weight.copy_(A)

@@ -27,8 +27,6 @@ class AdapterState:
     """The method config that was applied (LoRA, Full, ...)."""
     targets: list[str] = field(default_factory=list)
     """Paths of the modules wrapped by adapter layers, in model order."""
-    param_targets: dict[str, list[str]] = field(default_factory=dict)
-    """Module path -> names of its parameters adapted directly (LoRA target_parameters, e.g. MoE experts)."""
     saved_modules: list[str] = field(default_factory=list)
     """Paths of the modules_to_save: trained in full, as copies of the base modules."""
     originals: dict[str, nn.Parameter] = field(default_factory=dict)

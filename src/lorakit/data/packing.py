@@ -106,6 +106,8 @@ def packed_forward(model: nn.Module) -> Iterator[str]:
 
 
 def probe_inputs(vocab_size: int, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, slice]:
+    """(one packed row of two random examples, the second example alone, its slice in the row): what
+    the leak probe here and the per-example attention probe (train/varlen.py) compare."""
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in (5, 6))
     row = [{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}]

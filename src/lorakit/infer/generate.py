@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lorakit.infer.decode import decode
+from lorakit.infer.sampling import Sampling
+
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,
                     batch_size: int = 32) -> list[str]:
@@ -11,9 +14,6 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     The one decoding loop (`decode`), `batch_size` prompts at a time; a row stops at the
     tokenizer's end-of-sequence token or after `max_new_tokens`.
     """
-    from lorakit.infer.decode import decode
-    from lorakit.infer.sampling import Sampling
-
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     ids = [encode_prompt(tokenizer, prompt, chat=False) for prompt in prompts]
@@ -98,8 +98,6 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, m
     repeatable per prompt; `on_text(row, piece)` receives the text as it is generated.
     """
     from lorakit.adapters.multi import adapter_rows, keep_rows
-    from lorakit.infer.decode import decode
-    from lorakit.infer.sampling import Sampling
 
     chat = has_chat_template(tokenizer) if chat is None else chat
     ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
