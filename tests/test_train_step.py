@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.train import TrainConfig, field_help, lr_factor
 from lorakit.train.precision import PRECISIONS
-from lorakit.train.step import (Halving, accumulate_gradients, count_trained_tokens, evaluate, make_loss_sum,
-                                split_batch, token_loss_sum)
+from lorakit.train.step import (Halving, count_trained_tokens, evaluate, halving_on_oom, make_loss_sum,
+                                split_batch, token_loss_sum, train_step)
 from _tol import TINY, approx, tol
 from train_fixtures import freeze_except, make_examples, pad_batch, tiny_llama
 
@@ -22,16 +22,32 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+class GradientRecorder:
+    """Stands in for the optimizer: `step` keeps the step's gradients instead of updating anything."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.param_groups, self.grads = model, [{}], {}
+
+    def step(self) -> None:
+        self.grads = _grads(self.model)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
 def _accumulated_grads(model, micro_batches, call=None, halving=None) -> tuple[dict, torch.Tensor]:
+    """The gradient and summed loss of one `train_step` over `micro_batches`, wrapped in OOM halving."""
     model.zero_grad(set_to_none=True)
-    loss_sum = make_loss_sum(call or model, torch.device("cpu"), FP32)
-    n_tokens = float(count_trained_tokens(micro_batches))
+    model_loss = make_loss_sum(call or model, torch.device("cpu"), FP32)
+    recorder = GradientRecorder(model)
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def on_retry(max_rows: int) -> None:
         model.zero_grad(set_to_none=True)
 
-    summed = accumulate_gradients(loss_sum, micro_batches, n_tokens, halving, on_retry)
-    return _grads(model), summed
+    done = halving_on_oom(lambda pieces: train_step(model_loss, pieces, recorder, params=params, lr=0.0),
+                          micro_batches, halving or Halving(enabled=False), on_retry)
+    return recorder.grads, done.loss_sum
 
 
 def _assert_same_grads(a: dict, b: dict) -> None:
@@ -156,6 +172,23 @@ def test_out_of_memory_is_re_raised_when_halving_is_off(examples):
     model = tiny_llama(seed=0)
     with pytest.raises(torch.OutOfMemoryError):
         _accumulated_grads(model, [pad_batch(examples)], call=OOMAbove(model, 2), halving=Halving(enabled=False))
+
+
+class _OutOfMemoryInUpdate(GradientRecorder):
+    def step(self) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory in the update")
+
+
+def test_out_of_memory_in_the_optimizer_update_is_raised_not_retried(examples):
+    # an update stopped half way (some weights already stepped) cannot be redone: halving must not retry it
+    model = freeze_except(tiny_llama(seed=0), "q_proj")
+    model_loss = make_loss_sum(model, torch.device("cpu"), FP32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    halving = Halving()
+    with pytest.raises(torch.OutOfMemoryError, match="in the update"):
+        halving_on_oom(lambda pieces: train_step(model_loss, pieces, _OutOfMemoryInUpdate(model), params=params,
+                                                 lr=0.0), [pad_batch(examples)], halving)
+    assert halving.parts == 1
 
 
 def test_eval_loss_is_the_token_weighted_mean(examples):

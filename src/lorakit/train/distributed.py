@@ -1,12 +1,13 @@
-"""The training loop under torch.distributed (torchrun): DDP for adapters, FSDP2 for full fine-tuning.
+"""Training under torch.distributed (torchrun): DDP for adapters, FSDP2 for full fine-tuning.
 
 Launch with `torchrun --nproc-per-node N -m lorakit train CONFIG` (or `lorakit train --nproc N`).
 Every rank builds the same global list of micro-batches per epoch (same seed, same epoch) and
 one optimizer step consumes `grad_accum x world` of them: rank r takes every world-th one of the
-step's group, starting at r. The trained tokens of the whole group are summed over all ranks
-once, before any backward pass, and each rank's loss is scaled so that DDP's (and FSDP's)
-gradient averaging yields exactly the gradient of the single-process run with `grad_accum x
-world` micro-batches. Gradients are synchronised only on a rank's last micro-batch.
+step's group, starting at r (`Parallel.share`). The strategy object is passed to the one training
+step, `step.train_step`, and parameterises it: `total` sums the step's trained tokens over all
+ranks once, before any backward pass, and the step divides by `world` too, so that DDP's (and
+FSDP's) gradient averaging yields exactly the gradient of the single-process run with `grad_accum
+x world` micro-batches; `gradient_sync` lets gradients synchronise on a rank's last micro-batch only.
 
 Only rank 0 writes files; checkpoints hold full (gathered) tensors by parameter name, the same
 files a single process writes, so a run can resume with any number of ranks.
@@ -18,18 +19,19 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.train import checkpoint as ckpt
 from lorakit.labels import IGNORE_INDEX
-from lorakit.train.step import Batch, Halving, accumulate_gradients
+from lorakit.train import checkpoint as ckpt
+from lorakit.train.setup import decoder_layers
 
-LossSum = Callable[[Batch], torch.Tensor]
+if TYPE_CHECKING:  # step.py imports this module: its Batch type is for annotations only
+    from lorakit.train.step import Batch
 
 
 def init_from_env(timeout_s: float) -> bool:
@@ -113,10 +115,10 @@ class Parallel:
     def barrier(self) -> None:
         """Wait for every rank."""
 
-    def accumulate(self, loss_sum: LossSum, share: list[Batch], n_tokens: torch.Tensor | float,
-                   halving: Halving, on_retry: Callable[[int], None]) -> torch.Tensor:
-        """Forward/backward this rank's micro-batches; the summed loss, detached."""
-        return accumulate_gradients(loss_sum, share, n_tokens, halving, on_retry)
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """The context of one micro-batch's forward and backward: gradients synchronise over the ranks
+        only when `last` (the rank's last micro-batch of the step)."""
+        return contextlib.nullcontext()
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Full trainable weights by name (collective; complete on rank 0)."""
@@ -135,7 +137,7 @@ class Parallel:
 
 
 class _Collective(Parallel):
-    """What DDP and FSDP share: rank, world, sums and the gated accumulation."""
+    """What DDP and FSDP share: rank, world and sums over the ranks."""
 
     def __init__(self) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -153,17 +155,6 @@ class _Collective(Parallel):
     def barrier(self) -> None:
         dist.barrier()
 
-    def _sync(self, on: bool) -> contextlib.AbstractContextManager:
-        raise NotImplementedError
-
-    def accumulate(self, loss_sum: LossSum, share: list[Batch], n_tokens: torch.Tensor | float,
-                   halving: Halving, on_retry: Callable[[int], None]) -> torch.Tensor:
-        total = torch.zeros(())
-        for index, micro_batch in enumerate(share):
-            with self._sync(index == len(share) - 1):  # reduce gradients once, after the last one
-                total = total + accumulate_gradients(loss_sum, [micro_batch], n_tokens).cpu()
-        return total
-
 
 class DDP(_Collective):
     """DistributedDataParallel: every rank holds the whole model; gradients are all-reduced."""
@@ -176,8 +167,8 @@ class DDP(_Collective):
             call, device_ids=[device] if device.type == "cuda" else None)
         return self.ddp
 
-    def _sync(self, on: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if on else self.ddp.no_sync()
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
 
 
 class FSDP(_Collective):
@@ -188,16 +179,14 @@ class FSDP(_Collective):
     def wrap(self, model: nn.Module, call: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
-        from lorakit.train.setup import decoder_layers
-
         for block in decoder_layers(model) or []:
             fully_shard(block)  # one all-gather per block, freed after its forward
         # the root too: after an evaluation forward (no backward to follow) no weights stay gathered
         self.root = fully_shard(model, reshard_after_forward=True)
         return call
 
-    def _sync(self, on: bool) -> contextlib.AbstractContextManager:
-        self.root.set_requires_gradient_sync(on)
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        self.root.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def _options(self, **extra: bool):

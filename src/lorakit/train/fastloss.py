@@ -13,7 +13,8 @@ chunk's logits instead of storing them:
 
 Only models whose logits are exactly `lm_head(last_hidden_state)` qualify (see `LM_HEADS`);
 anything else (a softcapped or scaled head, an adapted or quantised head, an unknown model
-type) falls back to the plain path, which stays the reference the tests compare against.
+type, hooks on the model's own forward, which calling the backbone would skip) falls back to the
+plain path, which stays the reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -43,8 +44,17 @@ class HeadSplit:
     head: nn.Linear
 
 
+def forward_is_hooked(model: nn.Module) -> bool:
+    """True when hooks sit on the model's own forward (e.g. prompt tuning's): a fast path that calls the
+    model's parts, or changes how it attends, would skip or contradict them."""
+    model = getattr(model, "_orig_mod", model)  # under torch.compile, the hooks are on the original module
+    return bool(model._forward_pre_hooks or model._forward_hooks)
+
+
 def split_head(model: nn.Module) -> HeadSplit | None:
     """The backbone and the linear head of `model`, or None when the chunked loss cannot stand in."""
+    if forward_is_hooked(model):
+        return None
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     backbone = getattr(model, LM_HEADS.get(model_type, ""), None) if model_type in LM_HEADS else None
     get_head = getattr(model, "get_output_embeddings", None)

@@ -1,9 +1,11 @@
 """The one training loop: every method (LoRA, full fine-tuning, ...) trains through `train`.
 
 The loop knows nothing of adapters: it trains whatever parameters have requires_grad=True.
-Per optimizer step it (1) counts the trained tokens of the step's micro-batches, (2) runs
-forward/backward on each with loss = summed token cross-entropy / that count, (3) clips,
-sets the scheduled lr and steps AdamW. Losses stay on the device until a logging step.
+It hands each optimizer step's micro-batches and scheduled lr to `step.train_step` (forward,
+loss normalised by the step's trained tokens, backward, clip, AdamW step), wrapped in
+out-of-memory halving in a single process and given the `distributed.Parallel` strategy under
+torchrun; around the steps it evaluates, logs, checkpoints and resumes. Losses stay on the
+device until a logging step.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from lorakit.train.progress import Progress, make_progress
 from lorakit.train.schedules import lr_factor
 from lorakit.train.setup import (build_optimizer, prepared, seed_everything,
                                  trainable_named_parameters)
-from lorakit.train.step import (Batch, Halving, count_input_tokens, count_trained_tokens, evaluate,
-                                make_loss_sum)
+from lorakit.train.step import (Batch, Halving, StepResult, count_input_tokens, evaluate, halving_on_oom,
+                                make_loss_sum, train_step)
 
 
 @dataclass
@@ -126,7 +128,7 @@ class _Trainer:
         self.params = [p for _, p in self.named]
         self.optimizer = build_optimizer(self.named, cfg)
         device = self.params[0].device
-        self.loss_sum = make_loss_sum(call, device, PRECISIONS[cfg.precision], chunked=cfg.chunked_loss)
+        self.model_loss = make_loss_sum(call, device, PRECISIONS[cfg.precision], chunked=cfg.chunked_loss)
         self.state = LoopState(total_steps=total_steps)
         # ranks must agree on every split, so out-of-memory halving is a single-process feature
         self.halving = Halving(enabled=cfg.auto_batch_halving and self.parallel.world == 1)
@@ -187,19 +189,18 @@ class _Trainer:
 
     def _optimizer_step(self, group: list[Batch]) -> float:
         """One optimizer step over the micro-batches `group` (all ranks' share); returns the lr used."""
-        share = self.parallel.share(group)
-        count = self.parallel.total(count_trained_tokens(share))  # trained tokens of the whole step
-        n_tokens = max(1.0, float(count)) if count.device.type == "cpu" else count.clamp(min=1)
-        n_tokens = n_tokens / self.parallel.world  # DDP and FSDP average gradients over the ranks
-        summed = self.parallel.accumulate(self.loss_sum, share, n_tokens, self.halving, self._on_split)
-        if self.cfg.max_grad_norm:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         lr = self.cfg.lr * lr_factor(self.state.step, self.state.total_steps, self.warmup, self.cfg.schedule)
-        for param_group in self.optimizer.param_groups:
-            param_group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.pending_loss += summed.float()
+
+        def step(micro_batches: list[Batch]) -> StepResult:
+            return train_step(self.model_loss, micro_batches, self.optimizer, params=self.params, lr=lr,
+                              max_grad_norm=self.cfg.max_grad_norm, parallel=self.parallel)
+
+        share = self.parallel.share(group)
+        # ranks must agree on every split, so out-of-memory halving wraps single-process steps only
+        done = halving_on_oom(step, share, self.halving, self._on_split) if self.parallel.world == 1 else step(share)
+        self.grad_norm = done.grad_norm
+        self.pending_loss += done.loss_sum.float()
+        count = done.trained_tokens
         self.pending_trained = self.pending_trained.to(count.device) + count  # stays where labels live
         self.state.pending_inputs += count_input_tokens(group)
         return lr
@@ -227,7 +228,7 @@ class _Trainer:
     def _evaluate(self) -> float:
         self.model.eval()
         try:
-            loss = evaluate(self.loss_sum, self.eval_batches, self.halving, self._on_split)
+            loss = evaluate(self.model_loss, self.eval_batches, self.halving, self._on_split)
         finally:
             self.model.train()
         state = self.state
@@ -253,7 +254,7 @@ class _Trainer:
                   "tokens_per_s": tokens_per_s, "trained_tokens": state.trained_tokens, "elapsed": now}
         if eval_loss is not None:
             record["eval_loss"] = eval_loss
-        auxiliary = self.loss_sum.auxiliary.take()  # e.g. MoLE load balancing; None for most methods
+        auxiliary = self.model_loss.auxiliary.take()  # e.g. MoLE load balancing; None for most methods
         if auxiliary is not None:
             self.parallel.collect(auxiliary)
             record["aux_loss"] = auxiliary.item() / max(1, trained)  # weighted, per trained token

@@ -1,4 +1,18 @@
-"""The loss of a batch and the work of one optimizer step, written once for every method.
+"""One optimizer step, written once for every method: `train_step`, readable top to bottom.
+
+For each micro-batch: move it to the device, run the forward pass under the precision's
+autocast, sum the token cross-entropy over trained positions, add the gradient of any auxiliary
+losses, divide by the step's trained-token count and backward; then clip, set the lr, step the
+optimizer and zero the gradients. What varies around that step is passed in or wraps it:
+
+- `ModelLoss` (made by `make_loss_sum`): the model as the step runs it. `loss_sum` is
+  `model(**inputs)` then `token_loss_sum`, or the chunked loss (train/fastloss.py) that takes the
+  backbone's hidden states instead of full logits; `with_boundaries` adds example boundaries to
+  packed rows when the model runs per-example attention (train/varlen.py).
+- `parallel` (train/distributed.py): sums the token count over the ranks and lets DDP or FSDP
+  synchronise gradients on a rank's last micro-batch only; a single process passes nothing.
+- `halving_on_oom` wraps the step: after an out-of-memory error it redoes the same step with every
+  micro-batch split into halves.
 
 Normalisation rule (the one place it lives): an optimizer step sums the token cross-entropy
 over all its micro-batches and divides by the number of trained tokens (labels != -100)
@@ -8,8 +22,9 @@ matter how the rows were split into micro-batches (or split again after an out-o
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +32,190 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.labels import IGNORE_INDEX
-from lorakit.train.fastloss import chunked_loss_sum, split_head
+from lorakit.train.distributed import Parallel
+from lorakit.train.fastloss import HeadSplit, chunked_loss_sum, split_head
 from lorakit.train.precision import Precision
 from lorakit.train.varlen import is_enabled as varlen_enabled
 from lorakit.train.varlen import varlen_inputs
 
 Batch = dict[str, Any]
+Result = TypeVar("Result")
+SINGLE_PROCESS = Parallel()
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports to the loop."""
+
+    loss_sum: torch.Tensor  # summed token cross-entropy of this rank's micro-batches, detached
+    trained_tokens: torch.Tensor  # trained tokens of the whole step, summed over the ranks
+    grad_norm: torch.Tensor | None  # total gradient norm before clipping; None without max_grad_norm
+
+
+def train_step(model: ModelLoss, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, *,
+               params: list[nn.Parameter], lr: float, max_grad_norm: float | None = None,
+               parallel: Parallel = SINGLE_PROCESS) -> StepResult:
+    """One optimizer step over `micro_batches` (this rank's share of it); gradients are zero on entry.
+
+    `params` are the trained parameters, in the order their gradient norm is taken.
+    """
+    count = parallel.total(count_trained_tokens(micro_batches))  # trained tokens of the whole step
+    n_tokens = max(1.0, float(count)) if count.device.type == "cpu" else count.clamp(min=1)
+    n_tokens = n_tokens / parallel.world  # DDP and FSDP average gradients over the ranks
+    step_loss = torch.zeros((), device=model.device)
+    for index, batch in enumerate(micro_batches):
+        with parallel.gradient_sync(last=index == len(micro_batches) - 1):  # DDP/FSDP: all-reduce after the last
+            batch = to_device(model.with_boundaries(batch), model.device)
+            with model.precision.autocast(model.device):
+                summed = model.loss_sum(batch)  # model(**inputs) -> summed cross-entropy (or the chunked loss)
+                summed = model.auxiliary.add_gradient(summed, batch)  # e.g. MoLE load balancing: gradient only
+            (summed / n_tokens).backward()
+        step_loss += summed.detach()
+    with not_retried():  # an update stopped half way cannot be redone, so an out-of-memory here is raised
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True) if max_grad_norm else None
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum=step_loss, trained_tokens=count, grad_norm=grad_norm)
+
+
+@dataclass
+class Halving:
+    """How many pieces each micro-batch is split into after out-of-memory errors (1 = none yet)."""
+
+    enabled: bool = True
+    parts: int = 1
+
+
+def halving_on_oom(work: Callable[[list[Batch]], Result], micro_batches: list[Batch], halving: Halving,
+                   on_retry: Callable[[int], None] = lambda max_rows: None) -> Result:
+    """`work(pieces)`, the pieces being `micro_batches` each split into `halving.parts`; on out-of-memory,
+    split every micro-batch into twice as many pieces and redo the whole work.
+
+    The whole work is redone because an error in a backward pass may leave some gradients half
+    added; `on_retry(max_rows)` runs before each retry and must drop them. Errors raised inside
+    `not_retried()` are never retried.
+    """
+    if not micro_batches:
+        raise LorakitError("an optimizer step or evaluation got no batches")
+    while True:
+        try:
+            return work([piece for batch in micro_batches for piece in split_batch(batch, halving.parts)])
+        except RuntimeError as error:
+            if not (halving.enabled and is_out_of_memory(error)) or getattr(error, _NOT_RETRIED, False):
+                raise
+            max_rows = max(-(-batch_rows(b) // halving.parts) for b in micro_batches)
+            if max_rows == 1:
+                raise LorakitError(
+                    "out of memory on a micro-batch of a single row: shorten max_length, or use "
+                    "precision bf16 or gradient_checkpointing"
+                ) from error
+        # outside the except block, so the failed pass's tensors can be freed before retrying
+        halving.parts *= 2
+        on_retry(max_rows)
+
+
+_NOT_RETRIED = "lorakit_not_retried"  # set on errors that `halving_on_oom` must pass on as they are
+
+
+@contextlib.contextmanager
+def not_retried() -> Iterator[None]:
+    """Mark errors raised inside so that `halving_on_oom` re-raises them instead of retrying."""
+    try:
+        yield
+    except RuntimeError as error:
+        setattr(error, _NOT_RETRIED, True)
+        raise
+
+
+@torch.no_grad()
+def evaluate(model: ModelLoss, batches: list[Batch], halving: Halving | None = None,
+             on_retry: Callable[[int], None] = lambda max_rows: None) -> float:
+    """Token-weighted mean loss over `batches` (summed cross-entropy / trained tokens)."""
+    total = halving_on_oom(lambda pieces: sum(model(piece) for piece in pieces), batches,
+                           halving or Halving(enabled=False), on_retry)
+    n_tokens = count_trained_tokens(batches)
+    return float(total.item() / max(1, int(n_tokens.item())))
+
+
+@dataclass
+class ModelLoss:
+    """The model as the training step runs it: the callable, where and in which precision, which loss.
+
+    Calling it gives one micro-batch's summed loss exactly as `train_step` computes it before its
+    backward pass (evaluation, and tests, call it this way).
+    """
+
+    call: nn.Module  # runs the forward pass: the model, maybe compiled or wrapped for DDP
+    device: torch.device
+    precision: Precision
+    head: HeadSplit | None  # set: the chunked loss runs the backbone and this head instead of `call`
+    auxiliary: AuxiliaryLosses  # the loop logs their running sum
+
+    def with_boundaries(self, batch: Batch) -> Batch:
+        """Packed rows plus their example boundaries when `call` runs per-example attention (the mask stays
+        as the fallback); any other batch as it is."""
+        return varlen_inputs(batch) if varlen_enabled(self.call) else batch
+
+    def loss_sum(self, batch: Batch) -> torch.Tensor:
+        """Summed token cross-entropy of `batch` (already on the device) over its trained positions."""
+        if self.head is not None:  # no full-vocabulary logits: the loss is taken in chunks of trained positions
+            hidden = self.head.backbone(**model_inputs(batch)).last_hidden_state  # (B, T, C)
+            return chunked_loss_sum(hidden, self.head.head, batch["labels"])
+        return token_loss_sum(logits_of(self.call(**model_inputs(batch))), batch["labels"])
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """The summed loss of `batch`, with the auxiliary losses' gradient added (its value unchanged)."""
+        batch = to_device(self.with_boundaries(batch), self.device)
+        with self.precision.autocast(self.device):
+            return self.auxiliary.add_gradient(self.loss_sum(batch), batch)
+
+
+def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision, *,
+                  chunked: bool = False) -> ModelLoss:
+    """`call` (the model, maybe compiled or wrapped) as the step runs it on `device` in `precision`.
+
+    chunked=True: when `call` is a causal LM whose head `fastloss.split_head` recognises, the loss is
+    taken from its backbone's hidden states in chunks over trained positions only; otherwise, or
+    for other models, the plain path: logits, then `token_loss_sum`.
+    """
+    head = split_head(call) if chunked else None
+    return ModelLoss(call=call, device=device, precision=precision, head=head,
+                     auxiliary=AuxiliaryLosses(auxiliary_loss_modules(call)))
+
+
+def auxiliary_loss_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules with an `auxiliary_loss()` method (e.g. a MoLE layer's load balancing), found once."""
+    return [m for m in model.modules() if callable(getattr(m, "auxiliary_loss", None))]
+
+
+@dataclass
+class AuxiliaryLosses:
+    """Auxiliary losses that modules report after each forward pass (already weighted by them).
+
+    In training, their sum times the micro-batch's trained tokens joins the gradient of the summed
+    loss, so after the division by the step's token count it counts as a token-weighted mean over
+    micro-batches. The value returned stays the cross-entropy, so logged and evaluation losses
+    compare across methods; `pending` sums the auxiliary part for the metrics log.
+    """
+
+    modules: list[nn.Module]
+    pending: torch.Tensor | None = None
+
+    def add_gradient(self, loss_sum: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """`loss_sum` with the auxiliary losses' gradient added (its value unchanged)."""
+        values = [value for value in (m.auxiliary_loss() for m in self.modules) if value is not None]
+        if not values or not torch.is_grad_enabled():
+            return loss_sum
+        weighted = sum(values) * (batch["labels"] != IGNORE_INDEX).sum()
+        self.pending = weighted.detach() if self.pending is None else self.pending + weighted.detach()
+        return loss_sum + (weighted - weighted.detach())  # exactly +0 in value, +d(weighted) in gradient
+
+    def take(self) -> torch.Tensor | None:
+        """The auxiliary sum since the last call (then reset), or None when nothing reported one."""
+        pending, self.pending = self.pending, None
+        return pending
 
 
 def model_inputs(batch: Batch) -> Batch:
@@ -81,149 +274,3 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
     )
-
-
-def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision, *,
-                  chunked: bool = False) -> Callable[[Batch], torch.Tensor]:
-    """A function batch -> summed token loss, running `call` (the model, maybe compiled) on `device`.
-
-    chunked=True: when `call` is a causal LM whose head `fastloss.split_head` recognises, run its
-    backbone and take the loss in chunks over trained positions only (no full-vocabulary
-    logits); otherwise, or for other models, the plain path: logits, then `token_loss_sum`.
-    When `call` runs the "lorakit_varlen" attention (see train/varlen.py), packed batches get
-    their example boundaries added, so attention runs per example instead of with the dense mask.
-    """
-    split = split_head(call) if chunked and not _forward_is_hooked(call) else None
-    auxiliary = AuxiliaryLosses(auxiliary_loss_modules(call))
-
-    def loss_sum(batch: Batch) -> torch.Tensor:
-        if varlen_enabled(call):  # packed rows: pass the example boundaries (the mask stays as the fallback)
-            batch = varlen_inputs(batch)
-        batch = to_device(batch, device)
-        with precision.autocast(device):
-            if split is not None:
-                hidden = split.backbone(**model_inputs(batch)).last_hidden_state  # (B, T, C)
-                return auxiliary.add_gradient(chunked_loss_sum(hidden, split.head, batch["labels"]), batch)
-            output = call(**model_inputs(batch))
-        return auxiliary.add_gradient(token_loss_sum(logits_of(output), batch["labels"]), batch)
-
-    loss_sum.auxiliary = auxiliary  # the loop logs its running sum
-    return loss_sum
-
-
-def _forward_is_hooked(model: nn.Module) -> bool:
-    """True when hooks sit on the model's own forward (e.g. prompt tuning's): the chunked path would skip them."""
-    model = getattr(model, "_orig_mod", model)  # under torch.compile, the hooks are on the original module
-    return bool(model._forward_pre_hooks or model._forward_hooks)
-
-
-def auxiliary_loss_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules with an `auxiliary_loss()` method (e.g. a MoLE layer's load balancing), found once."""
-    return [m for m in model.modules() if callable(getattr(m, "auxiliary_loss", None))]
-
-
-@dataclass
-class AuxiliaryLosses:
-    """Auxiliary losses that modules report after each forward pass (already weighted by them).
-
-    In training, their sum times the micro-batch's trained tokens joins the gradient of the summed
-    loss, so after the division by the step's token count it counts as a token-weighted mean over
-    micro-batches. The value returned stays the cross-entropy, so logged and evaluation losses
-    compare across methods; `pending` sums the auxiliary part for the metrics log.
-    """
-
-    modules: list[nn.Module]
-    pending: torch.Tensor | None = None
-
-    def add_gradient(self, loss_sum: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """`loss_sum` with the auxiliary losses' gradient added (its value unchanged)."""
-        values = [value for value in (m.auxiliary_loss() for m in self.modules) if value is not None]
-        if not values or not torch.is_grad_enabled():
-            return loss_sum
-        weighted = sum(values) * (batch["labels"] != IGNORE_INDEX).sum()
-        self.pending = weighted.detach() if self.pending is None else self.pending + weighted.detach()
-        return loss_sum + (weighted - weighted.detach())  # exactly +0 in value, +d(weighted) in gradient
-
-    def take(self) -> torch.Tensor | None:
-        """The auxiliary sum since the last call (then reset), or None when nothing reported one."""
-        pending, self.pending = self.pending, None
-        return pending
-
-
-@dataclass
-class Halving:
-    """How many pieces each micro-batch is split into after out-of-memory errors (1 = none yet)."""
-
-    enabled: bool = True
-    parts: int = 1
-
-
-def _sum_over_pieces(batches: list[Batch], parts: int, work: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
-    total: torch.Tensor | None = None
-    for batch in batches:
-        for piece in split_batch(batch, parts):
-            value = work(piece)
-            total = value if total is None else total + value
-    if total is None:
-        raise LorakitError("an optimizer step or evaluation got no batches")
-    return total
-
-
-def run_with_halving(
-    batches: list[Batch],
-    work: Callable[[Batch], torch.Tensor],
-    halving: Halving,
-    on_retry: Callable[[int], None],
-) -> torch.Tensor:
-    """Sum `work(piece)` over the pieces of `batches`; on out-of-memory, split finer and start over.
-
-    `on_retry(max_rows)` runs before each restart (it must drop partial gradients). The whole
-    list is redone because an error in a backward pass may leave some gradients half added.
-    """
-    while True:
-        try:
-            return _sum_over_pieces(batches, halving.parts, work)
-        except RuntimeError as error:
-            if not (halving.enabled and is_out_of_memory(error)):
-                raise
-            max_rows = max(-(-batch_rows(b) // halving.parts) for b in batches)
-            if max_rows == 1:
-                raise LorakitError(
-                    "out of memory on a micro-batch of a single row: shorten max_length, or use "
-                    "precision bf16 or gradient_checkpointing"
-                ) from error
-        # outside the except block, so the failed pass's tensors can be freed before retrying
-        halving.parts *= 2
-        on_retry(max_rows)
-
-
-def accumulate_gradients(
-    loss_sum: Callable[[Batch], torch.Tensor],
-    micro_batches: list[Batch],
-    n_tokens: torch.Tensor | float,
-    halving: Halving | None = None,
-    on_retry: Callable[[int], None] = lambda max_rows: None,
-) -> torch.Tensor:
-    """Backward every micro-batch with loss_sum / n_tokens; returns the detached summed loss.
-
-    Gradients add up in `.grad`; `on_retry` must clear them when a split restarts the step.
-    """
-
-    def forward_backward(piece: Batch) -> torch.Tensor:
-        summed = loss_sum(piece)
-        (summed / n_tokens).backward()
-        return summed.detach()
-
-    return run_with_halving(micro_batches, forward_backward, halving or Halving(enabled=False), on_retry)
-
-
-@torch.no_grad()
-def evaluate(
-    loss_sum: Callable[[Batch], torch.Tensor], batches: list[Batch], halving: Halving | None = None,
-    on_retry: Callable[[int], None] = lambda max_rows: None,
-) -> float:
-    """Token-weighted mean loss over `batches` (summed cross-entropy / trained tokens)."""
-    total = run_with_halving(batches, loss_sum, halving or Halving(enabled=False), on_retry)
-    n_tokens = count_trained_tokens(batches)
-    return float(total.item() / max(1, int(n_tokens.item())))
-

@@ -9,9 +9,9 @@ them away. This module computes only each example's own causal block:
   after a probe confirms it gives the dense path's logits on a packed row; on exit the original
   implementation is restored. Anything else (eager or flash models, BLOOM, forward hooks such as
   prompt tuning's, a model the probe fails on) is left as it is: the dense mask path.
-- `varlen_inputs(batch)` (called per micro-batch by `train.step.make_loss_sum`) checks that a
-  batch's 4-D mask is exactly the block-causal mask its position_ids imply (examples start where
-  positions restart) and only then adds the example boundaries as transformers' flash-attention
+- `varlen_inputs(batch)` (called per micro-batch by `train.step.ModelLoss.with_boundaries`) checks
+  that a batch's 4-D mask is exactly the block-causal mask its position_ids imply (examples start
+  where positions restart) and only then adds the example boundaries as transformers' flash-attention
   varlen kwarg `cu_seq_lens_q` / `cu_seq_lens_k` (int32 offsets into the flattened B*T tokens). The
   mask stays in the batch.
 - `varlen_attention_forward` runs causal attention per example when those kwargs arrive; without
@@ -39,6 +39,7 @@ from torch import nn
 
 from lorakit.data.batching import block_causal_mask
 from lorakit.data.packing import probe_inputs
+from lorakit.train.fastloss import forward_is_hooked
 
 IMPLEMENTATION = "lorakit_varlen"
 ENABLED = True  # process-wide switch: False keeps every model on the dense mask path (benchmarks compare both)
@@ -187,10 +188,6 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
 
 
-def _forward_is_hooked(model: nn.Module) -> bool:
-    return bool(model._forward_pre_hooks or model._forward_hooks)
-
-
 def _probe(model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> bool:
     """True when a packed two-example row gives the dense path's logits with the boundaries passed."""
     parameter = next(model.parameters())
@@ -218,7 +215,7 @@ def enabled(model: nn.Module, autocast: Callable[[], contextlib.AbstractContextM
     """Switch `model` to "lorakit_varlen" while inside, if it applies (yields whether it did); restore after."""
     config = getattr(model, "config", None)
     original = getattr(config, "_attn_implementation", None)
-    if (not ENABLED or original != "sdpa" or _forward_is_hooked(model)
+    if (not ENABLED or original != "sdpa" or forward_is_hooked(model)
             or not getattr(model, "_supports_attention_backend", False) or not hasattr(model, "get_input_embeddings")):
         yield False
         return
