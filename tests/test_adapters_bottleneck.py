@@ -89,10 +89,10 @@ def test_merge_is_refused_and_unload_restores_the_base():
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"size": 0}, "Bottleneck: size must be a positive integer, got 0"),
-    ({"size": -3}, "Bottleneck: size must be a positive integer, got -3"),
-    ({"placement": "ffn"}, "Bottleneck: placement must be one of attention, mlp, both; got 'ffn'"),
-    ({"activation": "swish"}, "Bottleneck: activation must be one of relu, gelu, silu, tanh; got 'swish'"),
+    ({"size": 0}, "method.size: must be > 0 (got 0)"),
+    ({"size": -3}, "method.size: must be > 0 (got -3)"),
+    ({"placement": "ffn"}, "method.placement: must be one of attention, mlp, both (got 'ffn')"),
+    ({"activation": "swish"}, "method.activation: must be one of relu, gelu, silu, tanh (got 'swish')"),
 ])
 def test_bad_configs_are_named(fields, message):
     with pytest.raises(ConfigError, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):

@@ -1,9 +1,12 @@
 """Method configs, the registry, validation messages, and target matching."""
 import pytest
+import torch
 from conftest import tiny_bloom, tiny_gpt2, tiny_llama
 
 import lorakit
-from lorakit.adapters import METHODS, Full, LoRA, apply, find_targets, save_adapter, trainable_parameters
+from transformers import AutoModelForCausalLM
+
+from lorakit.adapters import METHODS, Full, LoRA, apply, find_targets, load_adapter, save_adapter, trainable_parameters
 from lorakit.adapters.layers import LoRALayer
 from lorakit.adapters.match import compact_targets
 from lorakit.errors import AdapterError, ConfigError
@@ -27,15 +30,15 @@ def test_every_registered_method_is_a_top_level_name():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(r=0), "LoRA: r must be a positive integer (the rank), got 0"),
-    (dict(r=-4), "LoRA: r must be a positive integer (the rank), got -4"),
-    (dict(r=2.5), "LoRA: r must be a positive integer (the rank), got 2.5"),
-    (dict(dropout=-0.1), "LoRA: dropout must be in [0, 1), got -0.1"),
-    (dict(dropout=1.0), "LoRA: dropout must be in [0, 1), got 1.0"),
-    (dict(alpha=0), "LoRA: alpha must be a positive number, got 0"),
-    (dict(bias="some"), "LoRA: bias must be one of none, all, lora_only; got 'some'"),
-    (dict(init="xavier"), "LoRA: init must be one of kaiming, gaussian; got 'xavier'"),
-    (dict(targets=[]), "LoRA: targets must be a module name, a pattern, 'all-linear' or a non-empty list; got []"),
+    (dict(r=0), "method.r: must be > 0 (got 0)"),
+    (dict(r=-4), "method.r: must be > 0 (got -4)"),
+    (dict(r=2.5), "method.r: expected int (got 2.5)"),
+    (dict(dropout=-0.1), "method.dropout: must be in [0, 1) (got -0.1)"),
+    (dict(dropout=1.0), "method.dropout: must be in [0, 1) (got 1.0)"),
+    (dict(alpha=0), "method.alpha: must be > 0 (got 0.0)"),
+    (dict(bias="some"), "method.bias: must be one of none, all, lora_only (got 'some')"),
+    (dict(init="xavier"), "method.init: must be one of kaiming, gaussian (got 'xavier')"),
+    (dict(targets=[]), "method.targets: must be a module name, a pattern, 'all-linear' or a non-empty list of them (got [])"),
 ])
 def test_bad_config_values_are_refused_with_the_field_named(kwargs, message):
     with pytest.raises(ConfigError) as error:
@@ -61,14 +64,18 @@ def test_apply_refuses_a_second_adapter_and_non_configs():
         apply(tiny_llama(), {"name": "lora"})
 
 
-def test_full_fine_tuning_trains_everything_and_has_no_adapter_to_save(tmp_path):
+def test_full_fine_tuning_trains_everything_and_saves_the_whole_model(tmp_path):
     model = tiny_llama()
     model.requires_grad_(False)
     apply(model, Full())
     trainable, total = trainable_parameters(model)
     assert trainable == total == sum(p.numel() for p in model.parameters())
-    with pytest.raises(AdapterError, match="the 'full' method has no LoRA adapter to save"):
-        save_adapter(model, tmp_path / "a")
+    folder = save_adapter(model, tmp_path / "a")  # the method's own save: the whole model
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    with pytest.raises(AdapterError, match="holds a whole fine-tuned model, not an adapter"):
+        load_adapter(tiny_llama(), folder)
     with pytest.raises(AdapterError, match="carries no lorakit adapter"):
         save_adapter(tiny_llama(), tmp_path / "b")
 

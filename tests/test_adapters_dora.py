@@ -124,7 +124,7 @@ def test_dora_save_load_round_trips_exactly(tmp_path):
 
 
 def test_bad_dora_configs_and_folders_are_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"DoRA: r must be a positive integer \(the rank\), got 0"):
+    with pytest.raises(ConfigError, match=r"^method.r: must be > 0 \(got 0\)$"):
         DoRA(r=0)
     ours = perturb_(apply(build("llama"), DoRA(r=2, targets=["q_proj"])))
     save_adapter(ours, tmp_path)

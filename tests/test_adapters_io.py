@@ -113,7 +113,7 @@ def test_missing_files_and_pickled_weights(llama_adapter, tmp_path):
     (dict(rank_pattern={"q_proj": 2}), "the adapter uses rank_pattern, which lorakit's LoRA does not support"),
     (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' rewrites the base weights"),
     (dict(r=0), "r must be a positive integer, got 0"),
-    (dict(lora_dropout=-0.5), "LoRA: dropout must be in [0, 1), got -0.5"),
+    (dict(lora_dropout=-0.5), "method.dropout: must be in [0, 1) (got -0.5)"),
     (dict(target_modules=["k_proj"]), "module 'model.layers.0.self_attn.q_proj' has LoRA weights but "
                                       "adapter_config.json's target_modules ['k_proj'] does not select it"),
 ])

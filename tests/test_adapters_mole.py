@@ -103,11 +103,11 @@ def test_save_load_round_trip_merge_refused_unload(tmp_path):
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"num_experts": 2, "top_k": 3}, "MoLE: top_k must be between 1 and num_experts=2, got 3"),
-    ({"num_experts": 0}, "MoLE: num_experts must be a positive integer, got 0"),
-    ({"r": 0}, "MoLE: r must be a positive integer (the rank), got 0"),
-    ({"router_init": "ones"}, "MoLE: router_init must be one of zeros, normal; got 'ones'"),
-    ({"aux_loss_weight": -1}, "MoLE: aux_loss_weight must be a number >= 0, got -1"),
+    ({"num_experts": 2, "top_k": 3}, "method.top_k: must be between 1 and num_experts=2 (got 3)"),
+    ({"num_experts": 0}, "method.num_experts: must be > 0 (got 0)"),
+    ({"r": 0}, "method.r: must be > 0 (got 0)"),
+    ({"router_init": "ones"}, "method.router_init: must be one of zeros, normal (got 'ones')"),
+    ({"aux_loss_weight": -1}, "method.aux_loss_weight: must be >= 0 (got -1.0)"),
 ])
 def test_bad_configs_are_named(fields, message):
     with pytest.raises(ConfigError) as error:

@@ -90,9 +90,9 @@ def test_merge_and_unload_give_plain_modules():
 
 
 def test_config_mistakes_are_one_clear_line():
-    with pytest.raises(ConfigError, match="LoRA: dropout must be 0 with target_parameters"):
+    with pytest.raises(ConfigError, match="^method.dropout: must be 0 with target_parameters"):
         LoRA(dropout=0.1, target_parameters=EXPERTS)
-    with pytest.raises(ConfigError, match="DoRA: target_parameters is supported by method lora only, not dora"):
+    with pytest.raises(ConfigError, match=r"^method.target_parameters: is supported by method lora only, not dora"):
         DoRA(target_parameters=EXPERTS)
     with pytest.raises(AdapterError) as error:
         apply(tiny_mixtral(), LoRA(targets=[], target_parameters=["experts.up_proj"]))

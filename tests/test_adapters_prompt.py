@@ -126,9 +126,9 @@ def test_parameters_merge_unload_and_packing():
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"num_virtual_tokens": 0}, "PromptTuning: num_virtual_tokens must be a positive integer, got 0"),
-    ({"init_from": "vocab"}, "PromptTuning: init_from must be 'random' or 'text'; got 'vocab'"),
-    ({"init_from": "text"}, "PromptTuning: init_from 'text' needs a non-empty init_text"),
+    ({"num_virtual_tokens": 0}, "method.num_virtual_tokens: must be > 0 (got 0)"),
+    ({"init_from": "vocab"}, "method.init_from: must be one of random, text (got 'vocab')"),
+    ({"init_from": "text"}, "method.init_text: must be a non-empty text when init_from is 'text' (got None)"),
 ])
 def test_bad_configs_are_named(fields, message):
     with pytest.raises(ConfigError) as error:

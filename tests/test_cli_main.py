@@ -58,9 +58,9 @@ def test_unknown_option_names_the_closest_key(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["data.max_lenght=3"], "unknown key 'data.max_lenght'; did you mean 'data.max_length'?"),
-    (["--train.lr", "abc"], "train.lr: expected float, got 'abc'"),
+    (["--train.lr", "abc"], "train.lr: expected float (got 'abc')"),
     (["--train.lr", "1e-3", "train.lr=2e-3"], "'train.lr' is given twice ('1e-3' and '2e-3')"),
-    (["--method.r", "0"], "LoRA: r must be a positive integer (the rank), got 0"),
+    (["--method.r", "0"], "method.r: must be > 0 (got 0)"),
     (["stray"], "unexpected argument 'stray': overrides are written key=value or --key value"),
 ])
 def test_config_errors_exit_2_with_one_line(recipe, capsys, argv, message):

@@ -1,40 +1,50 @@
 """The config machinery on small stand-in dataclasses: coercion, unknown keys, docs, round-trip."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import pytest
 
 from lorakit.config import ModelConfig, Schema, apply_overrides, build_config, config_to_dict, config_to_yaml
 from lorakit.errors import ConfigError
-from lorakit.fielddocs import field_docs
-from lorakit.schema import coerce, from_dict
+from lorakit.fielddocs import field_default, field_docs
+from lorakit.schema import Config, coerce, from_dict, setting
 
 
 @dataclass
-class Data:
+class Data(Config):
     """Stand-in for lorakit.data.DataConfig."""
 
-    source: str = "rows.jsonl"
-    """Where the rows come from."""
-    max_length: int = 512  # tokens per example
-    # How rows are read.
-    format: Literal["prompt_completion", "text"] = "prompt_completion"
-    columns: dict[str, str] = field(default_factory=dict)
-    limit: int | None = None
-    val_fraction: float = field(default=0.0, metadata={"help": "held-out fraction"})
+    section: ClassVar[str] = "data"
+
+    source: str = setting("rows.jsonl", "Where the rows come from.", nonempty=True)
+    max_length: int = setting(512, "tokens per example", ge=2)
+    format: Literal["prompt_completion", "text"] = setting("prompt_completion", "How rows are read.")
+    columns: dict[str, str] = setting(doc="column mapping", factory=dict)
+    limit: int | None = setting(None, "first N rows", ge=1)
+    val_fraction: float = setting(0.0, "held-out fraction", ge=0, lt=1)
 
 
 @dataclass
-class Train:
-    lr: float = 1e-3
-    epochs: int = 1
-    bf16: bool = False
+class Train(Config):
+    section: ClassVar[str] = "train"
+
+    lr: float = setting(1e-3, "learning rate", gt=0)
+    epochs: int = setting(1, "passes", ge=1)
+    bf16: bool = setting(False, "bf16 autocast")
+    schedule: str = setting("cosine", "lr shape", choices=lambda: ("constant", "cosine"))
+    warmup_steps: int = setting(0, "warmup steps", ge=0)
+    warmup_ratio: float = setting(0.0, "warmup fraction", ge=0, lt=1)
+
+    def problems(self):
+        return [("warmup_ratio", "set warmup_steps or warmup_ratio, not both")] if self.warmup_steps and \
+            self.warmup_ratio else []
 
 
 @dataclass
-class Lora:
+class Lora:  # a plain dataclass (not a Config): from_dict coerces its fields
     name: ClassVar[str] = "lora"
     r: int = 8
     alpha: float = 16.0
@@ -50,7 +60,21 @@ class Full:
     name: ClassVar[str] = "full"
 
 
-SCHEMA = Schema(sections={"model": ModelConfig, "data": Data, "train": Train}, methods={"lora": Lora, "full": Full})
+@dataclass(frozen=True)
+class Prompt(Config):  # a method that declares its fields with `setting`
+    name: ClassVar[str] = "prompt"
+    section: ClassVar[str] = "method"
+
+    tokens: int = setting(20, "virtual tokens", gt=0)
+    init: Literal["random", "text"] = setting("random", "start of the tokens")
+    text: str | None = setting(None, "init text", nonempty=True)
+
+    def problems(self):
+        return [("text", "init 'text' needs a text")] if self.init == "text" and self.text is None else []
+
+
+SCHEMA = Schema(sections={"model": ModelConfig, "data": Data, "train": Train},
+                methods={"lora": Lora, "full": Full, "prompt": Prompt})
 
 
 def build(raw, overrides=()):
@@ -70,11 +94,13 @@ def test_coerce_cli_strings_to_field_types():
 
 
 @pytest.mark.parametrize("value, tp, message", [
-    ("abc", float, "train.lr: expected float, got 'abc'"),
-    ("2.5", int, "train.lr: expected int, got '2.5'"),
-    ("maybe", bool, "train.lr: expected bool, got 'maybe'"),
-    (True, int, "train.lr: expected int, got True"),
-    ("chat", Literal["prompt_completion", "text"], "train.lr: must be one of prompt_completion, text; got 'chat'"),
+    ("abc", float, "train.lr: expected float (got 'abc')"),
+    ("2.5", int, "train.lr: expected int (got '2.5')"),
+    ("maybe", bool, "train.lr: expected bool (got 'maybe')"),
+    (True, int, "train.lr: expected int (got True)"),
+    (None, int, "train.lr: expected int (got None)"),
+    ([0.9], tuple[float, float], "train.lr: expected tuple[float, float] (got [0.9])"),
+    ("chat", Literal["prompt_completion", "text"], "train.lr: must be one of prompt_completion, text (got 'chat')"),
 ])
 def test_coerce_rejects_with_key_and_value(value, tp, message):
     with pytest.raises(ConfigError) as info:
@@ -101,9 +127,12 @@ def test_method_is_picked_by_name_and_defaults_to_lora():
     ({}, [("data.max_lenght", "3")], "unknown key 'data.max_lenght'; did you mean 'data.max_length'?"),
     ({}, [("trian.lr", "3")], "unknown key 'trian.lr'; did you mean 'train.lr'?"),
     ({"train": {"epoch": 1}}, [], "unknown key 'train.epoch'; did you mean 'train.epochs'?"),
-    ({"train": {"learning_rate": 1}}, [], "unknown key 'train.learning_rate'; valid keys: train.bf16, train.epochs, train.lr"),
+    ({"train": {"learning_rate": 1}}, [], "unknown key 'train.learning_rate'; valid keys: train.bf16, train.epochs, "
+                                          "train.lr, train.schedule, train.warmup_ratio, train.warmup_steps"),
     ({"method": {"name": "lora", "rr": 4}}, [], "unknown key 'method.rr' for method 'lora'; did you mean 'method.r'?"),
     ({"method": {"name": "full", "r": 4}}, [], "unknown key 'method.r' for method 'full'; valid keys: method.name"),
+    ({"method": {"name": "prompt", "token": 4}}, [],
+     "unknown key 'method.token' for method 'prompt'; did you mean 'method.tokens'?"),
     ({"method": "lorra"}, [], "method.name: unknown method 'lorra'; did you mean 'lora'?"),
     ({"outptu_dir": "x"}, [], "unknown key 'outptu_dir'; did you mean 'output_dir'?"),
     ({"data": {"colums": {"prompt": "act"}}}, [], "unknown key 'data.colums'; did you mean 'data.columns'?"),
@@ -133,15 +162,78 @@ def test_yaml_round_trip_is_lossless():
     assert config_to_dict(build(yaml.safe_load(text))) == config_to_dict(cfg)
 
 
-def test_field_docs_from_docstrings_comments_and_metadata():
+def test_field_docs_and_defaults_come_from_the_setting():
     docs = field_docs(Data)
     assert docs["source"] == "Where the rows come from."
     assert docs["max_length"] == "tokens per example"
     assert docs["format"] == "How rows are read."
-    assert docs["val_fraction"] == "held-out fraction"
-    assert docs["limit"] == ""
+    assert list(docs) == [f.name for f in dataclasses.fields(Data)]
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(Data)}
+    assert defaults["max_length"] == 512 and defaults["columns"] == {} and defaults["limit"] is None
+    assert Data().columns is not Data().columns  # factory: a fresh dict each time
+    with pytest.raises(TypeError, match="factory=list"):
+        setting([], "a mutable default")
 
 
 def test_from_dict_rejects_non_mapping():
-    with pytest.raises(ConfigError, match=r"^data: expected a mapping of Data fields, got 'x'$"):
+    with pytest.raises(ConfigError, match=r"^data: expected a mapping of Data fields \(got 'x'\)$"):
         from_dict(Data, "x", "data")
+
+
+# ----------------------------------------------------------------------------- one check, every path
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "lr", "0", "train.lr: must be > 0 (got 0.0)"),
+    ("train", "epochs", "0", "train.epochs: must be >= 1 (got 0)"),
+    ("data", "val_fraction", "1", "data.val_fraction: must be in [0, 1) (got 1.0)"),
+    ("train", "schedule", "cosin", "train.schedule: must be one of constant, cosine (got 'cosin')"),
+    ("data", "source", "", "data.source: must not be empty (got '')"),
+    ("data", "format", "chat", "data.format: must be one of prompt_completion, text (got 'chat')"),
+    ("data", "limit", "abc", "data.limit: expected int (got 'abc')"),
+])
+def test_python_built_config_fails_exactly_as_the_yaml_and_cli_path(section, key, value, message):
+    cls = {"train": Train, "data": Data}[section]
+    with pytest.raises(ConfigError) as from_python:
+        cls(**{key: value})
+    with pytest.raises(ConfigError) as from_yaml:
+        build({section: {key: value}})
+    with pytest.raises(ConfigError) as from_cli:
+        build({}, [(f"{section}.{key}", value)])
+    assert str(from_python.value) == str(from_yaml.value) == str(from_cli.value) == message
+
+
+def test_python_values_are_coerced_like_yaml_values():
+    cfg = Train(lr="3e-4", epochs="2", bf16="yes")
+    assert (cfg.lr, cfg.epochs, cfg.bf16) == (pytest.approx(3e-4), 2, True)
+    assert isinstance(cfg.lr, float) and cfg == build({}, [("train.lr", "3e-4"), ("train.epochs", "2"),
+                                                           ("train.bf16", "yes")]).train
+    assert Data(max_length=8.0).max_length == 8 and Data(limit="null").limit is None
+    rows = {"prompt": "completion"}
+    assert Data(columns=rows).columns is rows  # already typed: kept, not copied
+
+
+def test_cross_field_problems_and_frozen_configs():
+    with pytest.raises(ConfigError, match=r"^train.warmup_ratio: set warmup_steps or warmup_ratio, not both "
+                                          r"\(got 0.1\)$"):
+        Train(warmup_steps=3, warmup_ratio=0.1)
+    assert Prompt(tokens="8").tokens == 8  # frozen: coerced all the same
+    with pytest.raises(ConfigError, match=r"^method.tokens: must be > 0 \(got 0\)$"):
+        build({"method": {"name": "prompt", "tokens": 0}})
+    with pytest.raises(ConfigError, match=r"^method.text: init 'text' needs a text \(got None\)$"):
+        Prompt(init="text")
+
+
+def test_method_keys_are_checked_once(monkeypatch):
+    import lorakit.schema
+
+    checked = []
+    real = lorakit.schema.check_keys
+    monkeypatch.setattr(lorakit.schema, "check_keys", lambda cls, raw, prefix, *a: checked.append(prefix) or
+                        real(cls, raw, prefix, *a))
+    assert build({"method": {"name": "prompt", "tokens": "4"}}).method == Prompt(tokens=4)
+    assert checked.count("method") == 1
+    with pytest.raises(ConfigError, match=r"^unknown key 'method.r' for method 'prompt'; valid keys: method.init, "
+                                          r"method.name, method.text, method.tokens$"):
+        build({"method": {"name": "prompt", "r": 4}})
+    assert checked.count("method") == 2

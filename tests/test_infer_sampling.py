@@ -48,9 +48,9 @@ def test_next_token_greedy_and_seeded_sampling():
 
 
 def test_bad_sampling_options_are_named():
-    with pytest.raises(ConfigError, match="top_p=1.5"):
+    with pytest.raises(ConfigError, match=r"^sampling.top_p: must be in \(0, 1\] \(got 1.5\)$"):
         Sampling(top_p=1.5)
-    with pytest.raises(ConfigError, match="temperature=-1"):
+    with pytest.raises(ConfigError, match=r"^sampling.temperature: must be >= 0 \(got -1.0\)$"):
         Sampling(temperature=-1)
 
 

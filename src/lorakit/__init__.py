@@ -19,14 +19,15 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "LoRA": "lorakit.adapters.lora",
-    "Full": "lorakit.adapters.full",
-    "DoRA": "lorakit.adapters.dora",
-    "QLoRA": "lorakit.adapters.qlora",
-    "PromptTuning": "lorakit.adapters.prompt_tuning",
-    "Bottleneck": "lorakit.adapters.bottleneck",
-    "MoLE": "lorakit.adapters.mole",
+    "LoRA": "lorakit.adapters.config",
+    "Full": "lorakit.adapters.config",
+    "DoRA": "lorakit.adapters.config",
+    "QLoRA": "lorakit.adapters.config",
+    "PromptTuning": "lorakit.adapters.config",
+    "Bottleneck": "lorakit.adapters.config",
+    "MoLE": "lorakit.adapters.config",
     "apply": "lorakit.adapters",
+    "count": "lorakit.adapters",
     "trainable_parameters": "lorakit.adapters",
     "parameter_report": "lorakit.adapters",
     "save_adapter": "lorakit.adapters",

@@ -24,40 +24,46 @@ import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 from lorakit.errors import ConfigError
-from lorakit.schema import closest, coerce, from_dict, leaf_keys, to_plain, type_hints, unknown_key_error
+from lorakit.schema import (Config, closest, from_dict, leaf_keys, problem, setting, to_plain, type_hints,
+                            unknown_key_error)
 
 RECIPES_DIR = Path(__file__).parent / "configs"  # recipes shipped with the package
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Which base model to load, and how."""
 
-    name_or_path: str = "embedded"
-    """Base model: a Hugging Face hub id, a local folder, or 'embedded' (the small model inside lorakit)."""
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """Dtype of the base weights; null keeps the checkpoint's own dtype."""
-    device: str | None = None
-    """Device to train on (cpu, cuda, cuda:1, ...); null picks cuda when available, else cpu."""
-    trust_remote_code: bool = False
-    """Run modelling code shipped with a hub model. Off unless you turn it on: it executes that code."""
+    section: ClassVar[str] = "model"
+
+    name_or_path: str = setting(
+        "embedded", "Base model: a Hugging Face hub id, a local folder, or 'embedded' (the small model inside "
+                    "lorakit).", nonempty=True)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = setting(
+        None, "Dtype of the base weights; null keeps the checkpoint's own dtype.")
+    device: str | None = setting(
+        None, "Device to train on (cpu, cuda, cuda:1, ...); null picks cuda when available, else cpu.")
+    trust_remote_code: bool = setting(
+        False, "Run modelling code shipped with a hub model. Off unless you turn it on: it executes that code.")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Config):
     """Everything one training run needs; see the module docstring for the YAML shape."""
 
-    model: ModelConfig
-    method: Any  # an instance of one of lorakit.adapters.METHODS
-    data: Any  # lorakit.data.DataConfig
-    train: Any  # lorakit.train.TrainConfig
-    name: str | None = None
-    """Run folder name; null: the config file's stem (quickstart with no config), plus -2, -3, ... if taken."""
-    output_dir: str = "runs"
-    """Parent folder of run folders; the run writes to output_dir/name."""
+    section: ClassVar[str] = ""  # name and output_dir are top-level keys
+
+    model: ModelConfig = setting(doc="Which base model to load, and how (the model section).")
+    method: Any = setting(doc="The adaptation method: an instance of one of lorakit.adapters.METHODS.")
+    data: Any = setting(doc="The data section: a lorakit.data.DataConfig.")
+    train: Any = setting(doc="The train section: a lorakit.train.TrainConfig.")
+    name: str | None = setting(
+        None, "Run folder name; null: the config file's stem (quickstart with no config), plus -2, -3, ... "
+              "if taken.")
+    output_dir: str = setting("runs", "Parent folder of run folders; the run writes to output_dir/name.")
 
     @property
     def run_dir(self) -> Path:
@@ -154,19 +160,14 @@ def apply_overrides(raw: Mapping | None, overrides: Iterable[tuple[str, Any]]) -
 def _build_method(raw: Any, schema: Schema) -> Any:
     raw = {} if raw is None else raw
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"method: expected a method name or a mapping with 'name', got {raw!r}")
+        raise problem("method", "expected a method name or a mapping with 'name'", raw)
     fields = dict(raw)
     name = str(fields.pop("name", schema.default_method))
     if name not in schema.methods:
         guess = closest(name, schema.methods)
         hint = f"did you mean '{guess}'?" if guess else f"known methods: {', '.join(sorted(schema.methods))}"
         raise ConfigError(f"method.name: unknown method '{name}'; {hint}")
-    cls = schema.methods[name]
-    valid = set(type_hints(cls))
-    for key in fields:
-        if key not in valid:
-            raise unknown_key_error(f"method.{key}", [f"method.{k}" for k in valid | {"name"}], f"for method '{name}'")
-    return from_dict(cls, fields, "method")
+    return from_dict(schema.methods[name], fields, "method", context=f"for method '{name}'", also_valid=["name"])
 
 
 def build_config(raw: Mapping | None, schema: Schema | None = None) -> RunConfig:
@@ -178,8 +179,7 @@ def build_config(raw: Mapping | None, schema: Schema | None = None) -> RunConfig
         if key not in known:  # a misspelt section is matched through its first key: 'trian.lr'
             raise unknown_key_error(leaf_keys(value, str(key))[0], schema.keys())
     sections = {name: from_dict(cls, raw.get(name), name) for name, cls in schema.sections.items()}
-    hints = type_hints(RunConfig)
-    top = {key: coerce(raw[key], hints[key], key) for key in TOP_LEVEL if key in raw}
+    top = {key: raw[key] for key in TOP_LEVEL if key in raw}
     return RunConfig(method=_build_method(raw.get("method"), schema), **sections, **top)
 
 

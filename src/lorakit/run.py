@@ -193,28 +193,6 @@ def pad_id_of(tokenizer: Any) -> int:
 # ----------------------------------------------------------------------------- outputs
 
 
-def save_adapter_folder(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Path) -> Path:
-    """The trained adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
-    from lorakit.adapters import save_adapter
-
-    path = run_dir / "adapter"
-    save_adapter(model, path, base_model_name_or_path=cfg.model.name_or_path)
-    return path
-
-
-def save_full_model(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Path, state: dict | None = None) -> Path:
-    """The whole fine-tuned model (safetensors) with its tokenizer, loadable by from_pretrained;
-    `state`: its weights gathered from FSDP2 shards."""
-    path = run_dir / "model"
-    model.save_pretrained(path, state_dict=state)  # transformers 5 writes safetensors only
-    tokenizer.save_pretrained(path)
-    return path
-
-
-# method name -> how its result is saved; every adapter method saves an adapter folder
-SAVERS: dict[str, Callable[[Any, Any, RunConfig, Path], Path]] = {"full": save_full_model}
-
-
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -249,6 +227,7 @@ def write_report(result: RunResult, cfg: RunConfig, wall_s: float) -> Path:
 
 def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> RunResult:
     """Train `cfg` end to end and fill its run folder (see the module docstring)."""
+    from lorakit.adapters import save_adapter
     from lorakit.train import distributed, train
 
     started = time.perf_counter()
@@ -269,12 +248,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     log(f"run folder: {run_dir}")
     summary = train(model, cfg.train, train_batches=train_batches, eval_batches=eval_batches,
                     run_dir=run_dir, resume=resume)
-    saver = SAVERS.get(method_name(cfg.method), save_adapter_folder)
     state = distributed.gathered_weights(model)  # None unless FSDP2 sharded it (then method full)
-    output = run_dir / ("model" if state is not None else "adapter")
+    output = run_dir / cfg.method.output  # "adapter", or "model" for full fine-tuning
     if main:
-        output = saver(model, tokenizer, cfg, run_dir) if state is None else save_full_model(
-            model, tokenizer, cfg, run_dir, state)
+        save_adapter(model, output, cfg.model.name_or_path, tokenizer=tokenizer, state_dict=state)
     result = RunResult(run_dir=run_dir, output=output, model=model, tokenizer=tokenizer, summary=summary,
                        data_stats=stats, report=run_dir / REPORT_FILE)
     if main:

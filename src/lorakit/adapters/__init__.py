@@ -1,4 +1,5 @@
-"""Adapters: one file per method, target matching, merge / unmerge / unload, PEFT-format I/O.
+"""Adapters: the method configs, one implementation module per method, target matching, merge /
+unmerge / unload, PEFT-format I/O, named adapters mixed per row.
 
     model = apply(model, LoRA(r=16, alpha=32, targets="all-linear"))
     trainable, total = trainable_parameters(model)
@@ -6,36 +7,31 @@
     model = load_adapter(base_model, "out/adapter")
     plain = merge(model)                            # base class, deltas folded in
 
-`METHODS` maps a method name to its config dataclass ("lora" -> LoRA, "full" -> Full). A new
-method is one file with a config class decorated by `register_method`, imported below.
+`METHODS` maps a method name to its config dataclass ("lora" -> LoRA, "full" -> Full); the configs
+live in adapters/config.py (torch-free) and name their implementation module, which holds the
+functions of the one method contract (adapters/registry.py). Names are exported lazily, so reading
+the configs (the CLI's --help) does not import torch.
 """
 from __future__ import annotations
 
-from torch import nn
+from lorakit._lazy import lazy_exports
 
-from lorakit.adapters.full import Full  # registered first: --help and errors list full and lora first
-from lorakit.adapters.lora import LoRA
-from lorakit.adapters.bottleneck import Bottleneck  # noqa: I001
-from lorakit.adapters.dispatch import load_adapter, merge, save_adapter, unload, unmerge
-from lorakit.adapters.dora import DoRA
-from lorakit.adapters.match import find_targets
-from lorakit.adapters.mole import MoLE
-from lorakit.adapters.multi import adapter_names, adapter_rows, add_adapter, delete_adapter, set_adapter
-from lorakit.adapters.prompt_tuning import PromptTuning
-from lorakit.adapters.qlora import QLoRA
-from lorakit.adapters.registry import METHODS, register_method
-from lorakit.adapters.report import parameter_report, trainable_parameters
-from lorakit.errors import ConfigError
+_CONFIG = "lorakit.adapters.config"
+_DISPATCH = "lorakit.adapters.dispatch"
+_MULTI = "lorakit.adapters.multi"
+_EXPORTS = {
+    "METHODS": _CONFIG, "register_method": "lorakit.adapters.registry",
+    "Full": _CONFIG, "LoRA": _CONFIG, "DoRA": _CONFIG, "QLoRA": _CONFIG, "PromptTuning": _CONFIG,
+    "Bottleneck": _CONFIG, "MoLE": _CONFIG,
+    "apply": _DISPATCH, "count": _DISPATCH, "load_adapter": _DISPATCH, "merge": _DISPATCH,
+    "save_adapter": _DISPATCH, "unload": _DISPATCH, "unmerge": _DISPATCH,
+    "find_targets": "lorakit.adapters.match",
+    "parameter_report": "lorakit.adapters.report", "trainable_parameters": "lorakit.adapters.report",
+    "adapter_names": _MULTI, "adapter_rows": _MULTI, "add_adapter": _MULTI, "delete_adapter": _MULTI,
+    "set_adapter": _MULTI,
+}
 
-__all__ = ["METHODS", "Bottleneck", "DoRA", "Full", "LoRA", "MoLE", "PromptTuning", "QLoRA", "apply", "find_targets",
-           "load_adapter", "merge", "parameter_report", "register_method", "save_adapter", "trainable_parameters",
-           "unload", "unmerge"]
-__all__ += ["adapter_names", "adapter_rows", "add_adapter", "delete_adapter", "set_adapter"]  # named, per row
+__all__ = sorted(_EXPORTS)
 
 
-def apply(model: nn.Module, method_cfg) -> nn.Module:
-    """Apply a method config (an instance of a class in METHODS) to `model` in place; returns it."""
-    if type(method_cfg) not in METHODS.values():
-        raise ConfigError(f"{method_cfg!r} is not a method config; expected an instance of one of "
-                          f"{', '.join(cls.__name__ for cls in METHODS.values())}")
-    return method_cfg.apply(model)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -14,96 +14,97 @@ Saved in lorakit's own folder format (see `own_format`): peft has no such method
 """
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters import own_format
+from lorakit.adapters.config import PLACEMENTS, Bottleneck
 from lorakit.adapters.layers import adapter_dtype
-from lorakit.adapters.registry import register_method
+from lorakit.adapters.named import NamedDeltas, frozen
+from lorakit.adapters.report import trainable_by_module
 from lorakit.adapters.state import AdapterState, attach_state, detach_state, ensure_plain, require_state
-from lorakit.errors import AdapterError, ConfigError
+from lorakit.errors import AdapterError
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 # the child names under which decoder layers keep their sub-blocks, across model families
 SUBLAYER_NAMES = {"attention": ("self_attn", "attn", "self_attention", "attention"),
                   "mlp": ("mlp", "feed_forward", "ffn")}
-PLACEMENTS = {"attention": ("attention",), "mlp": ("mlp",), "both": ("attention", "mlp")}
 CHILD = "lorakit_bottleneck"
 
 
-@register_method
-@dataclass
-class Bottleneck:
-    """Houlsby bottleneck adapters after the attention and/or MLP sub-block of each decoder layer."""
+def apply(cfg: Bottleneck, model: nn.Module) -> nn.Module:
+    """Add an adapter after each chosen sub-block, freeze the base; returns the model."""
+    ensure_plain(model)
+    paths = find_sublayers(model, cfg.placement)
+    d = _hidden_size(model)
+    model.requires_grad_(False)
+    for path in paths:
+        sublayer = model.get_submodule(path)
+        weight = next(sublayer.parameters())
+        adapter = BottleneckAdapter(d, cfg.size, cfg.activation, cfg.init_scale)
+        setattr(sublayer, CHILD, adapter.to(weight.device, adapter_dtype(weight.dtype)))
+        sublayer.register_forward_hook(_adapt_output)
+    attach_state(model, AdapterState(method=cfg, targets=paths))
+    return model
 
-    name: ClassVar[str] = "bottleneck"
-    folder_type: ClassVar[str] = "bottleneck"  # adapter_config.json's lorakit_method
 
-    size: int = 16
-    """Bottleneck width: each adapter trains 2 * size * d + size + d numbers (d = hidden size)."""
-    placement: Literal["attention", "mlp", "both"] = "both"
-    """Which sub-blocks get an adapter after them: attention, mlp, or both (Houlsby's choice)."""
-    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    """The nonlinearity f between the down- and up-projection."""
-    init_scale: float = 0.01
-    """Std of the normal init of W_down (Houlsby: near-zero); W_up and both biases start at 0."""
+def save(cfg: Bottleneck, model: nn.Module, folder: str | Path, base: str | None = None, *,
+         tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+    """Write the adapter in lorakit's own folder format (the tokenizer is not needed)."""
+    return own_format.write_folder(folder, cfg, own_format.trainable_tensors(model), base)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size <= 0:
-            raise ConfigError(f"Bottleneck: size must be a positive integer, got {self.size!r}")
-        if self.placement not in PLACEMENTS:
-            raise ConfigError(f"Bottleneck: placement must be one of {', '.join(PLACEMENTS)}; got {self.placement!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"Bottleneck: activation must be one of {', '.join(ACTIVATIONS)}; "
-                              f"got {self.activation!r}")
-        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, numbers.Real) or self.init_scale < 0:
-            raise ConfigError(f"Bottleneck: init_scale must be a number >= 0, got {self.init_scale!r}")
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Add an adapter after each chosen sub-block, freeze the base; returns the model."""
-        ensure_plain(model)
-        paths = find_sublayers(model, self.placement)
-        d = _hidden_size(model)
-        model.requires_grad_(False)
-        for path in paths:
-            sublayer = model.get_submodule(path)
-            weight = next(sublayer.parameters())
-            adapter = BottleneckAdapter(d, self.size, self.activation, self.init_scale)
-            setattr(sublayer, CHILD, adapter.to(weight.device, adapter_dtype(weight.dtype)))
-            sublayer.register_forward_hook(_adapt_output)
-        attach_state(model, AdapterState(method=self, targets=paths))
-        return model
+def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+    """Apply the folder's bottleneck config to `base_model` and copy its weights in."""
+    cfg = own_format.method_config(raw, Bottleneck, folder / own_format.CONFIG_NAME)
+    apply(cfg, base_model)
+    try:
+        own_format.copy_into(base_model, folder)
+    except AdapterError:
+        unload(cfg, base_model)  # leave the base model as it was
+        raise
+    return base_model
 
-    @staticmethod
-    def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
-        """Load a folder of this method onto `base_model` (see `load`)."""
-        return load(base_model, folder, raw)
 
-    def save(self, model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
-        """Write the adapter in lorakit's own folder format."""
-        return own_format.write_folder(path, self, own_format.trainable_tensors(model), base_model_name_or_path)
+def named(model: nn.Module, name: str, folder: Path, raw: dict) -> NamedDeltas:
+    """A bottleneck folder as a named adapter: each sub-block's output y gets W_up f(W_down y) added."""
+    cfg = own_format.method_config(raw, Bottleneck, folder / own_format.CONFIG_NAME)
+    d, weight = _hidden_size(model), next(model.parameters())
+    adapters = {path: BottleneckAdapter(d, cfg.size, cfg.activation, cfg.init_scale)
+                .to(weight.device, adapter_dtype(weight.dtype)) for path in find_sublayers(model, cfg.placement)}
+    params = {f"{path}.{CHILD}.{n}": p for path, adapter in adapters.items() for n, p in adapter.named_parameters()}
+    own_format.copy_tensors(params, folder)
+    frozen(params)
+    deltas = {path: (lambda x, y, adapter=adapter: adapter.delta(y)) for path, adapter in adapters.items()}
+    return NamedDeltas(name, deltas, str(folder), list(adapters.values()))
 
-    def merge(self, model: nn.Module, **_: object) -> nn.Module:
-        """Refused: W_up f(W_down y) is nonlinear in y, so no weight of the base can absorb it."""
-        raise AdapterError("bottleneck adapters cannot be merged: the adapter applies a nonlinearity to the "
-                           "sub-block output, which no base weight can express; keep the adapter or unload it")
 
-    def unload(self, model: nn.Module) -> nn.Module:
-        """Remove every adapter and its hook: the base model as before `apply`."""
-        for path in require_state(model).targets:
-            sublayer = model.get_submodule(path)
-            for key in [k for k, hook in sublayer._forward_hooks.items() if hook is _adapt_output]:
-                del sublayer._forward_hooks[key]
-            delattr(sublayer, CHILD)
-        detach_state(model)
-        return model
+def merge(cfg: Bottleneck, model: nn.Module, **options: Any) -> nn.Module:
+    """Refused: W_up f(W_down y) is nonlinear in y, so no weight of the base can absorb it."""
+    raise AdapterError("bottleneck adapters cannot be merged: the adapter applies a nonlinearity to the "
+                       "sub-block output, which no base weight can express; keep the adapter or unload it")
+
+
+def unload(cfg: Bottleneck, model: nn.Module) -> nn.Module:
+    """Remove every adapter and its hook: the base model as before `apply`."""
+    for path in require_state(model).targets:
+        sublayer = model.get_submodule(path)
+        for key in [k for k, hook in sublayer._forward_hooks.items() if hook is _adapt_output]:
+            del sublayer._forward_hooks[key]
+        delattr(sublayer, CHILD)
+    detach_state(model)
+    return model
+
+
+def count(cfg: Bottleneck, model: nn.Module) -> dict[str, int]:
+    """Trainable numbers when `cfg` is applied to `model` (a meta-device skeleton will do):
+    2 * size * d + size + d per adapted sub-block."""
+    return trainable_by_module(apply(cfg, model))
 
 
 class BottleneckAdapter(nn.Module):
@@ -167,15 +168,3 @@ def _hidden_size(model: nn.Module) -> int:
     if not isinstance(d, int):
         raise AdapterError(f"{type(model).__name__} has no config.hidden_size to size the bottleneck adapters by")
     return d
-
-
-def load(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
-    """Apply the folder's bottleneck config to `base_model` and copy its weights in."""
-    cfg = own_format.method_config(raw, Bottleneck, folder / own_format.CONFIG_NAME)
-    cfg.apply(base_model)
-    try:
-        own_format.copy_into(base_model, folder)
-    except AdapterError:
-        cfg.unload(base_model)  # leave the base model as it was
-        raise
-    return base_model

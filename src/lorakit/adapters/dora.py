@@ -17,21 +17,23 @@ The output is never built from W' itself; the layer computes
 which costs one extra (d_out x r) @ (r x d_in) product and a row norm per forward over LoRA.
 Nothing is cached across steps: A and B change every step, so the norm does too.
 
-Adapters save in PEFT format (`use_dora: true`, m under `<module>.lora_magnitude_vector`).
+Adapters save in PEFT format (`use_dora: true`, m under `<module>.lora_magnitude_vector`); apply,
+save, load, merge, unload and count are LoRA's (lora.py, with `DoRALayer` as the layer), so the
+config names lora.py as its implementation. As a named adapter (per-row batches, adapters/multi.py)
+W, A, B and m are fixed, so each module's factor g = m / ||W + s B A|| is computed once at load
+(`frozen_factors`) and a row's output is g * (LoRA output) + (1 - g) * b (`rescale`).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from lorakit.adapters.layers import LoRALayer
-from lorakit.adapters.lora import LoRA, _config_problems
-from lorakit.adapters.lora_math import InitMethod, lora_branch
-from lorakit.adapters.registry import register_method
-from lorakit.errors import AdapterError, ConfigError
+from lorakit.adapters.config import DoRA
+from lorakit.adapters.layers import LoRALayer, layer_kind
+from lorakit.adapters.lora_math import InitMethod, delta_weight, lora_branch
+from lorakit.errors import AdapterError
+
+__all__ = ["DoRA", "DoRALayer", "dora_param_count", "frozen_factors", "rescale", "weight_norm"]
 
 
 # -- the math ---------------------------------------------------------------------------------
@@ -137,22 +139,21 @@ class DoRALayer(LoRALayer):
         return super().extra_repr() + ", dora"
 
 
-# -- the method -------------------------------------------------------------------------------
+# -- as a named adapter (inference: everything fixed) -----------------------------------------
 
-@register_method
-@dataclass
-class DoRA(LoRA):
-    """Weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353): W' = m * (W + s B A) / ||W + s B A||.
+def frozen_factors(module: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
+                   magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, (1 - g) * bias) of one DoRA module: g = m / ||W + s B A|| per output unit (d_out,), frozen."""
+    kind = layer_kind(module)
+    norm = weight_norm(module.weight, delta_weight(A, B, scale, kind.fan_in_fan_out), kind.fan_in_fan_out)
+    g = magnitude.to(A.dtype) / norm  # (d_out,)
+    bias = module.bias if module.bias is not None else torch.zeros_like(g)
+    return g, (1 - g) * bias.detach().to(g.dtype)
 
-    Same fields as LoRA; each target layer also trains d_out magnitudes.
-    """
 
-    name: ClassVar[str] = "dora"
-    layer_type: ClassVar[type] = DoRALayer
-
-    def __post_init__(self) -> None:
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        for message in _config_problems(self):
-            raise ConfigError(f"DoRA: {message}")
-
+def rescale(out: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """DoRA's output from LoRA's: g * (W x + s B A x) + b = g * (LoRA output) + (1 - g) * b; None: unchanged."""
+    if factors is None:
+        return out
+    g, c = factors
+    return (g * out.to(g.dtype) + c).to(out.dtype)

@@ -1,121 +1,100 @@
-"""LoRA: the method config and its injection into a model.
+"""LoRA (Hu et al. 2021, arXiv:2106.09685): the method's implementation, W' = W + s * B A on target layers.
 
-`lorakit.apply(model, LoRA(...))` wraps each target layer in a `LoRALayer`, freezes everything
-else, makes the chosen biases trainable, and swaps each module in `modules_to_save` for a
-trainable copy, with peft's semantics throughout, so the adapter saves in PEFT format.
+`lorakit.apply(model, LoRA(...))` wraps each target layer in a `LoRALayer` (a `DoRALayer` for
+DoRA, whose math lives in dora.py), freezes everything else, makes the chosen biases trainable,
+and swaps each module in `modules_to_save` for a trainable copy, with peft's semantics
+throughout, so the adapter saves in PEFT format (peft_format.py). The functions below are the
+method contract (adapters/registry.py) for LoRA and DoRA; QLoRA reuses them after quantising.
+
+    math      lora_math.py: s = alpha / r (alpha / sqrt(r) with rslora), branch s * B (A x),
+              r * (d_in + d_out) trainable numbers per target layer (lora_param_count)
+    layer     layers.py: LoRALayer (Linear, Conv1D); param_lora.py: 3-D expert parameters
+    save/load peft_format.py: PEFT's folder (adapter_config.json + adapter_model.safetensors)
+    merge     ops.py: W <- W + s B A, layer by layer (DoRA: m * (W + s B A) / ||W + s B A||)
+    named     NamedLoRA: the bank of multi.py mixes such pairs per row (DoRA with frozen factors)
 """
 from __future__ import annotations
 
 import copy
-import numbers
-from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
-from lorakit.adapters.layers import LoRALayer, layer_kind
-from lorakit.adapters.match import find_targets, match_spec
+from lorakit.adapters import ops, peft_format
+from lorakit.adapters.config import DoRA, LoRA
+from lorakit.adapters.dora import DoRALayer, frozen_factors
+from lorakit.adapters.layers import LoRALayer, adapter_dtype, layer_kind
+from lorakit.adapters.lora_math import scaling
+from lorakit.adapters.match import find_targets, resolve_modules_to_save
+from lorakit.adapters.named import NamedLoRA
 from lorakit.adapters.param_lora import ParamLoRA, find_param_targets
-from lorakit.adapters.registry import register_method
-from lorakit.adapters.state import (AdapterState, attach_state, ensure_plain, is_inside, replace_module,
-                                    set_parameter)
-from lorakit.errors import AdapterError, ConfigError
+from lorakit.adapters.report import trainable_by_module
+from lorakit.adapters.state import AdapterState, attach_state, ensure_plain, is_inside, replace_module, set_parameter
+from lorakit.errors import AdapterError
 
-BIAS_MODES = ("none", "all", "lora_only")
-INIT_METHODS = ("kaiming", "gaussian")
+__all__ = ["LoRA", "apply", "count", "inject", "load_folder", "merge", "named", "save", "unload"]
 
 
-@register_method
-@dataclass
-class LoRA:
-    """Low-rank adaptation (Hu et al. 2021, arXiv:2106.09685): W' = W + s * B A on target layers."""
-
-    name: ClassVar[str] = "lora"
-    layer_type: ClassVar[type] = LoRALayer  # the layer `inject` wraps targets in (DoRA swaps in its own)
-
-    r: int = 8
-    """Rank of the update B A; each target layer trains r * (d_in + d_out) numbers."""
-    alpha: float = 16.0
-    """Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) with rslora)."""
-    targets: str | list[str] = "all-linear"
-    """Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or 'all-linear'
-    ([] adapts parameters only, see target_parameters)."""
-    target_parameters: list[str] = field(default_factory=list)
-    """Parameters to adapt directly, as peft's target_parameters: names or dotted suffixes such as
-    'experts.gate_up_proj', for MoE experts stored as 3-D tensors (one LoRA pair per expert); needs dropout 0."""
-    dropout: float = 0.0
-    """Dropout probability on the LoRA branch's input (training only); 0 disables it."""
-    bias: Literal["none", "all", "lora_only"] = "none"
-    """Biases that train: none, all biases of the model, or only those of the adapted layers."""
-    rslora: bool = False
-    """Rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732)."""
-    modules_to_save: list[str] = field(default_factory=list)
-    """Modules trained in full (as copies) and saved with the adapter, e.g. ['lm_head']."""
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    """Init of A: Kaiming-uniform (peft's default) or Gaussian with std 1/r; B always starts at 0."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        if isinstance(self.target_parameters, str):
-            self.target_parameters = [self.target_parameters]
-        for message in _config_problems(self):
-            raise ConfigError(f"LoRA: {message}")
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Inject LoRA into `model` in place (see the module docstring); returns the model."""
-        ensure_plain(model)
-        saved = resolve_modules_to_save(model, self.modules_to_save)
-        module_targets = self.targets if self.targets or not self.target_parameters else None
-        paths = [p for p in find_targets(model, module_targets) if not is_inside(p, saved)] if module_targets else []
-        if module_targets and not paths:
-            raise AdapterError(f"LoRA targets {self.targets!r} select only modules listed in modules_to_save; "
-                               "nothing is left to adapt")
-        return inject(model, self, paths, saved)
+def apply(cfg: LoRA, model: nn.Module) -> nn.Module:
+    """Inject LoRA (or DoRA) into `model` in place (see the module docstring); returns the model."""
+    ensure_plain(model)
+    saved = resolve_modules_to_save(model, cfg.modules_to_save)
+    module_targets = cfg.targets if cfg.targets or not cfg.target_parameters else None
+    paths = [p for p in find_targets(model, module_targets) if not is_inside(p, saved)] if module_targets else []
+    if module_targets and not paths:
+        raise AdapterError(f"LoRA targets {cfg.targets!r} select only modules listed in modules_to_save; "
+                           "nothing is left to adapt")
+    return inject(model, cfg, paths, saved)
 
 
-def _config_problems(cfg: LoRA) -> list[str]:
-    """Every field-level mistake in a LoRA config (model-dependent checks happen in `inject`)."""
-    problems = []
-    if isinstance(cfg.r, bool) or not isinstance(cfg.r, int) or cfg.r <= 0:
-        problems.append(f"r must be a positive integer (the rank), got {cfg.r!r}")
-    if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, numbers.Real) or cfg.alpha <= 0:
-        problems.append(f"alpha must be a positive number, got {cfg.alpha!r}")
-    if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, numbers.Real) or not 0 <= cfg.dropout < 1:
-        problems.append(f"dropout must be in [0, 1), got {cfg.dropout!r}")
-    if cfg.bias not in BIAS_MODES:
-        problems.append(f"bias must be one of {', '.join(BIAS_MODES)}; got {cfg.bias!r}")
-    if cfg.init not in INIT_METHODS:
-        problems.append(f"init must be one of {', '.join(INIT_METHODS)}; got {cfg.init!r}")
-    specs = [cfg.targets] if isinstance(cfg.targets, str) else cfg.targets
-    parameters_only = isinstance(specs, (list, tuple)) and not specs and bool(cfg.target_parameters)
-    if not isinstance(specs, (list, tuple)) or not (specs or parameters_only) or not all(
-            isinstance(s, str) and s for s in specs):
-        problems.append(f"targets must be a module name, a pattern, 'all-linear' or a non-empty list; "
-                        f"got {cfg.targets!r}")
-    if not isinstance(cfg.target_parameters, (list, tuple)) or not all(
-            isinstance(s, str) and s for s in cfg.target_parameters):
-        problems.append(f"target_parameters must be a list of parameter names; got {cfg.target_parameters!r}")
-    elif cfg.target_parameters and cfg.name != "lora":
-        problems.append(f"target_parameters is supported by method lora only, not {cfg.name}")
-    elif cfg.target_parameters and cfg.dropout:
-        problems.append("dropout must be 0 with target_parameters: dropout on the input of a parameter's "
-                        "product cannot be expressed (peft has the same rule)")
-    if not all(isinstance(s, str) and s for s in cfg.modules_to_save):
-        problems.append(f"modules_to_save must be a list of module names; got {cfg.modules_to_save!r}")
-    return problems
+def save(cfg: LoRA, model: nn.Module, folder: str | Path, base: str | None = None, *,
+         tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+    """Write the adapter as a PEFT LoRA folder (`use_dora: true` for DoRA); the tokenizer is not needed."""
+    return peft_format.save_adapter(model, folder, base)
 
 
-def resolve_modules_to_save(model: nn.Module, specs: list[str]) -> list[str]:
-    """Paths of the modules named by `specs` (same rules as targets), outermost only."""
-    names = [n for n, _ in model.named_modules() if n]
-    found: set[str] = set()
-    for spec in specs:
-        hits = match_spec(spec, names)
-        if not hits:
-            raise AdapterError(f"modules_to_save entry {spec!r} matches no module of {type(model).__name__}")
-        found.update(hits)
-    return [n for n in names if n in found and not is_inside(n, found - {n})]
+def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+    """Load a PEFT LoRA / DoRA folder (saved by lorakit or peft) onto `base_model`, checked before it is touched."""
+    found = peft_format.read_folder(base_model, Path(folder))
+    inject(base_model, found.cfg, found.paths, found.saved)
+    peft_format.copy_in(base_model, found)
+    return base_model
+
+
+def named(model: nn.Module, name: str, folder: Path, raw: dict) -> NamedLoRA:
+    """A PEFT LoRA / DoRA folder as a named adapter: its A, B per module, and DoRA's factors frozen at load."""
+    found = peft_format.read_folder(model, Path(folder), named=True)
+    if found.weights.params:
+        raise AdapterError(f"{folder}: adapter {name!r} also trains {sorted(found.weights.params)[0]!r} (a bias or a "
+                           "modules_to_save copy); per-row adapters hold LoRA weights only, so load it with "
+                           "load_adapter instead")
+    base_weight = next(model.parameters())
+    dtype = adapter_dtype(base_weight.dtype)
+    pairs = {path: (A.to(base_weight.device, dtype), B.to(base_weight.device, dtype))
+             for path, (A, B) in found.weights.lora.items()}
+    scale = scaling(found.cfg.alpha, found.cfg.r, found.cfg.rslora)
+    with torch.no_grad():
+        dora = {path: frozen_factors(model.get_submodule(path), *pairs[path], scale, magnitude.to(base_weight.device))
+                for path, magnitude in found.weights.magnitude.items()}
+    return NamedLoRA(name, pairs, scale, str(folder), dora)
+
+
+def merge(cfg: LoRA, model: nn.Module, **options: Any) -> nn.Module:
+    """Fold every B A into its base weight (see `ops.merge` for `safe` and `keep_layers`)."""
+    return ops.merge(model, **options)
+
+
+def unload(cfg: LoRA, model: nn.Module) -> nn.Module:
+    """Remove the adapter without merging: the base model as before `apply`."""
+    return ops.unload(model)
+
+
+def count(cfg: LoRA, model: nn.Module) -> dict[str, int]:
+    """Trainable numbers per adapted module when `cfg` is applied to `model` (a meta-device skeleton will do):
+    r * (d_in + d_out) per target layer, + d_out magnitudes for DoRA, + trained biases and modules_to_save."""
+    return trainable_by_module(apply(cfg, model))
 
 
 def inject(model: nn.Module, cfg: LoRA, paths: list[str], saved: list[str]) -> nn.Module:
@@ -129,10 +108,10 @@ def inject(model: nn.Module, cfg: LoRA, paths: list[str], saved: list[str]) -> n
             raise AdapterError(f"module {path!r} holds a target parameter but also lies in targets or "
                                "modules_to_save; adapt it one way only")
     model.requires_grad_(False)
+    layer_type = DoRALayer if isinstance(cfg, DoRA) else LoRALayer
     state = AdapterState(method=copy.deepcopy(cfg), targets=list(paths), saved_modules=list(saved))
     for path in paths:  # model order, then the parameters: the same random-number use as peft
-        layer = cfg.layer_type(modules[path], cfg.r, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout,
-                               init=cfg.init)
+        layer = layer_type(modules[path], cfg.r, cfg.alpha, rslora=cfg.rslora, dropout=cfg.dropout, init=cfg.init)
         replace_module(model, path, layer)
     for path, names in owners.items():
         replace_module(model, path, ParamLoRA(modules[path], names, cfg.r, cfg.alpha, rslora=cfg.rslora,

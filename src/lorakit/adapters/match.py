@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.adapters.layers import LAYER_KINDS, LoRALayer, layer_kind, registered_parent
+from lorakit.adapters.state import is_inside
 from lorakit.errors import AdapterError, ConfigError
 
 ALL_LINEAR = "all-linear"
@@ -58,6 +59,18 @@ def match_spec(spec: str, names: Iterable[str]) -> list[str]:
         pattern = None  # not a regex: exact / suffix matching only
     return [n for n in names
             if n == spec or n.endswith("." + spec) or (pattern is not None and pattern.fullmatch(n))]
+
+
+def resolve_modules_to_save(model: nn.Module, specs: list[str]) -> list[str]:
+    """Paths of the modules named by `specs` (same rules as targets), outermost only."""
+    names = [n for n, _ in model.named_modules() if n]
+    found: set[str] = set()
+    for spec in specs:
+        hits = match_spec(spec, names)
+        if not hits:
+            raise AdapterError(f"modules_to_save entry {spec!r} matches no module of {type(model).__name__}")
+        found.update(hits)
+    return [n for n in names if n in found and not is_inside(n, found - {n})]
 
 
 def compact_targets(model: nn.Module, paths: list[str]) -> list[str]:

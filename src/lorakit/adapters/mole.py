@@ -15,10 +15,8 @@ be merged into W. Saved in lorakit's own folder format (see `own_format`).
 """
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,91 +24,76 @@ from torch import nn
 
 from lorakit.adapters import own_format
 from lorakit.adapters.layers import WrappedLayer, adapter_dtype
-from lorakit.adapters.lora import LoRA
+from lorakit.adapters.config import MoLE
 from lorakit.adapters.lora_math import init_lora_A_, lora_branch, scaling
 from lorakit.adapters.match import find_targets
-from lorakit.adapters.registry import register_method
+from lorakit.adapters.named import NamedDeltas, frozen
+from lorakit.adapters.report import trainable_by_module
 from lorakit.adapters.state import AdapterState, attach_state, detach_state, ensure_plain, replace_module
-from lorakit.errors import AdapterError, ConfigError
-
-ROUTER_INITS = ("zeros", "normal")
+from lorakit.errors import AdapterError
 
 
-@register_method
-@dataclass
-class MoLE:
-    """Mixture of LoRA experts: k LoRA pairs per target layer and a per-token softmax router."""
+def apply(cfg: MoLE, model: nn.Module) -> nn.Module:
+    """Wrap each target layer in a MoLELayer, freeze the rest; returns the model."""
+    ensure_plain(model)
+    paths = find_targets(model, cfg.targets)
+    modules = dict(model.named_modules())
+    model.requires_grad_(False)
+    for path in paths:
+        replace_module(model, path, MoLELayer(modules[path], cfg))
+    attach_state(model, AdapterState(method=cfg, targets=paths))
+    return model
 
-    name: ClassVar[str] = "mole"
-    folder_type: ClassVar[str] = "mole"  # adapter_config.json's lorakit_method
 
-    r: int = 8
-    """Rank of the update B A; each target layer trains r * (d_in + d_out) numbers per expert."""
-    alpha: float = 16.0
-    """Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) with rslora), per expert."""
-    targets: str | list[str] = "all-linear"
-    """Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or 'all-linear'."""
-    rslora: bool = False
-    """Rank-stabilised scaling s = alpha / sqrt(r)."""
-    num_experts: int = 4
-    """k: LoRA experts per target layer; each layer trains k * r * (d_in + d_out) + k * d_in numbers."""
-    top_k: int | None = None
-    """Keep only the top_k gates per token and renormalise them; None mixes all k experts."""
-    router_init: Literal["zeros", "normal"] = "zeros"
-    """Router weights at start: zeros (uniform gates) or normal with std 0.02."""
-    aux_loss_weight: float = 0.01
-    """Weight of the load-balancing loss added to the training loss (0 disables it)."""
+def save(cfg: MoLE, model: nn.Module, folder: str | Path, base: str | None = None, *,
+         tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+    """Write the adapter in lorakit's own folder format (the tokenizer is not needed)."""
+    return own_format.write_folder(folder, cfg, own_format.trainable_tensors(model), base)
 
-    def __post_init__(self) -> None:
-        lora_fields = {f.name: getattr(self, f.name) for f in fields(self) if f.name in LoRA.__dataclass_fields__}
-        try:
-            LoRA(**lora_fields)  # the shared LoRA field checks
-        except ConfigError as error:
-            raise ConfigError(str(error).replace("LoRA:", "MoLE:", 1)) from error
-        k = self.num_experts
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ConfigError(f"MoLE: num_experts must be a positive integer, got {k!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or not 1 <= self.top_k <= k):
-            raise ConfigError(f"MoLE: top_k must be between 1 and num_experts={k}, got {self.top_k!r}")
-        if self.router_init not in ROUTER_INITS:
-            raise ConfigError(f"MoLE: router_init must be one of {', '.join(ROUTER_INITS)}; got {self.router_init!r}")
-        weight = self.aux_loss_weight
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight < 0:
-            raise ConfigError(f"MoLE: aux_loss_weight must be a number >= 0, got {weight!r}")
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Wrap each target layer in a MoLELayer, freeze the rest; returns the model."""
-        ensure_plain(model)
-        paths = find_targets(model, self.targets)
-        modules = dict(model.named_modules())
-        model.requires_grad_(False)
-        for path in paths:
-            replace_module(model, path, MoLELayer(modules[path], self))
-        attach_state(model, AdapterState(method=self, targets=paths))
-        return model
+def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+    """Apply the folder's MoLE config to `base_model` and copy its weights in."""
+    cfg = own_format.method_config(raw, MoLE, folder / own_format.CONFIG_NAME)
+    apply(cfg, base_model)
+    try:
+        own_format.copy_into(base_model, folder)
+    except AdapterError:
+        unload(cfg, base_model)
+        raise
+    return base_model
 
-    @staticmethod
-    def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
-        """Load a folder of this method onto `base_model` (see `load`)."""
-        return load(base_model, folder, raw)
 
-    def save(self, model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
-        """Write the adapter in lorakit's own folder format."""
-        return own_format.write_folder(path, self, own_format.trainable_tensors(model), base_model_name_or_path)
+def named(model: nn.Module, name: str, folder: Path, raw: dict) -> NamedDeltas:
+    """A MoLE folder as a named adapter: each target adds its expert mixture of the input to its output."""
+    cfg = own_format.method_config(raw, MoLE, folder / own_format.CONFIG_NAME)
+    layers = {path: MoLELayer(model.get_submodule(path), cfg) for path in find_targets(model, cfg.targets)}
+    params = {f"{path}.{n}": p for path, layer in layers.items()
+              for n, p in layer.named_parameters() if n not in ("weight", "bias")}
+    own_format.copy_tensors(params, folder)
+    frozen(params)
+    deltas = {path: (lambda x, y, layer=layer: layer.mixture(x).to(y.dtype)) for path, layer in layers.items()}
+    return NamedDeltas(name, deltas, str(folder), list(layers.values()))
 
-    def merge(self, model: nn.Module, **_: object) -> nn.Module:
-        """Refused: the gates depend on each token, so no single weight equals the mixture."""
-        raise AdapterError("a mixture of LoRA experts cannot be merged: its router mixes the experts differently "
-                           "for every token, which no single base weight can express; keep the adapter or unload it")
 
-    def unload(self, model: nn.Module) -> nn.Module:
-        """Put the plain base layers back: the base model as before `apply`."""
-        for path, module in list(model.named_modules()):
-            if isinstance(module, MoLELayer):
-                replace_module(model, path, module.to_plain())
-        detach_state(model)
-        return model
+def merge(cfg: MoLE, model: nn.Module, **options: Any) -> nn.Module:
+    """Refused: the gates depend on each token, so no single weight equals the mixture."""
+    raise AdapterError("a mixture of LoRA experts cannot be merged: its router mixes the experts differently "
+                       "for every token, which no single base weight can express; keep the adapter or unload it")
+
+
+def unload(cfg: MoLE, model: nn.Module) -> nn.Module:
+    """Put the plain base layers back: the base model as before `apply`."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, MoLELayer):
+            replace_module(model, path, module.to_plain())
+    detach_state(model)
+    return model
+
+
+def count(cfg: MoLE, model: nn.Module) -> dict[str, int]:
+    """Trainable numbers per target when `cfg` is applied to `model` (a meta-device skeleton will do):
+    `param_count` per target layer, k LoRA pairs plus the router."""
+    return trainable_by_module(apply(cfg, model))
 
 
 class MoLELayer(WrappedLayer):
@@ -190,16 +173,3 @@ def balance_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 def param_count(d_in: int, d_out: int, r: int, k: int) -> int:
     """Trainable numbers of one MoLE layer: k LoRA pairs plus the router (k x d_in)."""
     return k * r * (d_in + d_out) + k * d_in
-
-
-def load(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
-    """Apply the folder's MoLE config to `base_model` and copy its weights in."""
-    cfg = own_format.method_config(raw, MoLE, folder / own_format.CONFIG_NAME)
-    cfg.apply(base_model)
-    try:
-        own_format.copy_into(base_model, folder)
-    except AdapterError:
-        cfg.unload(base_model)
-        raise
-    return base_model
-

@@ -32,39 +32,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.adapters.dora import weight_norm
-from lorakit.adapters.layers import adapter_dtype, layer_kind
-from lorakit.adapters.lora_math import delta_weight, lora_branch, scaling
-from lorakit.adapters.named import NamedPrompt, attach_prompt_hooks, read_named
-from lorakit.adapters.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from lorakit.adapters.peft_load import read_config, read_weights, validate
+from lorakit.adapters.dispatch import read_named
+from lorakit.adapters.dora import rescale
+from lorakit.adapters.lora_math import lora_branch
+from lorakit.adapters.named import NamedLoRA, NamedPrompt
+from lorakit.adapters.prompt_tuning import attach_prompt_hooks
 from lorakit.adapters.state import get_state, lora_layers
 from lorakit.errors import AdapterError
 
 BANK_ATTR = "lorakit_named_adapters"
 Plan = list[tuple[str, torch.Tensor | None]]  # (adapter name, row indices or None for all rows)
-
-
-@dataclass
-class NamedLoRA:
-    """One named adapter: module path -> (A (r, d_in), B (d_out, r)) and its scaling."""
-
-    name: str
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    scale: float
-    source: str = ""
-    dora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """DoRA modules: path -> (g = m / ||W + s B A|| (d_out,), (1 - g) * bias (d_out,)), fixed at load time."""
-
-    @property
-    def paths(self) -> list[str]:
-        """The module paths this adapter hooks."""
-        return list(self.pairs)
-
-    def delta(self, path: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """s * B (A x) for module `path`, in the dtype of its output `y`."""
-        A, B = self.pairs[path]
-        return lora_branch(x.to(A.dtype), A, B, self.scale).to(y.dtype)
 
 
 @dataclass
@@ -117,11 +94,11 @@ class AdapterBank:
             A, B = pair
             adapter = self.adapters[name]
             if rows is None:
-                out = _rescale(out + lora_branch(x.to(A.dtype), A, B, adapter.scale).to(out.dtype),
+                out = rescale(out + lora_branch(x.to(A.dtype), A, B, adapter.scale).to(out.dtype),
                                adapter.dora.get(path))  # (B, T, d_out)
             else:
                 part = lora_branch(x[rows].to(A.dtype), A, B, adapter.scale).to(out.dtype)  # (b, T, d_out)
-                out = out.index_copy(0, rows, _rescale(out[rows] + part, adapter.dora.get(path)))
+                out = out.index_copy(0, rows, rescale(out[rows] + part, adapter.dora.get(path)))
         return out
 
     def _mixed_branch(self, path: str, x: torch.Tensor | None, out):
@@ -136,7 +113,7 @@ class AdapterBank:
             y_rows = hidden if rows is None else hidden[rows]  # (b, T, d_out)
             new = y_rows + adapter.delta(path, x_rows, y_rows)
             if isinstance(adapter, NamedLoRA):
-                new = _rescale(new, adapter.dora.get(path))
+                new = rescale(new, adapter.dora.get(path))
             hidden = new if rows is None else hidden.index_copy(0, rows, new)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
@@ -153,7 +130,7 @@ class AdapterBank:
             out = torch.baddbmm(out, low, B_t)  # out + low @ B_t: (N, T, d_out)
         else:
             out = out + torch.bmm(low, B_t).to(out.dtype)
-        return out if dora is None else _rescale(out, dora)
+        return out if dora is None else rescale(out, dora)
 
     def _stack(self, path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-row A and s*B for module `path`; rows without an adapter there get zeros (rank padded)."""
@@ -187,24 +164,6 @@ class AdapterBank:
         return g_slots[index].unsqueeze(1), c_slots[index].unsqueeze(1)
 
 
-def _rescale(out: torch.Tensor, dora: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """DoRA's output from LoRA's: g * (W x + s B A x) + b = g * (out_lora) + (1 - g) * b; LoRA: unchanged."""
-    if dora is None:
-        return out
-    g, c = dora
-    return (g * out.to(g.dtype) + c).to(out.dtype)
-
-
-def _dora_factors(module: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
-                  magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, (1 - g) * bias) of one DoRA module: g = m / ||W + s B A|| per output unit (frozen at inference)."""
-    kind = layer_kind(module)
-    norm = weight_norm(module.weight, delta_weight(A, B, scale, kind.fan_in_fan_out), kind.fan_in_fan_out)
-    g = magnitude.to(A.dtype) / norm  # (d_out,)
-    bias = module.bias if module.bias is not None else torch.zeros_like(g)
-    return g, (1 - g) * bias.detach().to(g.dtype)
-
-
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters added with `add_adapter`, in the order they were added."""
     bank = getattr(model, BANK_ATTR, None)
@@ -222,26 +181,6 @@ def _bank(model: nn.Module) -> AdapterBank:
     return bank
 
 
-def _read_folder(model: nn.Module, name: str, folder: Path) -> NamedLoRA:
-    raw = read_config(folder / CONFIG_NAME)
-    weights = read_weights(folder / WEIGHTS_NAME, prefix=PREFIX)
-    validate(model, weights, raw, [], source=folder / WEIGHTS_NAME)
-    if weights.params:
-        raise AdapterError(f"{folder}: adapter {name!r} also trains {sorted(weights.params)[0]!r} (a bias or a "
-                           "modules_to_save copy); per-row adapters hold LoRA weights only, so load it with "
-                           "load_adapter instead")
-    base_weight = next(model.parameters())
-    dtype = adapter_dtype(base_weight.dtype)
-    pairs = {path: (A.to(base_weight.device, dtype), B.to(base_weight.device, dtype))
-             for path, (A, B) in weights.lora.items()}
-    scale = scaling(raw.get("lora_alpha", 8), raw["r"], bool(raw.get("use_rslora")))
-    with torch.no_grad():
-        dora = {path: _dora_factors(model.get_submodule(path), *pairs[path], scale,
-                                    magnitude.to(base_weight.device))
-                for path, magnitude in weights.magnitude.items()}
-    return NamedLoRA(name, pairs, scale, str(folder), dora)
-
-
 def _hook(bank: AdapterBank, path: str):
     def add_branches(module, args, output):
         return bank.branch(path, args[0] if args else None, output) if bank.plan else output
@@ -257,7 +196,7 @@ def add_adapter(model: nn.Module, name: str, path: str | Path) -> nn.Module:
     if name in bank.adapters:
         raise AdapterError(f"an adapter named {name!r} is already loaded (from {bank.adapters[name].source}); "
                            "delete_adapter it first or pick another name")
-    adapter = read_named(model, name, Path(path)) or _read_folder(model, name, Path(path))
+    adapter = read_named(model, name, Path(path))
     bank.adapters[name] = adapter
     if isinstance(adapter, NamedPrompt) and not bank.prompt_hooks:
         bank.prompt_hooks = attach_prompt_hooks(model, bank.row_prompts)

@@ -19,15 +19,15 @@ Weights are read with safetensors only; nothing is unpickled.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.adapters.dora import DoRA
-from lorakit.adapters.lora import LoRA, inject, resolve_modules_to_save
-from lorakit.adapters.match import compact_targets
+from lorakit.adapters.config import DoRA, LoRA
+from lorakit.adapters.match import compact_targets, resolve_modules_to_save
 from lorakit.adapters.param_lora import find_param_targets, param_dims, param_lora_modules, peft_keys
 from lorakit.adapters.peft_load import AdapterWeights, read_config, read_weights, validate
 from lorakit.adapters.state import lora_layers, require_state
@@ -97,26 +97,33 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     return folder
 
 
-def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a PEFT-format LoRA folder (saved by lorakit or peft) onto `base_model`, in place.
+@dataclass
+class PeftFolder:
+    """A PEFT LoRA folder read and checked against a base model, before the model is touched."""
 
-    Everything is checked before the model is touched: the config's peft_type and features,
-    the safetensors file, and that every module and shape fits the base model. The result is
-    the same as `apply` followed by training: adapter weights trainable, the rest frozen.
-    """
-    folder = Path(path)
-    raw = read_config(folder / CONFIG_NAME, parameters=True)
+    cfg: LoRA  # LoRA, or DoRA when use_dora
+    paths: list[str]  # the modules its weights adapt
+    saved: list[str]  # its modules_to_save, as paths of the base model
+    weights: AdapterWeights
+    param_weights: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def read_folder(base_model: nn.Module, folder: Path, *, named: bool = False) -> PeftFolder:
+    """Read a PEFT-format LoRA / DoRA folder (saved by lorakit or peft) and check it fits `base_model`.
+
+    Everything is checked here: the config's peft_type and features, the safetensors file, and that
+    every module and shape fits the base model. `named`: for a named (per-row) adapter, which takes no
+    modules_to_save or expert parameters."""
+    raw = read_config(folder / CONFIG_NAME, parameters=not named)
     weights = read_weights(folder / WEIGHTS_NAME, prefix=PREFIX)
-    param_weights = _take_param_weights(base_model, weights, raw, folder)
+    param_weights = {} if named else _take_param_weights(base_model, weights, raw, folder)
     cfg = _lora_config(raw, targets=list(weights.lora), source=folder / CONFIG_NAME)
     try:
-        saved = resolve_modules_to_save(base_model, cfg.modules_to_save)
+        saved = [] if named else resolve_modules_to_save(base_model, cfg.modules_to_save)
     except AdapterError as error:
         raise AdapterError(f"{folder / CONFIG_NAME}: {error}") from error
     paths = validate(base_model, weights, raw, saved, source=folder / WEIGHTS_NAME)
-    inject(base_model, cfg, paths, saved)
-    _copy_in(base_model, weights, param_weights)
-    return base_model
+    return PeftFolder(cfg, paths, saved, weights, param_weights)
 
 
 def _take_param_weights(model: nn.Module, weights: AdapterWeights, raw: dict, folder: Path
@@ -161,8 +168,9 @@ def _lora_config(raw: dict, targets: list[str], source: Path) -> LoRA:
         raise AdapterError(f"{source}: {error}") from error
 
 
-def _copy_in(model: nn.Module, weights: AdapterWeights,
-             param_weights: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+def copy_in(model: nn.Module, found: PeftFolder) -> None:
+    """Copy a checked folder's tensors into the LoRA layers `found.cfg` was injected as."""
+    weights, param_weights = found.weights, found.param_weights
     with torch.no_grad():
         for (path, name), (A, B) in param_weights.items():  # target_parameters (MoE experts)
             owner = model.get_submodule(path)

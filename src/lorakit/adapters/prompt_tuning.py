@@ -19,106 +19,113 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit.adapters.config import PromptTuning
+from lorakit.adapters.named import NamedPrompt
+from lorakit.adapters.report import trainable_by_module
 from lorakit.adapters.state import AdapterState, attach_state, detach_state, ensure_plain
-from lorakit.adapters.registry import register_method
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.labels import IGNORE_INDEX
+from lorakit.models import load_tokenizer
 
 CHILD = "lorakit_prompt"
 PEFT_KEY = "prompt_embeddings"
 
 
-@register_method
-@dataclass
-class PromptTuning:
-    """Prompt tuning: n learned virtual-token embeddings in front of every input; the base is frozen."""
+def apply(cfg: PromptTuning, model: nn.Module) -> nn.Module:
+    """Add the virtual tokens and their hooks, freeze the base; returns the model."""
+    ensure_plain(model)
+    table = model.get_input_embeddings().weight  # (V, d)
+    prompt = VirtualTokens(cfg.num_virtual_tokens, table.shape[1]).to(table.device)
+    with torch.no_grad():
+        prompt.embeddings.copy_(_initial_embeddings(cfg, model, table))
+    model.requires_grad_(False)
+    setattr(model, CHILD, prompt)
+    model.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
+    model.register_forward_hook(_strip_prompt_logits)
+    attach_state(model, AdapterState(method=cfg, targets=[CHILD]))
+    return model
 
-    name: ClassVar[str] = "prompt_tuning"
-    folder_type: ClassVar[str] = "PROMPT_TUNING"  # adapter_config.json's peft_type
 
-    num_virtual_tokens: int = 20
-    """n: virtual tokens prepended to each row; n * d numbers train (d = embedding size)."""
-    init_from: Literal["random", "text"] = "random"
-    """Start of the virtual tokens: random (normal, with the std of the input embeddings) or the embeddings
-    of init_text's tokens, repeated or cut to n (Lester et al.'s text init)."""
-    init_text: str | None = None
-    """Text whose token embeddings start the prompt when init_from is 'text'."""
-    tokenizer_name_or_path: str | None = None
-    """Tokenizer for init_text (default: the model's own name_or_path)."""
+def _initial_embeddings(cfg: PromptTuning, model: nn.Module, table: torch.Tensor) -> torch.Tensor:  # (n, d)
+    n = cfg.num_virtual_tokens
+    if cfg.init_from == "random":
+        return torch.randn(n, table.shape[1], device=table.device) * table.float().std()
+    name = cfg.tokenizer_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        raise AdapterError("PromptTuning init_from 'text' needs tokenizer_name_or_path: the model has no "
+                           "name_or_path")
+    ids = load_tokenizer(name)(cfg.init_text)["input_ids"]
+    ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat or cut to n tokens, as peft does
+    return table[torch.tensor(ids, device=table.device)].float()
 
-    def __post_init__(self) -> None:
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ConfigError(f"PromptTuning: num_virtual_tokens must be a positive integer, got {n!r}")
-        if self.init_from not in ("random", "text"):
-            raise ConfigError(f"PromptTuning: init_from must be 'random' or 'text'; got {self.init_from!r}")
-        if self.init_from == "text" and not (isinstance(self.init_text, str) and self.init_text):
-            raise ConfigError("PromptTuning: init_from 'text' needs a non-empty init_text")
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Add the virtual tokens and their hooks, freeze the base; returns the model."""
-        ensure_plain(model)
-        table = model.get_input_embeddings().weight  # (V, d)
-        prompt = VirtualTokens(self.num_virtual_tokens, table.shape[1]).to(table.device)
-        with torch.no_grad():
-            prompt.embeddings.copy_(self._initial_embeddings(model, table))
-        model.requires_grad_(False)
-        setattr(model, CHILD, prompt)
-        model.register_forward_pre_hook(_prepend_prompt, with_kwargs=True)
-        model.register_forward_hook(_strip_prompt_logits)
-        attach_state(model, AdapterState(method=self, targets=[CHILD]))
-        return model
+def save(cfg: PromptTuning, model: nn.Module, folder: str | Path, base: str | None = None, *,
+         tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+    """Write peft's PROMPT_TUNING folder (adapter_config.json + adapter_model.safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    embeddings = getattr(model, CHILD).embeddings.detach().cpu().contiguous()
+    save_file({PEFT_KEY: embeddings}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = peft_config(cfg, model, embeddings.shape[1], base)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
 
-    def _initial_embeddings(self, model: nn.Module, table: torch.Tensor) -> torch.Tensor:  # (n, d)
-        n = self.num_virtual_tokens
-        if self.init_from == "random":
-            return torch.randn(n, table.shape[1], device=table.device) * table.float().std()
-        from lorakit.models import load_tokenizer
 
-        name = self.tokenizer_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
-        if not name:
-            raise AdapterError("PromptTuning init_from 'text' needs tokenizer_name_or_path: the model has no "
-                               "name_or_path")
-        ids = load_tokenizer(name)(self.init_text)["input_ids"]
-        ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat or cut to n tokens, as peft does
-        return table[torch.tensor(ids, device=table.device)].float()
+def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+    """Apply a peft PROMPT_TUNING folder (saved by lorakit or peft) to `base_model`."""
+    cfg, embeddings = read_folder(base_model, folder, raw)
+    apply(cfg, base_model)
+    with torch.no_grad():
+        getattr(base_model, CHILD).embeddings.copy_(embeddings)
+    return base_model
 
-    @staticmethod
-    def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
-        """Load a folder of this method onto `base_model` (see `load`)."""
-        return load(base_model, folder, raw)
 
-    def save(self, model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
-        """Write peft's PROMPT_TUNING folder (adapter_config.json + adapter_model.safetensors)."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        embeddings = getattr(model, CHILD).embeddings.detach().cpu().contiguous()
-        save_file({PEFT_KEY: embeddings}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = peft_config(self, model, embeddings.shape[1], base_model_name_or_path)
-        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return folder
+def named(model: nn.Module, name: str, folder: Path, raw: dict) -> NamedPrompt:
+    """A PROMPT_TUNING folder as a named adapter: its virtual tokens, in fp32 as VirtualTokens keeps them."""
+    _, embeddings = read_folder(model, folder, raw)
+    device = model.get_input_embeddings().weight.device
+    return NamedPrompt(name, embeddings.to(device, torch.float32), str(folder))
 
-    def merge(self, model: nn.Module, **_: object) -> nn.Module:
-        """Refused: virtual tokens are extra inputs, not a change to any weight."""
-        raise AdapterError("prompt tuning cannot be merged: its virtual tokens are extra inputs, not a change to "
-                           "any base weight; keep the adapter or unload it")
 
-    def unload(self, model: nn.Module) -> nn.Module:
-        """Remove the virtual tokens and hooks: the base model as before `apply`."""
-        for hooks in (model._forward_pre_hooks, model._forward_hooks):
-            for key in [k for k, hook in hooks.items() if hook in (_prepend_prompt, _strip_prompt_logits)]:
-                del hooks[key]
-                model._forward_hooks_with_kwargs.pop(key, None)
-                model._forward_pre_hooks_with_kwargs.pop(key, None)
-        delattr(model, CHILD)
-        detach_state(model)
-        return model
+def merge(cfg: PromptTuning, model: nn.Module, **options: Any) -> nn.Module:
+    """Refused: virtual tokens are extra inputs, not a change to any weight."""
+    raise AdapterError("prompt tuning cannot be merged: its virtual tokens are extra inputs, not a change to "
+                       "any base weight; keep the adapter or unload it")
+
+
+def unload(cfg: PromptTuning, model: nn.Module) -> nn.Module:
+    """Remove the virtual tokens and hooks: the base model as before `apply`."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, hook in hooks.items() if hook in (_prepend_prompt, _strip_prompt_logits)]:
+            del hooks[key]
+            model._forward_hooks_with_kwargs.pop(key, None)
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+    delattr(model, CHILD)
+    detach_state(model)
+    return model
+
+
+def count(cfg: PromptTuning, model: nn.Module) -> dict[str, int]:
+    """Trainable numbers when `cfg` is applied to `model` (a meta-device skeleton will do): n * d."""
+    return trainable_by_module(apply(cfg, model))
+
+
+def attach_prompt_hooks(model: nn.Module, prompts_of: RowPrompts) -> list:
+    """Hooks on `model` that put each row's virtual tokens (`prompts_of(batch)`) in front of its input and cut
+    their logits off again (named prompt adapters, adapters/multi.py); returns the handles."""
+    run = PromptRun()
+
+    def prepend(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return prepend_virtual(module, args, kwargs, run, prompts_of)
+
+    return [model.register_forward_pre_hook(prepend, with_kwargs=True),
+            model.register_forward_hook(lambda module, args, output: strip_virtual(run, output))]
 
 
 class VirtualTokens(nn.Module):
@@ -293,12 +300,3 @@ def read_folder(base_model: nn.Module, folder: Path, raw: dict) -> tuple[PromptT
     except ConfigError as error:
         raise AdapterError(f"{source}: {error}") from error
     return cfg, embeddings
-
-
-def load(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
-    """Apply a peft PROMPT_TUNING folder (saved by lorakit or peft) to `base_model`."""
-    cfg, embeddings = read_folder(base_model, folder, raw)
-    cfg.apply(base_model)
-    with torch.no_grad():
-        getattr(base_model, CHILD).embeddings.copy_(embeddings)
-    return base_model

@@ -18,22 +18,17 @@ differs slightly from the adapted one (benchmarks/qlora_memory.py measures by ho
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
-
 import torch
 from torch import nn
 
-from lorakit.adapters import ops
+from lorakit.adapters import lora, ops
+from lorakit.adapters.config import QLoRA
 from lorakit.adapters.layers import LayerKind, LoRALayer, register_layer_kind
-from lorakit.adapters.lora import LoRA, _config_problems, resolve_modules_to_save
-from lorakit.adapters.match import find_targets
-from lorakit.adapters.registry import register_method
+from lorakit.adapters.match import find_targets, resolve_modules_to_save
 from lorakit.adapters.state import ensure_plain, lora_layers, replace_module, require_state
-from lorakit.errors import AdapterError, ConfigError
+from lorakit.errors import AdapterError
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64  # weights per absmax scale (bitsandbytes' 4-bit default, the paper's choice)
 
 
@@ -134,55 +129,40 @@ def storage_bytes(weight: torch.Tensor) -> int:
         t.numel() * t.element_size() for t in stats.values() if isinstance(t, torch.Tensor))
 
 
-@register_method
-@dataclass
-class QLoRA(LoRA):
-    """LoRA on a base whose linear layers are stored in 4 bits (Dettmers et al. 2023, arXiv:2305.14314)."""
+def apply(cfg: QLoRA, model: nn.Module) -> nn.Module:
+    """Quantise the base's linear layers to 4 bits, then inject LoRA into the targets; returns the model."""
+    ensure_plain(model)
+    _check_targets(cfg, model)
+    saved = resolve_modules_to_save(model, cfg.modules_to_save)  # trained in full: not quantised
+    quantize_model(model, cfg.quant_type, cfg.double_quant, cfg.compute_dtype, skip=tuple(saved))
+    return lora.apply(cfg, model)
 
-    name: ClassVar[str] = "qlora"
 
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type of the base weights: NormalFloat4 (the paper's, for normally distributed weights) or FP4."""
-    double_quant: bool = True
-    """Quantise the per-block absmax scales to 8 bits too (saves ~0.37 bits per weight, paper section 3)."""
-    compute_dtype: Literal["bf16", "fp32"] = "bf16"
-    """dtype in which the base weights are dequantised and multiplied; LoRA's A and B stay float32."""
+def _check_targets(cfg: QLoRA, model: nn.Module) -> None:
+    """Every target must be an nn.Linear that gets quantised (or is 4-bit already); say which one is not."""
+    quantizable = set(quantizable_paths(model))
+    for path in find_targets(model, cfg.targets):
+        module = model.get_submodule(path)
+        if path not in quantizable and not isinstance(module, _bnb().nn.Linear4bit):
+            raise AdapterError(f"QLoRA cannot quantise module {path!r} ({type(module).__name__}): bitsandbytes "
+                               "4-bit layers replace nn.Linear only, and the output head stays unquantised; "
+                               "target nn.Linear layers or use method 'lora'")
 
-    def __post_init__(self) -> None:
-        if isinstance(self.modules_to_save, str):
-            self.modules_to_save = [self.modules_to_save]
-        problems = _config_problems(self)
-        if self.quant_type not in QUANT_TYPES:
-            problems.append(f"quant_type must be one of {', '.join(QUANT_TYPES)}; got {self.quant_type!r}")
-        if not isinstance(self.double_quant, bool):
-            problems.append(f"double_quant must be true or false, got {self.double_quant!r}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            problems.append(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}")
-        for message in problems:
-            raise ConfigError(f"QLoRA: {message}")
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Quantise the base's linear layers to 4 bits, then inject LoRA into the targets; returns the model."""
-        ensure_plain(model)
-        self._check_targets(model)
-        saved = resolve_modules_to_save(model, self.modules_to_save)  # trained in full: not quantised
-        quantize_model(model, self.quant_type, self.double_quant, self.compute_dtype, skip=tuple(saved))
-        return super().apply(model)
+# saved, loaded and added by name as a PEFT LoRA folder (onto an unquantised base), removed like LoRA
+save, load_folder, named, unload = lora.save, lora.load_folder, lora.named, lora.unload
 
-    def _check_targets(self, model: nn.Module) -> None:
-        """Every target must be an nn.Linear that gets quantised (or is 4-bit already); say which one is not."""
-        quantizable = set(quantizable_paths(model))
-        for path in find_targets(model, self.targets):
-            module = model.get_submodule(path)
-            if path not in quantizable and not isinstance(module, _bnb().nn.Linear4bit):
-                raise AdapterError(f"QLoRA cannot quantise module {path!r} ({type(module).__name__}): bitsandbytes "
-                                   "4-bit layers replace nn.Linear only, and the output head stays unquantised; "
-                                   "target nn.Linear layers or use method 'lora'")
 
-    def merge(self, model: nn.Module, *, requantize: bool = False, safe: bool = True,
-              keep_layers: bool = False) -> nn.Module:
-        """Dequantise each 4-bit base, fold the LoRA delta in, and re-quantise when `requantize`."""
-        return merge_quantized(model, requantize=requantize, safe=safe, keep_layers=keep_layers)
+def merge(cfg: QLoRA, model: nn.Module, *, requantize: bool = False, safe: bool = True,
+          keep_layers: bool = False) -> nn.Module:
+    """Dequantise each 4-bit base, fold the LoRA delta in, and re-quantise when `requantize`."""
+    return merge_quantized(model, requantize=requantize, safe=safe, keep_layers=keep_layers)
+
+
+def count(cfg: QLoRA, model: nn.Module) -> dict[str, int]:
+    """LoRA's count: the adapters are the same and the 4-bit base does not train (on a meta skeleton nothing is
+    quantised; the storage of the base is `storage_bytes`' and the memory calculator's business)."""
+    return lora.count(cfg, model)
 
 
 def merge_quantized(model: nn.Module, *, requantize: bool = False, safe: bool = True,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorakit.adapters.layers import LoRALayer
+from lorakit.adapters.layers import LoRALayer, StandIn
 from lorakit.adapters.param_lora import ParamLoRA
 from lorakit.adapters.state import get_state
 
@@ -17,6 +17,47 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     trainable = sum(_numel(p) for p in params if p.requires_grad)
     return trainable, sum(_numel(p) for p in params) + _kept_originals(model)
+
+
+def trainable_by_module(model: nn.Module) -> dict[str, int]:
+    """Trainable numbers per module name, in model order: an adapter layer's A, B (and DoRA's m, MoLE's
+    experts and router) count toward the module it wraps, e.g. "q_proj"; a module that names its own
+    report group (a bottleneck adapter, virtual tokens) toward that group; any other trainable tensor toward
+    the module holding it ("embed_tokens", "input_layernorm", "lm_head"). A name used under different parents
+    (GPT-2's attn.c_proj and mlp.c_proj) keeps its parent. Tied tensors count once."""
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, StandIn)]
+    named_groups = {n: m.report_group for n, m in model.named_modules()
+                    if isinstance(getattr(m, "report_group", None), str) and not isinstance(m, StandIn)}
+    owners: dict[str, int] = {}
+    seen: set[int] = set()
+    for path, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        module_path = path.rpartition(".")[0]
+        wrapper = max((w for w in wrappers if module_path == w or module_path.startswith(w + ".")), key=len,
+                      default=None)
+        group = next((named_groups[p] for p in named_groups if module_path == p or module_path.startswith(p + ".")),
+                     None)
+        owner = wrapper or module_path
+        key = group or owner
+        owners[key] = owners.get(key, 0) + _numel(param)
+    return _short_names(owners, set(named_groups.values()))
+
+
+def _short_names(by_path: dict[str, int], keep: set[str]) -> dict[str, int]:
+    """Module path -> count, regrouped by leaf name (parent.leaf where a leaf sits under several parents)."""
+    parents: dict[str, set[str]] = {}
+    for path in by_path:
+        if path not in keep:
+            *_, parent, leaf = ["", *path.split(".")]
+            parents.setdefault(leaf, set()).add(parent)
+    groups: dict[str, int] = {}
+    for path, count in by_path.items():
+        parts = path.split(".")
+        key = path if path in keep else (".".join(parts[-2:]) if len(parents[parts[-1]]) > 1 else parts[-1])
+        groups[key] = groups.get(key, 0) + count
+    return groups
 
 
 def parameter_report(model: nn.Module) -> str:

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import ClassVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -15,6 +16,7 @@ from lorakit.errors import LorakitError
 from lorakit.infer.batcher import Job
 from lorakit.infer.generate import encode_prompt, has_chat_template
 from lorakit.infer.sampling import Sampling
+from lorakit.schema import Config, setting
 
 
 class APIError(Exception):
@@ -31,21 +33,19 @@ class APIError(Exception):
 
 
 @dataclass
-class ServerConfig:
+class ServerConfig(Config):
     """Server options (the `lorakit serve` flags)."""
 
-    base_name: str = "base"
-    """The `model` value that selects the base model without an adapter."""
-    api_key: str | None = None
-    """When set, every request needs `Authorization: Bearer <key>`; the admin endpoints always need it."""
-    max_body_bytes: int = 1_000_000
-    """Larger request bodies get 413."""
-    context_length: int = 2048
-    """Prompt tokens + max_tokens may not exceed this."""
-    window_ms: float = 10.0
-    """How long the batcher waits for more requests before it starts a batch."""
-    max_batch: int = 32
-    """Most requests in one batch."""
+    section: ClassVar[str] = "serve"
+
+    base_name: str = setting("base", "The `model` value that selects the base model without an adapter.",
+                             nonempty=True)
+    api_key: str | None = setting(
+        None, "When set, every request needs `Authorization: Bearer <key>`; the admin endpoints always need it.")
+    max_body_bytes: int = setting(1_000_000, "Larger request bodies get 413.", ge=1)
+    context_length: int = setting(2048, "Prompt tokens + max_tokens may not exceed this.", ge=2)
+    window_ms: float = setting(10.0, "How long the batcher waits for more requests before it starts a batch.", ge=0)
+    max_batch: int = setting(32, "Most requests in one batch.", ge=1)
 
 
 async def read_json(request: Request, cfg: ServerConfig) -> dict:

@@ -7,32 +7,26 @@ top-k, top-p; then argmax (greedy) or one draw from the softmax. Rows may use di
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from lorakit.errors import ConfigError
+from lorakit.schema import Config, setting
 
 
 @dataclass(frozen=True)
-class Sampling:
+class Sampling(Config):
     """Decoding options of one sequence."""
 
-    temperature: float = 0.0
-    """0 means greedy (argmax); otherwise logits are divided by it before sampling."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0: off)."""
-    top_p: float = 1.0
-    """Keep the smallest set of tokens whose probabilities sum to at least top_p (1.0: off)."""
-    repetition_penalty: float = 1.0
-    """> 1 discourages tokens already in the sequence (CTRL, Keskar et al. 2019); 1.0: off."""
+    section: ClassVar[str] = "sampling"
 
-    def __post_init__(self) -> None:
-        checks = {"temperature": self.temperature >= 0, "top_k": self.top_k >= 0,
-                  "top_p": 0 < self.top_p <= 1, "repetition_penalty": self.repetition_penalty > 0}
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"sampling option {name}={getattr(self, name)!r} is out of range "
-                                  "(temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0)")
+    temperature: float = setting(0.0, "0 means greedy (argmax); otherwise logits are divided by it before sampling.",
+                                 ge=0)
+    top_k: int = setting(0, "Keep only the k most likely tokens (0: off).", ge=0)
+    top_p: float = setting(
+        1.0, "Keep the smallest set of tokens whose probabilities sum to at least top_p (1.0: off).", gt=0, le=1)
+    repetition_penalty: float = setting(
+        1.0, "> 1 discourages tokens already in the sequence (CTRL, Keskar et al. 2019); 1.0: off.", gt=0)
 
     @property
     def greedy(self) -> bool:

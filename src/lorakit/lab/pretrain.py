@@ -12,34 +12,40 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from lorakit.lab.corpus import build_corpus, corpus_sha256
+from lorakit.schema import Config, setting
+from lorakit.train.config import precision_names
+from lorakit.train.progress import PROGRESS_MODES
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Config):
     """Settings of `lorakit pretrain`; the defaults rebuild the shipped embedded model."""
 
-    documents: int = field(default=30000, metadata={"help": "Corpus size in documents."})
-    seed: int = field(default=0, metadata={"help": "Seed of corpus, init, data order and splits."})
-    vocab_size: int = field(default=2048, metadata={"help": "Byte-level BPE vocabulary size."})
-    hidden_size: int = field(default=128, metadata={"help": "Model width."})
-    layers: int = field(default=4, metadata={"help": "Transformer blocks."})
-    heads: int = field(default=4, metadata={"help": "Attention heads."})
-    intermediate_size: int = field(default=512, metadata={"help": "MLP width."})
-    max_length: int = field(default=128, metadata={"help": "Tokens per packed row."})
-    batch_size: int = field(default=16, metadata={"help": "Packed rows per optimizer step."})
-    epochs: int = field(default=2, metadata={"help": "Passes over the corpus."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optional cap on steps."})
-    lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (cosine decay)."})
-    warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    precision: str = field(default="bf16-autocast", metadata={"help": "fp32 or bf16-autocast."})
-    progress: str = field(default="auto", metadata={"help": "auto, bar, plain or none."})
+    section: ClassVar[str] = "pretrain"
+
+    documents: int = setting(30000, "Corpus size in documents.", ge=1)
+    seed: int = setting(0, "Seed of corpus, init, data order and splits.")
+    vocab_size: int = setting(2048, "Byte-level BPE vocabulary size.", ge=1)
+    hidden_size: int = setting(128, "Model width.", ge=1)
+    layers: int = setting(4, "Transformer blocks.", ge=1)
+    heads: int = setting(4, "Attention heads.", ge=1)
+    intermediate_size: int = setting(512, "MLP width.", ge=1)
+    max_length: int = setting(128, "Tokens per packed row.", ge=2)
+    batch_size: int = setting(16, "Packed rows per optimizer step.", ge=1)
+    epochs: int = setting(2, "Passes over the corpus.", ge=1)
+    max_steps: int | None = setting(None, "Optional cap on steps.", ge=1)
+    lr: float = setting(2e-3, "Peak learning rate (cosine decay).", gt=0)
+    warmup_steps: int = setting(50, "Linear warmup steps.", ge=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay.", ge=0)
+    precision: str = setting("bf16-autocast", "fp32 or bf16-autocast.", choices=precision_names)
+    progress: str = setting("auto", "auto, bar, plain or none.", choices=PROGRESS_MODES)
 
 
 def model_config(cfg: PretrainConfig, tokenizer):

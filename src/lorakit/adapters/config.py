@@ -1,0 +1,201 @@
+"""The method configs: what a run config's `method:` section holds, one dataclass per method.
+
+These classes are torch-free, so the CLI lists and checks every field without importing torch.
+Each field is declared once with `schema.setting` (default, doc, range); `Config` coerces and
+checks it the same way for YAML, the command line and Python. Each class names its
+implementation module (`implementation`), which holds the method's whole story and the functions
+of `registry.CONTRACT`; `cfg.apply(model)` and `lorakit.apply(model, cfg)` reach it on first use.
+A new method is a config class here plus its implementation module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from lorakit.adapters.registry import METHODS, implementation, register_method
+from lorakit.schema import Config, setting
+
+PLACEMENTS = {"attention": ("attention",), "mlp": ("mlp",), "both": ("attention", "mlp")}
+
+__all__ = ["METHODS", "Bottleneck", "DoRA", "Full", "LoRA", "MoLE", "MethodConfig", "PromptTuning", "QLoRA"]
+
+
+class MethodConfig(Config):
+    """What every method config shares: its registry name, its implementation, its output folder."""
+
+    section: ClassVar[str] = "method"
+    name: ClassVar[str]
+    implementation: ClassVar[str]  # the module that implements registry.CONTRACT for this method
+    output: ClassVar[str] = "adapter"  # the run folder's output: an adapter folder, or (full) a model
+
+    def apply(self, model: Any) -> Any:
+        """Apply this method to `model` in place (see the implementation module); returns the model."""
+        return implementation(self).apply(self, model)
+
+
+@register_method
+@dataclass
+class Full(MethodConfig):
+    """Full fine-tuning: all weights train (the baseline every adapter method is compared with)."""
+
+    name: ClassVar[str] = "full"
+    implementation: ClassVar[str] = "lorakit.adapters.full"
+    output: ClassVar[str] = "model"
+
+
+def _target_problems(targets: str | list[str], target_parameters: list[str]) -> list[tuple[str, str]]:
+    specs = [targets] if isinstance(targets, str) else targets
+    if not (specs or target_parameters) or not all(specs):
+        return [("targets", "must be a module name, a pattern, 'all-linear' or a non-empty list of them")]
+    return []
+
+
+@register_method
+@dataclass
+class LoRA(MethodConfig):
+    """Low-rank adaptation (Hu et al. 2021, arXiv:2106.09685): W' = W + s * B A on target layers."""
+
+    name: ClassVar[str] = "lora"
+    implementation: ClassVar[str] = "lorakit.adapters.lora"
+    folder_type: ClassVar[str] = "LORA"  # adapter_config.json's peft_type (DoRA folders too: use_dora)
+
+    r: int = setting(8, "Rank of the update B A; each target layer trains r * (d_in + d_out) numbers.", gt=0)
+    alpha: float = setting(16.0, "Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) "
+                                 "with rslora).", gt=0)
+    targets: str | list[str] = setting(
+        "all-linear", "Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or "
+                      "'all-linear' ([] adapts parameters only, see target_parameters).")
+    target_parameters: list[str] = setting(
+        factory=list, doc="Parameters to adapt directly, as peft's target_parameters: names or dotted suffixes such "
+                          "as 'experts.gate_up_proj', for MoE experts stored as 3-D tensors (one LoRA pair per "
+                          "expert); needs dropout 0.")
+    dropout: float = setting(0.0, "Dropout probability on the LoRA branch's input (training only); 0 disables it.",
+                             ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = setting(
+        "none", "Biases that train: none, all biases of the model, or only those of the adapted layers.")
+    rslora: bool = setting(False, "Rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023, "
+                                  "arXiv:2312.03732).")
+    modules_to_save: list[str] = setting(
+        factory=list, doc="Modules trained in full (as copies) and saved with the adapter, e.g. ['lm_head'].")
+    init: Literal["kaiming", "gaussian"] = setting(
+        "kaiming", "Init of A: Kaiming-uniform (peft's default) or Gaussian with std 1/r; B always starts at 0.")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Targets (or target_parameters) must name something; target_parameters is LoRA's alone, without dropout."""
+        problems = _target_problems(self.targets, self.target_parameters)
+        if not all(self.target_parameters) or not all(self.modules_to_save):
+            problems.append(("target_parameters" if not all(self.target_parameters) else "modules_to_save",
+                             "must not hold an empty name"))
+        if self.target_parameters and self.name != "lora":
+            problems.append(("target_parameters", f"is supported by method lora only, not {self.name}"))
+        elif self.target_parameters and self.dropout:
+            problems.append(("dropout", "must be 0 with target_parameters: dropout on the input of a parameter's "
+                                        "product cannot be expressed (peft has the same rule)"))
+        return problems
+
+
+@register_method
+@dataclass
+class DoRA(LoRA):
+    """Weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353): W' = m * (W + s B A) / ||W + s B A||.
+
+    Same fields as LoRA; each target layer also trains d_out magnitudes.
+    """
+
+    name: ClassVar[str] = "dora"
+    implementation: ClassVar[str] = "lorakit.adapters.lora"  # LoRA's contract with DoRALayer (math: dora.py)
+
+
+@register_method
+@dataclass
+class QLoRA(LoRA):
+    """LoRA on a base whose linear layers are stored in 4 bits (Dettmers et al. 2023, arXiv:2305.14314)."""
+
+    name: ClassVar[str] = "qlora"
+    implementation: ClassVar[str] = "lorakit.adapters.qlora"
+
+    quant_type: Literal["nf4", "fp4"] = setting(
+        "nf4", "4-bit data type of the base weights: NormalFloat4 (the paper's, for normally distributed weights) "
+               "or FP4.")
+    double_quant: bool = setting(True, "Quantise the per-block absmax scales to 8 bits too (saves ~0.37 bits per "
+                                       "weight, paper section 3).")
+    compute_dtype: Literal["bf16", "fp32"] = setting(
+        "bf16", "dtype in which the base weights are dequantised and multiplied; LoRA's A and B stay float32.")
+
+
+@register_method
+@dataclass
+class PromptTuning(MethodConfig):
+    """Prompt tuning: n learned virtual-token embeddings in front of every input; the base is frozen."""
+
+    name: ClassVar[str] = "prompt_tuning"
+    implementation: ClassVar[str] = "lorakit.adapters.prompt_tuning"
+    folder_type: ClassVar[str] = "PROMPT_TUNING"  # adapter_config.json's peft_type
+
+    num_virtual_tokens: int = setting(20, "n: virtual tokens prepended to each row; n * d numbers train (d = "
+                                          "embedding size).", gt=0)
+    init_from: Literal["random", "text"] = setting(
+        "random", "Start of the virtual tokens: random (normal, with the std of the input embeddings) or the "
+                  "embeddings of init_text's tokens, repeated or cut to n (Lester et al.'s text init).")
+    init_text: str | None = setting(None, "Text whose token embeddings start the prompt when init_from is 'text'.")
+    tokenizer_name_or_path: str | None = setting(
+        None, "Tokenizer for init_text (default: the model's own name_or_path).")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Text init needs its text."""
+        if self.init_from == "text" and not self.init_text:
+            return [("init_text", "must be a non-empty text when init_from is 'text'")]
+        return []
+
+
+@register_method
+@dataclass
+class Bottleneck(MethodConfig):
+    """Houlsby bottleneck adapters after the attention and/or MLP sub-block of each decoder layer."""
+
+    name: ClassVar[str] = "bottleneck"
+    implementation: ClassVar[str] = "lorakit.adapters.bottleneck"
+    folder_type: ClassVar[str] = "bottleneck"  # adapter_config.json's lorakit_method
+
+    size: int = setting(16, "Bottleneck width: each adapter trains 2 * size * d + size + d numbers (d = hidden "
+                            "size).", gt=0)
+    placement: Literal["attention", "mlp", "both"] = setting(
+        "both", "Which sub-blocks get an adapter after them: attention, mlp, or both (Houlsby's choice).")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = setting(
+        "relu", "The nonlinearity f between the down- and up-projection.")
+    init_scale: float = setting(0.01, "Std of the normal init of W_down (Houlsby: near-zero); W_up and both "
+                                      "biases start at 0.", ge=0)
+
+
+@register_method
+@dataclass
+class MoLE(MethodConfig):
+    """Mixture of LoRA experts: k LoRA pairs per target layer and a per-token softmax router."""
+
+    name: ClassVar[str] = "mole"
+    implementation: ClassVar[str] = "lorakit.adapters.mole"
+    folder_type: ClassVar[str] = "mole"  # adapter_config.json's lorakit_method
+
+    r: int = setting(8, "Rank of the update B A; each target layer trains r * (d_in + d_out) numbers per "
+                        "expert.", gt=0)
+    alpha: float = setting(16.0, "Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) "
+                                 "with rslora), per expert.", gt=0)
+    targets: str | list[str] = setting(
+        "all-linear", "Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or "
+                      "'all-linear'.")
+    rslora: bool = setting(False, "Rank-stabilised scaling s = alpha / sqrt(r).")
+    num_experts: int = setting(4, "k: LoRA experts per target layer; each layer trains k * r * (d_in + d_out) + "
+                                  "k * d_in numbers.", gt=0)
+    top_k: int | None = setting(None, "Keep only the top_k gates per token and renormalise them; None mixes all "
+                                      "k experts.", ge=1)
+    router_init: Literal["zeros", "normal"] = setting(
+        "zeros", "Router weights at start: zeros (uniform gates) or normal with std 0.02.")
+    aux_loss_weight: float = setting(0.01, "Weight of the load-balancing loss added to the training loss (0 "
+                                           "disables it).", ge=0)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Targets must name something; top_k cannot exceed the experts."""
+        problems = _target_problems(self.targets, [])
+        if self.top_k is not None and self.top_k > self.num_experts:
+            problems.append(("top_k", f"must be between 1 and num_experts={self.num_experts}"))
+        return problems
