@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from lorakit.adapters import METHODS, Full, LoRA, apply, find_targets, load_adapter, save_adapter, trainable_parameters
 from lorakit.adapters.layers import LoRALayer
+from lorakit.adapters.registry import CONTRACT, implementation
 from lorakit.adapters.match import compact_targets
 from lorakit.errors import AdapterError, ConfigError
 
@@ -18,6 +19,30 @@ def test_registry_maps_names_to_config_classes():
     assert METHODS["lora"] is LoRA and LoRA.name == "lora"
     assert METHODS["full"] is Full and Full.name == "full"
     assert lorakit.LoRA is LoRA
+
+
+def test_every_method_implements_the_whole_contract():
+    """Each registered method's implementation module defines every function of the one contract."""
+    for cls in METHODS.values():
+        module = implementation(cls)
+        missing = [name for name in CONTRACT if not callable(getattr(module, name, None))]
+        assert not missing, f"{cls.__name__} ({cls.implementation}) lacks {missing}"
+
+
+@pytest.mark.parametrize("method", [Full(), LoRA(r=2, targets=["q_proj", "down_proj"], bias="all"),
+                                    lorakit.DoRA(r=2), lorakit.QLoRA(r=2), lorakit.PromptTuning(num_virtual_tokens=3),
+                                    lorakit.Bottleneck(size=4), lorakit.MoLE(r=2, num_experts=3)],
+                         ids=lambda m: type(m).__name__)
+def test_count_on_a_meta_skeleton_equals_the_applied_model(method):
+    """count() reads shapes only: on a weightless meta skeleton it gives what the real applied model trains."""
+    real = tiny_llama()
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(real.config)
+    groups = lorakit.count(skeleton, method)
+    if not isinstance(method, lorakit.QLoRA):  # QLoRA's real apply quantises (tested in test_adapters_qlora)
+        assert sum(groups.values()) == trainable_parameters(apply(real, method))[0]
+    else:
+        assert groups == lorakit.count(tiny_llama(), LoRA(r=2))
 
 
 def test_every_registered_method_is_a_top_level_name():

@@ -46,16 +46,21 @@ def trainable_by_module(model: nn.Module) -> dict[str, int]:
 
 
 def _short_names(by_path: dict[str, int], keep: set[str]) -> dict[str, int]:
-    """Module path -> count, regrouped by leaf name (parent.leaf where a leaf sits under several parents)."""
+    """Module path -> count, regrouped by leaf name (parent.leaf where a leaf sits under several parents;
+    layer indices are not parents: every layer's input_layernorm is one group)."""
+    def parent_leaf(path: str) -> tuple[str, str]:
+        words = [w for w in path.split(".") if not w.isdigit()]
+        return (words[-2] if len(words) > 1 else ""), words[-1]
+
     parents: dict[str, set[str]] = {}
     for path in by_path:
         if path not in keep:
-            *_, parent, leaf = ["", *path.split(".")]
+            parent, leaf = parent_leaf(path)
             parents.setdefault(leaf, set()).add(parent)
     groups: dict[str, int] = {}
     for path, count in by_path.items():
-        parts = path.split(".")
-        key = path if path in keep else (".".join(parts[-2:]) if len(parents[parts[-1]]) > 1 else parts[-1])
+        parent, leaf = parent_leaf(path) if path not in keep else ("", path)
+        key = path if path in keep else (f"{parent}.{leaf}" if len(parents[leaf]) > 1 else leaf)
         groups[key] = groups.get(key, 0) + count
     return groups
 

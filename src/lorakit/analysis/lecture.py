@@ -1,4 +1,7 @@
-"""The lecture's numbers, computed by the calculator's own formulas, with their assumptions.
+"""The lecture's numbers, computed by the calculator itself, with their assumptions.
+
+Every case names its method config with the values the lecture uses (`LoRA(r=16)`, `Full()`), and
+is counted the way `lorakit calc` counts: the method applied to the preset's meta skeleton.
 
 - Exercise 1: one 10,000 x 10,000 layer with LoRA r = 8 trains 8 * (10,000 + 10,000) = 160,000
   numbers instead of 100,000,000: 625x fewer.
@@ -10,9 +13,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from lorakit.adapters import Full, LoRA, QLoRA
+from lorakit.adapters.lora_math import lora_param_count
 from lorakit.analysis.memory import GB, MemoryEstimate, TrainingSetup, estimate
-from lorakit.analysis.params import MethodSpec, lora_matrix_count, trainable_count
+from lorakit.analysis.params import method_count
 from lorakit.analysis.presets import preset_config
 from lorakit.analysis.shapes import shape_from_config
 
@@ -22,7 +28,7 @@ class Scenario:
     """One way to train the 7B model, and the lecture figure it is checked against."""
 
     label: str
-    spec: MethodSpec
+    method: Any  # a method config
     setup: TrainingSetup
     claim_gb: float  # 50 for full fine-tuning, 20 for PEFT
 
@@ -30,22 +36,27 @@ class Scenario:
 # batch 1 x 2048 tokens, bf16 activations unless said otherwise
 SEVEN_B_SCENARIOS = (
     Scenario("full, mixed precision: bf16 weights+grads, fp32 AdamW m+v and fp32 master weights, checkpointing",
-             MethodSpec("full"), TrainingSetup(master_weights=True, gradient_checkpointing=True), 50),
+             Full(), TrainingSetup(master_weights=True, gradient_checkpointing=True), 50),
     Scenario("full, pure bf16: bf16 weights+grads, fp32 AdamW m+v, checkpointing",
-             MethodSpec("full"), TrainingSetup(gradient_checkpointing=True), 50),
+             Full(), TrainingSetup(gradient_checkpointing=True), 50),
     Scenario("full, bf16 weights+grads, 8-bit AdamW, checkpointing",
-             MethodSpec("full"), TrainingSetup(optimizer="adamw-8bit", gradient_checkpointing=True), 50),
+             Full(), TrainingSetup(optimizer="adamw-8bit", gradient_checkpointing=True), 50),
     Scenario("full, bf16 weights+grads, no optimizer state (plain SGD), checkpointing",
-             MethodSpec("full"), TrainingSetup(optimizer="sgd", gradient_checkpointing=True), 50),
+             Full(), TrainingSetup(optimizer="sgd", gradient_checkpointing=True), 50),
     Scenario("LoRA r16 all-linear, bf16 base, fp32 adapters + AdamW, no checkpointing",
-             MethodSpec("lora", r=16), TrainingSetup(), 20),
+             LoRA(r=16), TrainingSetup(), 20),
     Scenario("LoRA r16 all-linear, bf16 base, 1 x 1024 tokens, no checkpointing",
-             MethodSpec("lora", r=16), TrainingSetup(seq_len=1024), 20),
+             LoRA(r=16), TrainingSetup(seq_len=1024), 20),
     Scenario("LoRA r16 all-linear, bf16 base, checkpointing",
-             MethodSpec("lora", r=16), TrainingSetup(gradient_checkpointing=True), 20),
+             LoRA(r=16), TrainingSetup(gradient_checkpointing=True), 20),
     Scenario("QLoRA r16 all-linear, NF4 base, checkpointing",
-             MethodSpec("qlora", r=16), TrainingSetup(gradient_checkpointing=True), 20),
+             QLoRA(r=16), TrainingSetup(gradient_checkpointing=True), 20),
 )
+
+
+def lora_matrix_count(d_in: int, d_out: int, r: int) -> tuple[int, int]:
+    """(full matrix entries, LoRA entries) for one d_in x d_out layer: the lecture's Exercise 1."""
+    return d_in * d_out, lora_param_count(d_in, d_out, r)
 
 
 def exercise_1(d: int = 10_000, r: int = 8) -> tuple[int, int, float]:
@@ -57,14 +68,15 @@ def exercise_1(d: int = 10_000, r: int = 8) -> tuple[int, int, float]:
 def exercise_2(preset: str = "7B", r: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj")
                ) -> tuple[int, int]:
     """(LoRA trainable parameters, total parameters) for `targets` of a preset model."""
-    shape = shape_from_config(preset_config(preset))
-    return trainable_count(shape, MethodSpec("lora", r=r, targets=list(targets))), shape.total_params
+    count = method_count(preset, LoRA(r=r, targets=list(targets)))
+    return count.trainable, count.total
 
 
 def seven_b_scenarios() -> list[tuple[Scenario, MemoryEstimate]]:
     """Every scenario with its estimate on the generic 7B (Llama-2-7B shape)."""
     shape = shape_from_config(preset_config("7B"))
-    return [(s, estimate(shape, s.spec, s.setup)) for s in SEVEN_B_SCENARIOS]
+    counts = {repr(s.method): method_count("7B", s.method) for s in SEVEN_B_SCENARIOS}  # one per distinct config
+    return [(s, estimate(shape, counts[repr(s.method)], s.setup)) for s in SEVEN_B_SCENARIOS]
 
 
 def lecture_text() -> str:

@@ -1,7 +1,11 @@
 """Training-memory estimate: weights, gradients, optimizer state, activations.
 
-    weights      every parameter in its storage dtype (QLoRA: 4-bit NF4 linear layers,
-                 0.5 byte + double-quantised block constants, the rest in 16 bits)
+The inputs are a method's count on the model's skeleton (`params.method_count`: its config, the
+trainable numbers, the base's size) and the model's sizes (`shapes.ModelShape`):
+
+    weights      every parameter in its storage dtype (QLoRA, `method.name == "qlora"`: the
+                 all-linear layers in 4-bit NF4, 0.5 byte + double-quantised block constants,
+                 the rest in 16 bits), plus the adapters in the trainable dtype
     gradients    one per trainable parameter, in the trainable dtype
     optimizer    AdamW keeps m and v per trainable parameter: 8 bytes in fp32, 2 bytes with an
                  8-bit optimizer (Dettmers et al. 2022), 0 without state (plain SGD); mixed
@@ -12,7 +16,9 @@
                                     + attention output + its reshaped copy (o_proj input)
                    gated MLP        3h + 4i (gate, up, silu(gate), silu(gate) * up);
                    plain MLP        3h + 2i (fc out, activation out)
-                   LoRA             + r per target layer (A x)
+                   LoRA             + r per adapted layer (A x), from the applied skeleton
+                                    (DoRA and QLoRA as LoRA; what bottleneck and MoLE
+                                    adapters save themselves is not counted)
                  plus the loss: logits, their log-softmax and its gradient, (B, T, V) each.
                  Gradient checkpointing keeps only each layer's input (h per token) and
                  recomputes one layer at a time in the backward pass, after the loss tensors
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorakit.analysis.params import MethodSpec, target_linears, trainable_count
+from lorakit.analysis.params import MethodCount
 from lorakit.analysis.shapes import ModelShape
 from lorakit.errors import ConfigError
 
@@ -69,46 +75,45 @@ def _bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def weight_bytes(shape: ModelShape, spec: MethodSpec, setup: TrainingSetup) -> float:
+def weight_bytes(count: MethodCount, setup: TrainingSetup) -> float:
     """The model's weights (+ adapter weights) in memory."""
-    trainable = trainable_count(shape, spec)
-    base = shape.total_params * _bytes(setup.weight_dtype)
-    if spec.name == "full":
+    base = count.total * _bytes(setup.weight_dtype)
+    if count.method.name == "full":
         return base
-    if spec.name == "qlora":
-        linear = shape.num_layers * shape.layer_linear_params
-        base = linear * NF4_BYTES + (shape.total_params - linear) * 2
-    return base + trainable * _bytes(setup.trainable_dtype)
+    if count.method.name == "qlora":
+        base = count.linear_params * NF4_BYTES + (count.total - count.linear_params) * 2
+    return base + count.trainable * _bytes(setup.trainable_dtype)
 
 
-def gradient_bytes(shape: ModelShape, spec: MethodSpec, setup: TrainingSetup) -> float:
+def gradient_bytes(count: MethodCount, setup: TrainingSetup) -> float:
     """One gradient per trainable parameter."""
-    dtype = setup.weight_dtype if spec.name == "full" else setup.trainable_dtype
-    return trainable_count(shape, spec) * _bytes(dtype)
+    dtype = setup.weight_dtype if count.method.name == "full" else setup.trainable_dtype
+    return count.trainable * _bytes(dtype)
 
 
-def optimizer_bytes(shape: ModelShape, spec: MethodSpec, setup: TrainingSetup) -> float:
+def optimizer_bytes(count: MethodCount, setup: TrainingSetup) -> float:
     """Optimizer state (+ fp32 master weights when asked for)."""
     if setup.optimizer not in OPTIMIZER_BYTES:
         raise ConfigError(f"unknown optimizer {setup.optimizer!r}; expected one of {', '.join(OPTIMIZER_BYTES)}")
     per_param = OPTIMIZER_BYTES[setup.optimizer] + (4.0 if setup.master_weights else 0.0)
-    return trainable_count(shape, spec) * per_param
+    return count.trainable * per_param
 
 
-def layer_activation_elements(shape: ModelShape, spec: MethodSpec) -> int:
-    """Elements autograd saves per token in one decoder layer (see the module docstring)."""
+def layer_activation_elements(shape: ModelShape, count: MethodCount) -> float:
+    """Elements autograd saves per token in one decoder layer (see the module docstring); the LoRA
+    branches' r per adapted layer is spread evenly over the layers."""
     h, i = shape.hidden_size, shape.intermediate_size
     q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     attention = 3 * h + 3 * q_dim + 2 * kv_dim + shape.num_heads
     mlp = 3 * h + (4 * i if shape.gated_mlp else 2 * i)
-    lora = spec.r * len(target_linears(shape, spec.targets)) if spec.name in ("lora", "qlora", "dora") else 0
-    return attention + mlp + lora
+    return attention + mlp + count.rank_sum / shape.num_layers
 
 
-def activation_bytes(shape: ModelShape, spec: MethodSpec, setup: TrainingSetup) -> float:
+def activation_bytes(shape: ModelShape, count: MethodCount, setup: TrainingSetup) -> float:
     """Saved activations of one micro-batch, plus the loss's (B, T, V) tensors."""
-    tokens = setup.batch_size * (setup.seq_len + (spec.num_virtual_tokens if spec.name == "prompt_tuning" else 0))
-    per_layer = layer_activation_elements(shape, spec) * _bytes(setup.activation_dtype)
+    virtual = count.method.num_virtual_tokens if count.method.name == "prompt_tuning" else 0
+    tokens = setup.batch_size * (setup.seq_len + virtual)
+    per_layer = layer_activation_elements(shape, count) * _bytes(setup.activation_dtype)
     loss = LOSS_COPIES * shape.vocab_size * 4  # the loss runs in fp32
     if setup.gradient_checkpointing:
         layer_inputs = shape.num_layers * shape.hidden_size * _bytes(setup.activation_dtype)
@@ -116,8 +121,7 @@ def activation_bytes(shape: ModelShape, spec: MethodSpec, setup: TrainingSetup) 
     return tokens * (shape.num_layers * per_layer + loss)
 
 
-def estimate(shape: ModelShape, spec: MethodSpec, setup: TrainingSetup) -> MemoryEstimate:
-    """The memory estimate of training `spec` on `shape` with `setup`."""
-    return MemoryEstimate(weights=weight_bytes(shape, spec, setup), gradients=gradient_bytes(shape, spec, setup),
-                          optimizer=optimizer_bytes(shape, spec, setup),
-                          activations=activation_bytes(shape, spec, setup))
+def estimate(shape: ModelShape, count: MethodCount, setup: TrainingSetup) -> MemoryEstimate:
+    """The memory estimate of training `count.method` on the model of `shape` with `setup`."""
+    return MemoryEstimate(weights=weight_bytes(count, setup), gradients=gradient_bytes(count, setup),
+                          optimizer=optimizer_bytes(count, setup), activations=activation_bytes(shape, count, setup))

@@ -1,113 +1,66 @@
-"""Trainable parameters of each method, from a ModelShape alone (no model is built).
+"""Trainable parameters of any registered method on any model, counted by the method itself.
 
-Formulas (L decoder layers; a target layer is d_in -> d_out):
-- full: every parameter.
-- LoRA (Hu et al. 2021): r * (d_in + d_out) per target layer (A is r x d_in, B is d_out x r).
-- QLoRA (Dettmers et al. 2023): the same adapters as LoRA; only the frozen base is stored in 4 bits.
-- DoRA (Liu et al. 2024): LoRA plus one magnitude per output row, d_out per target layer.
-- prompt tuning (Lester et al. 2021): num_virtual_tokens * hidden_size.
-The result maps a module type (e.g. "q_proj", "embedding") to its trainable count.
+`method_count(model, method)` builds the model's skeleton on the meta device (analysis/targets.py:
+a preset, a local folder, a hub config or 'embedded'; shapes only, no weights) and applies the
+method config to it through the one method contract, `lorakit.adapters.count`: the numbers are
+those a real run trains, per module group, with the method's own target matching and checks.
+Target names 'attention' and 'mlp' are the target sets of `targets.resolve_target_set`; any other
+`targets` value goes to the method as written.
+
+Each count also keeps what the memory estimate (analysis/memory.py) needs from the same skeleton:
+the base model's size, the part of it in linear layers (what QLoRA stores in 4 bits) and, for the
+LoRA family, r summed over the adapted layers (the activations the low-rank branch saves).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from lorakit.analysis.shapes import Linear, ModelShape
-from lorakit.errors import ConfigError
+from lorakit import adapters
+from lorakit.analysis.targets import TARGET_SETS, linear_paths, model_config, resolve_target_set, skeleton
 
-TARGET_BLOCKS = {"attention": "attention", "mlp": "mlp"}
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    """What the calculator needs to know about a method."""
+class MethodCount:
+    """One method config applied to a model's skeleton: what trains, and the base it trains on."""
 
-    name: str  # full, lora, qlora, dora, prompt_tuning
-    r: int = 16
-    targets: str | Sequence[str] = "all-linear"  # all-linear, attention, mlp, or module names
-    num_virtual_tokens: int = 20
+    method: Any  # the method config as given (targets 'attention' / 'mlp' are resolved only to apply it)
+    groups: dict[str, int]  # trainable numbers per module group, as `lorakit.adapters.count` gives them
+    total: int  # parameters of the base model, a tied matrix counted once
+    linear_params: int  # of which in the layers 'all-linear' selects (QLoRA stores these in 4 bits)
+    rank_sum: int  # r summed over the model's LoRA layers (0 for methods without them)
 
-
-def _selects(spec: str, linear: Linear) -> bool:
-    """A target name selects a layer by leaf name; a dotted prefix ('mlp.c_proj') also fixes the block."""
-    prefix, _, leaf = spec.rpartition(".")
-    if leaf != linear.name:
-        return False
-    return not prefix or any(word in prefix.lower() for word in
-                             (("attn", "attention") if linear.block == "attention" else ("mlp", "ffn")))
+    @property
+    def trainable(self) -> int:
+        """Trainable numbers in all."""
+        return sum(self.groups.values())
 
 
-def target_linears(shape: ModelShape, targets: str | Sequence[str]) -> list[Linear]:
-    """The per-layer linear layers a targets value selects."""
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        return list(shape.linears)
-    if isinstance(targets, str) and targets in TARGET_BLOCKS:
-        return [l for l in shape.linears if l.block == TARGET_BLOCKS[targets]]
-    specs = [targets] if isinstance(targets, str) else list(targets)
-    chosen = [l for l in shape.linears if any(_selects(spec, l) for spec in specs)]
-    for spec in specs:
-        if not any(_selects(spec, l) for l in shape.linears):
-            names = ", ".join(dict.fromkeys(l.name for l in shape.linears))
-            raise ConfigError(f"target {spec!r} matches no layer of this {shape.model_type} model "
-                              f"(its linear layers: {names}; or all-linear, attention, mlp)")
-    return chosen
+def with_target_set(method: Any, model: nn.Module) -> Any:
+    """`method` with targets 'attention' or 'mlp' replaced by that set's layers of `model`; else unchanged."""
+    targets = getattr(method, "targets", None)
+    if not isinstance(targets, str) or targets not in TARGET_SETS:
+        return method
+    return dataclasses.replace(method, targets=resolve_target_set(targets, model))
 
 
-def _group(linear: Linear) -> str:
-    return f"{linear.block}.{linear.name}" if linear.name == "c_proj" else linear.name
+def lora_rank_sum(model: nn.Module) -> int:
+    """r summed over the LoRA (DoRA, QLoRA) layers of `model`."""
+    from lorakit.adapters.state import lora_layers  # imports torch: not at `lorakit calc --help`
+
+    return sum(layer.r for _, layer in lora_layers(model))
 
 
-def _full(shape: ModelShape, spec: MethodSpec) -> dict[str, int]:
-    groups: dict[str, int] = {"embedding": shape.embedding_params}
-    for linear in shape.linears:
-        key = _group(linear)
-        groups[key] = groups.get(key, 0) + shape.num_layers * (linear.d_in * linear.d_out
-                                                               + (linear.d_out if linear.bias else 0))
-    groups["norms"] = shape.num_layers * shape.norm_params_per_layer + shape.other_norm_params
-    if shape.head_params:
-        groups["lm_head"] = shape.head_params
-    return groups
-
-
-def _low_rank(shape: ModelShape, spec: MethodSpec, magnitude: bool = False) -> dict[str, int]:
-    if spec.r < 1:
-        raise ConfigError(f"LoRA rank r must be >= 1 (got {spec.r})")
-    groups: dict[str, int] = {}
-    for linear in target_linears(shape, spec.targets):
-        count = spec.r * (linear.d_in + linear.d_out) + (linear.d_out if magnitude else 0)
-        groups[_group(linear)] = groups.get(_group(linear), 0) + shape.num_layers * count
-    return groups
-
-
-def _prompt(shape: ModelShape, spec: MethodSpec) -> dict[str, int]:
-    return {"virtual tokens": spec.num_virtual_tokens * shape.hidden_size}
-
-
-# method name -> (shape, spec) -> {module type: trainable count}
-PARAM_FORMULAS: dict[str, Callable[[ModelShape, MethodSpec], dict[str, int]]] = {
-    "full": _full,
-    "lora": _low_rank,
-    "qlora": _low_rank,
-    "dora": lambda shape, spec: _low_rank(shape, spec, magnitude=True),
-    "prompt_tuning": _prompt,
-}
-
-
-def trainable_by_module(shape: ModelShape, spec: MethodSpec) -> dict[str, int]:
-    """Trainable parameters per module type for `spec` on `shape`."""
-    if spec.name not in PARAM_FORMULAS:
-        raise ConfigError(f"unknown method {spec.name!r}; expected one of {', '.join(PARAM_FORMULAS)}")
-    return PARAM_FORMULAS[spec.name](shape, spec)
-
-
-def trainable_count(shape: ModelShape, spec: MethodSpec) -> int:
-    """Total trainable parameters."""
-    return sum(trainable_by_module(shape, spec).values())
-
-
-def lora_matrix_count(d_in: int, d_out: int, r: int) -> tuple[int, int]:
-    """(full matrix entries, LoRA entries) for one d_in x d_out layer: the lecture's Exercise 1."""
-    from lorakit.adapters.lora_math import lora_param_count
-
-    return d_in * d_out, lora_param_count(d_in, d_out, r)
+def method_count(model: Any, method: Any, trust_remote_code: bool = False) -> MethodCount:
+    """Apply `method` (an instance of a class in lorakit.adapters.METHODS) to a fresh skeleton of `model`
+    (anything `targets.model_config` reads) and count what trains."""
+    base = skeleton(model_config(model, trust_remote_code), trust_remote_code)
+    total = adapters.trainable_parameters(base)[1]
+    modules = dict(base.named_modules())
+    linear = sum(p.numel() for path in linear_paths(base) for p in modules[path].parameters())
+    groups = adapters.count(base, with_target_set(method, base))
+    return MethodCount(method, groups, total, linear, lora_rank_sum(base))

@@ -1,8 +1,10 @@
-"""Built-in model shapes for `lorakit calc`: the public config numbers of common models.
+"""Built-in models for `lorakit calc`: the public config numbers of common models, no download.
 
-Each entry is the subset of the model's config.json that the calculator reads, so a preset and
-the real config give the same counts. Totals from the formulas (checked in the tests):
-Llama-3.2-1B 1.24 B, Llama-3.1-8B 8.03 B, Llama-2-7B 6.74 B, bloomz-560m 559 M, SmolLM2-135M 135 M.
+Each entry is the part of the model's config.json that sets its shapes; the calculator builds it
+with transformers (`AutoConfig.for_model`) and goes on exactly as with a real config.json, so a
+preset and the real config give the same counts. Parameters of their skeletons (checked in the
+tests against the published counts): Llama-3.2-1B 1.24 B, Llama-3.1-8B 8.03 B, Llama-2-7B 6.74 B,
+bloomz-560m 559 M, SmolLM2-135M 135 M.
 """
 from __future__ import annotations
 

@@ -1,19 +1,30 @@
-"""Named target sets for sweeps: attention-only, MLP-only, all-linear.
+"""A model without weights (its config, its skeleton) and the named target sets resolved on it.
 
-LoRA Without Regret (Schulman et al. 2025, Thinking Machines) found attention-only LoRA
-under-performs MLP-only and all-linear LoRA at matched parameter counts. To compare the three on
-any architecture, a set is resolved from the model's own linear layers: a layer belongs to
+`model_config(model)` reads a built-in preset (analysis/presets.py), a local folder, a hub id
+('config.json' only) or 'embedded' into a transformers config; `skeleton(config)` builds that
+model on the meta device: every module and parameter shape, no weights, so a method can be
+applied to an 8B model in a fraction of a second. Presets and real configs go the same way.
+
+Target sets: LoRA Without Regret (Schulman et al. 2025, Thinking Machines) found attention-only
+LoRA under-performs MLP-only and all-linear LoRA at matched parameter counts. To compare the three
+on any architecture, a set is resolved from the model's own linear layers: a layer belongs to
 "attention" when a segment of its path names an attention block (attn, attention) and to "mlp"
 when one names a feed-forward block (mlp, ffn, feed_forward). The result is a short list of
 dotted suffixes (e.g. ["self_attn.q_proj", ..., "mlp.down_proj"]) that `find_targets` accepts.
+
+This module imports torch and transformers only inside the functions that build a skeleton, so
+`lorakit calc --help` does not pay for them.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from torch import nn
-
+from lorakit import adapters
+from lorakit.analysis.presets import PRESETS, preset_config
 from lorakit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ATTENTION_WORDS = ("attn", "attention")
 MLP_WORDS = ("mlp", "ffn", "feed_forward")
@@ -53,9 +64,7 @@ TARGET_SETS: dict[str, Callable[[list[str]], str | list[str]]] = {
 
 def linear_paths(model: nn.Module) -> list[str]:
     """Paths of every layer 'all-linear' selects (the output head excluded)."""
-    from lorakit.adapters.match import find_targets
-
-    return find_targets(model, "all-linear")
+    return adapters.find_targets(model, "all-linear")
 
 
 def resolve_target_set(name: str, model: nn.Module) -> str | list[str]:
@@ -69,14 +78,36 @@ def resolve_target_set(name: str, model: nn.Module) -> str | list[str]:
     return targets
 
 
-def skeleton_model(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
-    """The model built from its config on the meta device: module names and shapes, no weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(model: Any, trust_remote_code: bool = False) -> Any:
+    """The transformers config of `model`: a config itself, a config dict (with model_type), a preset name, a
+    local folder, a hub id or 'embedded' (only config.json is read, never the weights)."""
+    from transformers import AutoConfig, PretrainedConfig
 
     from lorakit.models import resolve
 
-    path, local_only = resolve(name_or_path)
-    config = AutoConfig.from_pretrained(path, local_files_only=local_only, trust_remote_code=trust_remote_code)
+    if isinstance(model, PretrainedConfig):
+        return model
+    values = model if isinstance(model, Mapping) else preset_config(model)
+    try:
+        if values is not None:
+            values = dict(values)
+            return AutoConfig.for_model(values.pop("model_type", None), **values)
+        path, local_only = resolve(model)
+        return AutoConfig.from_pretrained(path, local_files_only=local_only, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        where = "" if values is not None else f" (not a preset: {', '.join(PRESETS)})"
+        raise ConfigError(f"cannot read the config of {model!r}{where}: {str(error).splitlines()[0]}") from error
+
+
+def skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of a transformers config, built on the meta device: module names and shapes, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def skeleton_model(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
+    """The skeleton of a preset, a local folder, a hub id or 'embedded' (see `model_config`)."""
+    return skeleton(model_config(name_or_path, trust_remote_code), trust_remote_code)

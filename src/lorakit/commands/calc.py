@@ -1,22 +1,37 @@
-"""`lorakit calc MODEL`: trainable parameters and training memory of each method, without weights.
+"""`lorakit calc MODEL [method.KEY=VALUE ...]`: trainable parameters and training memory, without weights.
 
 MODEL is a built-in preset (Llama-3.2-1B, Llama-3.1-8B, 7B, bloomz-560m, SmolLM2-135M), a local
-folder or a hub id (only its config.json is read), or 'embedded'.
+folder or a hub id (only its config.json is read), or 'embedded'. The method is a real method
+config, built and checked as `lorakit train` builds it: `--method NAME` (any registered method, or
+`all`), its fields as `method.KEY=VALUE` words or `--method.KEY VALUE` options, and/or the `method:`
+section of a run config (`--config`). Unset fields keep the method's own defaults (LoRA r=8).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
 
+from lorakit.adapters import METHODS
 from lorakit.analysis.memory import GB, OPTIMIZER_BYTES, TrainingSetup, estimate
-from lorakit.analysis.params import PARAM_FORMULAS, MethodSpec, trainable_by_module
-from lorakit.analysis.presets import PRESETS, preset_config
+from lorakit.analysis.params import MethodCount, method_count
+from lorakit.analysis.presets import PRESETS
 from lorakit.analysis.shapes import ModelShape, shape_from_config
+from lorakit.analysis.targets import model_config
+from lorakit.commands.configargs import _add_method_options, _check_duplicates, config_source, split_words
+from lorakit.config import apply_overrides, build_config, default_schema, read_yaml
+from lorakit.errors import ConfigError
+
+ACCEPTS_EXTRA_ARGS = True  # an unknown --method.key becomes the closest-key error of `lorakit train`
 
 EXAMPLES = """\
 examples:
   lorakit calc 7B --lecture                       # the lecture's exercises and the 7B memory claim
-  lorakit calc Llama-3.2-1B --method lora --r 16 --targets q_proj,v_proj
+  lorakit calc Llama-3.2-1B method.r=16 --targets q_proj,v_proj
+  lorakit calc Llama-3.1-8B --method dora --method.r 16 --method.targets attention
   lorakit calc ./my-model --method all --batch-sizes 1,8 --seq-lens 512,4096
+  lorakit calc --config runs/my-run               # the run's model and method section
 """
 
 
@@ -25,15 +40,21 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `lorakit calc`."""
+    """Options of `lorakit calc`: the model, the memory setup, then the method keys of `lorakit train`."""
+    parser.description = __doc__.split("\n\n", 1)[1]
+    parser.usage = f"{parser.prog} [-h] [options] [MODEL] [method.KEY=VALUE ...]"
     parser.epilog = EXAMPLES
-    parser.add_argument("model", help=f"preset ({', '.join(PRESETS)}), local folder, hub id or 'embedded'")
-    parser.add_argument("--method", default="lora", choices=[*PARAM_FORMULAS, "all"],
-                        help="method to count; 'all' compares every method in the memory table")
-    parser.add_argument("--r", type=int, default=16, help="LoRA / QLoRA / DoRA rank")
-    parser.add_argument("--targets", default="all-linear",
-                        help="all-linear, attention, mlp, or comma-separated module names (q_proj,v_proj)")
-    parser.add_argument("--virtual-tokens", type=int, default=20, help="prompt tuning: virtual tokens")
+    parser.allow_abbrev = False  # `--method.t` must not silently mean `--method.targets`
+    parser.set_defaults(overrides=[])
+    parser.add_argument("model", nargs="?", help=f"preset ({', '.join(PRESETS)}), local folder, hub id or "
+                                                 "'embedded' (default with --config: the run config's model)")
+    parser.add_argument("words", nargs="*", metavar="method.KEY=VALUE", help="method fields, as in `lorakit train`")
+    parser.add_argument("--config", metavar="RUN", help="a run config (file, run folder or recipe name): its "
+                                                        "method section, and its model when MODEL is not given")
+    parser.add_argument("--r", help="short for method.r")
+    parser.add_argument("--targets", help="short for method.targets; comma-separated names (q_proj,v_proj), "
+                                          "all-linear, attention or mlp")
+    parser.add_argument("--virtual-tokens", help="short for method.num_virtual_tokens")
     parser.add_argument("--batch-sizes", type=_ints, default=[1, 8], help="comma-separated micro-batch sizes")
     parser.add_argument("--seq-lens", type=_ints, default=[512, 2048], help="comma-separated sequence lengths")
     parser.add_argument("--weight-dtype", default="bf16", help="storage of the (frozen) weights: bf16, fp16, fp32")
@@ -46,81 +67,137 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lecture", action="store_true", help="also print the lecture's numbers")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a hub model's own config code (only if you trust it)")
+    _add_method_options(parser, default_schema())
 
 
-def load_shape(model: str, trust_remote_code: bool = False) -> ModelShape:
-    """The shape of a preset, or of a model's config.json (no weights are read)."""
-    preset = preset_config(model)
-    if preset is not None:
-        return shape_from_config(preset)
-    from transformers import AutoConfig
-
-    from lorakit.models import resolve
-
-    path, local_only = resolve(model)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local_only, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        from lorakit.errors import ConfigError
-
-        raise ConfigError(f"cannot read the config of {model!r} (not a preset: {', '.join(PRESETS)}): "
-                          f"{str(error).splitlines()[0]}") from error
-    return shape_from_config(config)
+def _is_word(model: str | None) -> bool:
+    """MODEL is optional with --config: `lorakit calc --config RUN method.r=4` puts a key=value word there."""
+    return bool(model) and "=" in model and not Path(model).exists()
 
 
-def spec_of(args: argparse.Namespace, method: str) -> MethodSpec:
-    """The MethodSpec of the command line for one method."""
-    targets = args.targets if args.targets in ("all-linear", "attention", "mlp") else args.targets.split(",")
-    return MethodSpec(method, r=args.r, targets=targets, num_virtual_tokens=args.virtual_tokens)
+def method_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The method keys of the command line, as (dotted key, value): options, shorthands, then words."""
+    words, extra = [args.model] if _is_word(args.model) else [], getattr(args, "extra", [])
+    unknown = [word for word in extra if word.startswith("-") and not word.startswith("--method.")]
+    if unknown:
+        raise ConfigError(f"unrecognized arguments: {' '.join(unknown)} (see `lorakit calc --help`)")
+    config, pairs = split_words([*words, *args.words], extra, default_schema())
+    if config is not None:
+        raise ConfigError(f"unexpected argument {config!r}: calc takes MODEL, then method.KEY=VALUE words "
+                          "(a run config goes with --config)")
+    targets = args.targets if args.targets is None or "," not in args.targets else args.targets.split(",")
+    short = [("method.r", args.r), ("method.targets", targets), ("method.num_virtual_tokens", args.virtual_tokens)]
+    overrides = [*args.overrides, *((key, value) for key, value in short if value is not None), *pairs]
+    _check_duplicates(overrides)
+    overrides.sort(key=lambda pair: pair[0] != "method")  # the method first: picking it drops the file's keys only
+    for key, _ in overrides:
+        if key != "method" and not key.startswith("method."):
+            raise ConfigError(f"calc reads method keys only (method.KEY=VALUE); got {key!r}")
+    return overrides
 
 
-def params_table(shape: ModelShape, spec: MethodSpec) -> str:
-    """Trainable parameters per module type, and the total."""
-    groups = trainable_by_module(shape, spec)
-    total = sum(groups.values())
-    lines = [f"trainable parameters ({spec.name}"
-             + (f", r={spec.r}, targets={spec.targets}" if spec.name in ("lora", "qlora", "dora") else "") + ")",
+def _built(section: Any) -> Any:
+    """A method config from a raw `method:` section, through `lorakit.config.build_config`: the checks and
+    the error messages of `lorakit train`."""
+    return build_config({"method": section}).method
+
+
+def method_configs(raw: dict, overrides: list[tuple[str, Any]]) -> list[Any]:
+    """The method configs to count: the run config's method section with the overrides; for `--method all`,
+    every registered method with the keys it has (as `--method NAME`, the run config's keys are dropped)."""
+    if dict(overrides).get("method") != "all":
+        return [_built(apply_overrides(raw, overrides).get("method"))]
+    keys = [(key, value) for key, value in overrides if key != "method"]
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in METHODS.items()}
+    for key, value in keys:  # a key no method has: the error `lorakit train` gives for it
+        if not any(key.removeprefix("method.") in names for names in fields.values()):
+            _built(apply_overrides({}, [(key, value)])["method"])
+    return [_built(apply_overrides({"method": name}, [(key, value) for key, value in keys
+                                                      if key.removeprefix("method.") in fields[name]])["method"])
+            for name in METHODS]
+
+
+def model_and_methods(args: argparse.Namespace) -> tuple[str, list[Any]]:
+    """(MODEL, method configs) of the command line."""
+    model = None if _is_word(args.model) else args.model
+    raw = read_yaml(config_source(args.config)) if args.config else {}
+    if model is None and args.config is None:
+        raise ConfigError("calc needs a MODEL (a preset, a folder, a hub id or 'embedded') or --config RUN")
+    model = model or (raw.get("model") or {}).get("name_or_path") or "embedded"
+    return model, method_configs(raw, method_overrides(args))
+
+
+def _fields(method: Any) -> str:
+    """The fields that set a method's size, and every field changed from its default."""
+    shown = []
+    for index, f in enumerate(dataclasses.fields(method)):
+        value = getattr(method, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if index == 0 or f.name == "targets" or value != default:
+            shown.append(f"{f.name}={value}")
+    return ", ".join(shown)
+
+
+def params_table(count: MethodCount) -> str:
+    """Trainable parameters per module group, and the total."""
+    fields = _fields(count.method)
+    lines = [f"trainable parameters ({count.method.name}{', ' + fields if fields else ''})",
              f"  {'module type':<24}{'trainable':>16}"]
-    lines += [f"  {group:<24}{count:>16,}" for group, count in groups.items()]
-    lines.append(f"  {'total':<24}{total:>16,}  ({100 * total / shape.total_params:.4f}% of "
-                 f"{shape.total_params:,}; {shape.total_params / max(total, 1):,.0f}x fewer)")
+    lines += [f"  {group:<24}{trained:>16,}" for group, trained in count.groups.items()]
+    fewer = count.total / max(count.trainable, 1)
+    lines.append(f"  {'total':<24}{count.trainable:>16,}  ({100 * count.trainable / count.total:.4f}% of "
+                 f"{count.total:,}" + (f"; {fewer:,.0f}x fewer)" if fewer >= 1.5 else ")"))
     return "\n".join(lines)
 
 
-def memory_table(shape: ModelShape, specs: list[MethodSpec], args: argparse.Namespace) -> str:
+def _setups(args: argparse.Namespace) -> list[TrainingSetup]:
+    return [TrainingSetup(batch_size=batch, seq_len=seq, weight_dtype=args.weight_dtype,
+                          trainable_dtype=args.trainable_dtype, activation_dtype=args.activation_dtype,
+                          optimizer=args.optimizer, master_weights=args.master_weights)
+            for batch in args.batch_sizes for seq in args.seq_lens]
+
+
+def memory_table(shape: ModelShape, counts: list[MethodCount], args: argparse.Namespace) -> str:
     """GB per component for every method x batch size x sequence length, with and without checkpointing."""
     lines = [f"training memory estimate, GB (weights {args.weight_dtype}, trainable {args.trainable_dtype}, "
              f"activations {args.activation_dtype}, optimizer {args.optimizer}"
              + (" + fp32 master weights" if args.master_weights else "") + ")",
              f"  {'method':<14}{'batch':>6}{'seq':>6}{'weights':>9}{'grads':>8}{'optim':>8}"
              f"{'activ':>8}{'total':>8}{'activ ckpt':>12}{'total ckpt':>12}"]
-    for spec in specs:
-        for batch in args.batch_sizes:
-            for seq in args.seq_lens:
-                setup = TrainingSetup(batch_size=batch, seq_len=seq, weight_dtype=args.weight_dtype,
-                                      trainable_dtype=args.trainable_dtype, activation_dtype=args.activation_dtype,
-                                      optimizer=args.optimizer, master_weights=args.master_weights)
-                plain = estimate(shape, spec, setup)
-                ckpt = estimate(shape, spec, TrainingSetup(**{**setup.__dict__, "gradient_checkpointing": True}))
-                lines.append(f"  {spec.name:<14}{batch:>6}{seq:>6}{plain.weights / GB:>9.2f}"
-                             f"{plain.gradients / GB:>8.2f}{plain.optimizer / GB:>8.2f}{plain.activations / GB:>8.2f}"
-                             f"{plain.total / GB:>8.2f}{ckpt.activations / GB:>12.2f}{ckpt.total / GB:>12.2f}")
+    for count in counts:
+        for setup in _setups(args):
+            plain = estimate(shape, count, setup)
+            ckpt = estimate(shape, count, dataclasses.replace(setup, gradient_checkpointing=True))
+            lines.append(f"  {count.method.name:<14}{setup.batch_size:>6}{setup.seq_len:>6}{plain.weights / GB:>9.2f}"
+                         f"{plain.gradients / GB:>8.2f}{plain.optimizer / GB:>8.2f}{plain.activations / GB:>8.2f}"
+                         f"{plain.total / GB:>8.2f}{ckpt.activations / GB:>12.2f}{ckpt.total / GB:>12.2f}")
     lines.append("  (framework overhead, e.g. the CUDA context and allocator fragmentation, is not included)")
     return "\n".join(lines)
 
 
+def header(model: str, config: Any, total: int) -> str:
+    """One line about the model: its architecture, sizes and parameter count."""
+    layers, hidden, vocab = (getattr(config, key, None) for key in ("num_hidden_layers", "hidden_size", "vocab_size"))
+    return (f"model: {model} ({config.model_type}, {layers} layers, hidden {hidden}, "
+            f"vocab {vocab if vocab is None else format(vocab, ',')}): {total:,} parameters")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the parameter table, the memory table and, with --lecture, the lecture's numbers."""
-    shape = load_shape(args.model, args.trust_remote_code)
-    methods = list(PARAM_FORMULAS) if args.method == "all" else [args.method]
-    specs = [spec_of(args, method) for method in methods]
-    print(f"model: {args.model} ({shape.model_type}, {shape.num_layers} layers, hidden {shape.hidden_size}, "
-          f"vocab {shape.vocab_size:,}): {shape.total_params:,} parameters\n")
-    for spec in specs:
-        print(params_table(shape, spec) + "\n")
-    print(memory_table(shape, specs, args))
+    """Print the parameter tables, the memory table and, with --lecture, the lecture's numbers."""
+    model, methods = model_and_methods(args)
+    config = model_config(model, args.trust_remote_code)
+    counts = [method_count(config, method, args.trust_remote_code) for method in methods]
+    print(header(model, config, counts[0].total) + "\n")
+    for count in counts:
+        print(params_table(count) + "\n")
+    try:
+        shape = shape_from_config(config)
+    except ConfigError as error:  # an architecture the memory model has no sizes for: the counts still hold
+        print(f"training memory estimate: none ({error})")
+    else:
+        print(memory_table(shape, counts, args))
     if args.lecture:
-        from lorakit.analysis.lecture import lecture_text
+        from lorakit.analysis.lecture import lecture_text  # imports torch: not at `lorakit calc --help`
 
         print("\n" + lecture_text())
     return 0
