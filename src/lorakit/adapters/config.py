@@ -50,21 +50,30 @@ def _target_problems(targets: str | list[str], target_parameters: list[str]) -> 
     return []
 
 
+@dataclass
+class LowRank(MethodConfig):
+    """The fields every low-rank update B A shares (LoRA and its variants, and each expert of MoLE)."""
+
+    r: int = setting(8, "Rank of the update B A; each target layer trains r * (d_in + d_out) numbers (per "
+                        "expert for MoLE).", gt=0)
+    alpha: float = setting(16.0, "Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) "
+                                 "with rslora).", gt=0)
+    targets: str | list[str] = setting(
+        "all-linear", "Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or "
+                      "'all-linear' (LoRA: [] adapts parameters only, see target_parameters).")
+    rslora: bool = setting(False, "Rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023, "
+                                  "arXiv:2312.03732).")
+
+
 @register_method
 @dataclass
-class LoRA(MethodConfig):
+class LoRA(LowRank):
     """Low-rank adaptation (Hu et al. 2021, arXiv:2106.09685): W' = W + s * B A on target layers."""
 
     name: ClassVar[str] = "lora"
     implementation: ClassVar[str] = "lorakit.adapters.lora"
     folder_type: ClassVar[str] = "LORA"  # adapter_config.json's peft_type (DoRA folders too: use_dora)
 
-    r: int = setting(8, "Rank of the update B A; each target layer trains r * (d_in + d_out) numbers.", gt=0)
-    alpha: float = setting(16.0, "Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) "
-                                 "with rslora).", gt=0)
-    targets: str | list[str] = setting(
-        "all-linear", "Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or "
-                      "'all-linear' ([] adapts parameters only, see target_parameters).")
     target_parameters: list[str] = setting(
         factory=list, doc="Parameters to adapt directly, as peft's target_parameters: names or dotted suffixes such "
                           "as 'experts.gate_up_proj', for MoE experts stored as 3-D tensors (one LoRA pair per "
@@ -73,8 +82,6 @@ class LoRA(MethodConfig):
                              ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = setting(
         "none", "Biases that train: none, all biases of the model, or only those of the adapted layers.")
-    rslora: bool = setting(False, "Rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023, "
-                                  "arXiv:2312.03732).")
     modules_to_save: list[str] = setting(
         factory=list, doc="Modules trained in full (as copies) and saved with the adapter, e.g. ['lm_head'].")
     init: Literal["kaiming", "gaussian"] = setting(
@@ -169,21 +176,13 @@ class Bottleneck(MethodConfig):
 
 @register_method
 @dataclass
-class MoLE(MethodConfig):
+class MoLE(LowRank):
     """Mixture of LoRA experts: k LoRA pairs per target layer and a per-token softmax router."""
 
     name: ClassVar[str] = "mole"
     implementation: ClassVar[str] = "lorakit.adapters.mole"
     folder_type: ClassVar[str] = "mole"  # adapter_config.json's lorakit_method
 
-    r: int = setting(8, "Rank of the update B A; each target layer trains r * (d_in + d_out) numbers per "
-                        "expert.", gt=0)
-    alpha: float = setting(16.0, "Scale numerator: the update is multiplied by s = alpha / r (alpha / sqrt(r) "
-                                 "with rslora), per expert.", gt=0)
-    targets: str | list[str] = setting(
-        "all-linear", "Modules to adapt: names, dotted suffixes, regexes (full match), a list of those, or "
-                      "'all-linear'.")
-    rslora: bool = setting(False, "Rank-stabilised scaling s = alpha / sqrt(r).")
     num_experts: int = setting(4, "k: LoRA experts per target layer; each layer trains k * r * (d_in + d_out) + "
                                   "k * d_in numbers.", gt=0)
     top_k: int | None = setting(None, "Keep only the top_k gates per token and renormalise them; None mixes all "

@@ -45,22 +45,7 @@ def apply(cfg: MoLE, model: nn.Module) -> nn.Module:
     return model
 
 
-def save(cfg: MoLE, model: nn.Module, folder: str | Path, base: str | None = None, *,
-         tokenizer: Any = None, state_dict: dict | None = None) -> Path:
-    """Write the adapter in lorakit's own folder format (the tokenizer is not needed)."""
-    return own_format.write_folder(folder, cfg, own_format.trainable_tensors(model), base)
-
-
-def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
-    """Apply the folder's MoLE config to `base_model` and copy its weights in."""
-    cfg = own_format.method_config(raw, MoLE, folder / own_format.CONFIG_NAME)
-    apply(cfg, base_model)
-    try:
-        own_format.copy_into(base_model, folder)
-    except AdapterError:
-        unload(cfg, base_model)
-        raise
-    return base_model
+save, load_folder = own_format.save, own_format.load_folder  # lorakit's own folder format (own_format.py)
 
 
 def named(model: nn.Module, name: str, folder: Path, raw: dict) -> NamedDeltas:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.adapters.jsonfile import read_json_object
+from lorakit.adapters.registry import implementation, method_for_folder
 from lorakit.errors import AdapterError, ConfigError
 
 CONFIG_NAME = "adapter_config.json"
@@ -45,6 +46,26 @@ def write_folder(folder: str | Path, method_cfg: Any, tensors: dict[str, torch.T
               "base_model_name_or_path": base_model_name_or_path, "config": dataclasses.asdict(method_cfg)}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def save(cfg: Any, model: nn.Module, folder: str | Path, base: str | None = None, *,
+         tokenizer: Any = None, state_dict: dict | None = None) -> Path:
+    """The contract's `save` for the methods of this format: the config and every trainable tensor."""
+    return write_folder(folder, cfg, trainable_tensors(model), base)
+
+
+def load_folder(base_model: nn.Module, folder: Path, raw: dict) -> nn.Module:
+    """The contract's `load_folder` for this format: the folder's method config applied to `base_model`, then
+    its tensors copied in (the method unloaded again if they do not fit)."""
+    cfg = method_config(raw, method_for_folder(raw.get("lorakit_method")), folder / CONFIG_NAME)
+    method = implementation(cfg)
+    method.apply(cfg, base_model)
+    try:
+        copy_into(base_model, folder)
+    except AdapterError:
+        method.unload(cfg, base_model)  # leave the base model as it was
+        raise
+    return base_model
 
 
 def read_config(folder: Path) -> dict:
