@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 import types
 
@@ -33,6 +34,15 @@ def test_top_level_help_lists_commands_without_importing_them(capsys):
     out = capsys.readouterr().out
     for name in cli.COMMANDS:
         assert name in out
+
+
+def test_every_command_builds_its_help_without_torch():
+    """The import boundary (lorakit.commands): `lorakit CMD --help` loads none of the heavy libraries."""
+    script = ("import sys\nfrom lorakit import cli\nfor name in cli.COMMANDS:\n    cli.build_parser([name])\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_train_help_lists_every_field_with_its_doc(capsys):

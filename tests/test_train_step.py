@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.train import TrainConfig, field_help, lr_factor
+from lorakit.train.config import PRECISION_MODES
 from lorakit.train.precision import PRECISIONS
 from lorakit.train.step import (Halving, count_trained_tokens, evaluate, halving_on_oom, make_loss_sum,
                                 split_batch, token_loss_sum, train_step)
@@ -223,6 +224,10 @@ def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as raised:
         TrainConfig(**overrides)
     assert str(raised.value).startswith(message)
+
+
+def test_the_config_names_every_precision_mode():  # train.config stays torch-free, so the names are written twice
+    assert tuple(PRECISIONS) == PRECISION_MODES
 
 
 def test_every_config_field_has_help_and_warmup_resolves():

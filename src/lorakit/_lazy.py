@@ -2,7 +2,7 @@
 
 `import lorakit` (and `lorakit.data`, `lorakit.train`) stays cheap: a name is imported from its
 defining module on first use, so `lorakit --help` or reading a config dataclass does not pay for
-torch and transformers.
+torch and transformers. The other deferred imports are the commands' own (see `lorakit.commands`).
 """
 from __future__ import annotations
 

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Literal, Mapping
 
+import yaml
+
+from lorakit.adapters.config import METHODS
+from lorakit.data.config import DataConfig
 from lorakit.errors import ConfigError
 from lorakit.schema import (Config, closest, from_dict, leaf_keys, problem, setting, to_plain, type_hints,
                             unknown_key_error)
+from lorakit.train.config import TrainConfig
 
 RECIPES_DIR = Path(__file__).parent / "configs"  # recipes shipped with the package
 
@@ -93,21 +97,9 @@ class Schema:
         return keys
 
 
-# section -> "module:attribute"; imported on first use so `lorakit --help` stays fast
-_SECTION_CLASSES = {"model": "lorakit.config:ModelConfig", "data": "lorakit.data:DataConfig",
-                    "train": "lorakit.train:TrainConfig"}
-_METHODS = "lorakit.adapters:METHODS"
-
-
-def _resolve(spec: str) -> Any:
-    module, attribute = spec.split(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
 def default_schema() -> Schema:
     """The real schema: ModelConfig, lorakit.data.DataConfig, lorakit.train.TrainConfig, METHODS."""
-    sections = {name: _resolve(spec) for name, spec in _SECTION_CLASSES.items()}
-    return Schema(sections=sections, methods=dict(_resolve(_METHODS)))
+    return Schema(sections={"model": ModelConfig, "data": DataConfig, "train": TrainConfig}, methods=dict(METHODS))
 
 
 # ----------------------------------------------------------------------------- raw dict stage
@@ -206,8 +198,6 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML config file into a mapping (empty file -> {})."""
-    import yaml
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -224,8 +214,6 @@ def read_yaml(path: str | Path) -> dict:
 
 def config_to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML text (loads back into an equal RunConfig)."""
-    import yaml
-
     class Dumper(yaml.SafeDumper):
         """Writes strings with line breaks as "a\\n" rather than as folded blocks."""
 

@@ -18,8 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from lorakit.adapters import apply, parameter_report, save_adapter
+from lorakit.adapters.param_lora import experts_note
 from lorakit.config import RunConfig, config_to_dict, method_name, read_yaml, save_config
+from lorakit.data import check_packing, load_rows, make_batches, preview_example, tokenize_rows
 from lorakit.errors import ConfigError, DataError
+from lorakit.models import EMBEDDED_DATASETS, load_model, load_tokenizer
+from lorakit.train import distributed, train
+from lorakit.train.base_dropout import describe
+from lorakit.train.setup import seed_everything
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.md"
@@ -94,19 +103,11 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
 
 def pick_device(device: str | None) -> str:
     """The configured device, or cuda when available, else cpu."""
-    import torch
-
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_adapted_model(cfg: RunConfig, log: Log) -> tuple[Any, Any]:
     """(model with the method applied, tokenizer), on the configured device."""
-    from lorakit.adapters import apply, parameter_report
-    from lorakit.adapters.param_lora import experts_note
-    from lorakit.models import load_model, load_tokenizer
-    from lorakit.train.base_dropout import describe
-    from lorakit.train.setup import seed_everything
-
     model_cfg = cfg.model
     device = pick_device(model_cfg.device)
     seed_everything(cfg.train.seed)  # adapter init (e.g. LoRA's A) is random: same seed, same run
@@ -132,8 +133,6 @@ def stats_line(stats: Any) -> str:
 def resolve_embedded_data(data_cfg: Any) -> Any:
     """The data config with the embedded dataset names ('embedded-train', 'embedded-eval',
     'embedded-general') as `source`/`val_source` replaced by their files inside lorakit."""
-    from lorakit.models import EMBEDDED_DATASETS
-
     named = {key: getattr(data_cfg, key) for key in ("source", "val_source")}
     paths = {key: str(EMBEDDED_DATASETS[value]) for key, value in named.items()
              if isinstance(value, str) and value in EMBEDDED_DATASETS}
@@ -142,8 +141,6 @@ def resolve_embedded_data(data_cfg: Any) -> Any:
 
 def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list, Any]:
     """(train examples, validation examples, train stats), after the pre-flight preview."""
-    from lorakit.data import load_rows, preview_example, tokenize_rows
-
     train_rows, val_rows = load_rows(resolve_embedded_data(cfg.data))
     train_examples, stats = tokenize_rows(train_rows, tokenizer, cfg.data)
     if not train_examples:
@@ -157,8 +154,6 @@ def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list,
 
 def batch_maker(examples: list, cfg: RunConfig, pad_id: int) -> Callable[[int], list[dict]]:
     """train_batches(epoch) for the loop; the latest epoch's batches are kept, not rebuilt."""
-    from lorakit.data import make_batches
-
     memo: dict[int, list[dict]] = {}
 
     def train_batches(epoch: int) -> list[dict]:
@@ -174,8 +169,6 @@ def batch_maker(examples: list, cfg: RunConfig, pad_id: int) -> Callable[[int], 
 
 def eval_batches_of(examples: list, cfg: RunConfig, pad_id: int) -> list[dict] | None:
     """Validation batches in a fixed order (None when there are no validation examples)."""
-    from lorakit.data import make_batches
-
     if not examples:
         return None
     return make_batches(examples, cfg.train.micro_batch_size, pack=cfg.data.packing, max_length=cfg.data.max_length,
@@ -227,9 +220,6 @@ def write_report(result: RunResult, cfg: RunConfig, wall_s: float) -> Path:
 
 def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> RunResult:
     """Train `cfg` end to end and fill its run folder (see the module docstring)."""
-    from lorakit.adapters import save_adapter
-    from lorakit.train import distributed, train
-
     started = time.perf_counter()
     main = distributed.start(cfg.train, full_fine_tuning=method_name(cfg.method) == "full")  # under torchrun
     log = log if main else (lambda text: None)  # rank 0 speaks for all ranks
@@ -237,8 +227,6 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     model, tokenizer = load_adapted_model(cfg, log)
     train_examples, val_examples, stats = tokenize_data(cfg, tokenizer, log)
     if cfg.data.packing:
-        from lorakit.data import check_packing
-
         check_packing(model, max_length=cfg.data.max_length)
     pad_id = pad_id_of(tokenizer)
     train_batches = batch_maker(train_examples, cfg, pad_id)

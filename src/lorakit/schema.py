@@ -43,6 +43,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Collection, Iterable, Literal, Mapping, Union
 
+import yaml
+
 from lorakit.errors import ConfigError, LorakitError
 
 HELP = "help"  # Field.metadata key of a setting's doc
@@ -304,8 +306,6 @@ def _coerce_scalar(value: Any, tp: type, key: str) -> Any:
 def _parse_yaml_text(value: Any) -> Any:
     """A CLI string such as '[a, b]' or '{x: 1}' becomes the YAML value it spells."""
     if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
-        import yaml
-
         try:
             return yaml.safe_load(value)
         except yaml.YAMLError:

@@ -18,6 +18,9 @@ differs slightly from the adapted one (benchmarks/qlora_memory.py measures by ho
 """
 from __future__ import annotations
 
+import ctypes
+import gc
+
 import torch
 from torch import nn
 
@@ -110,9 +113,6 @@ def release_freed_memory() -> None:
     the process about as large as the unquantised model (benchmarks/RESULTS.md, "Measured in
     passing"). On GPU, the caching allocator's free blocks are released.
     """
-    import ctypes
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

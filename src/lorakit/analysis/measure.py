@@ -14,13 +14,20 @@ Prints one JSON list: {"peak_mb", "baseline_mb"} per job; peak minus baseline is
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lorakit.adapters import METHODS, apply
 from lorakit.labels import IGNORE_INDEX
+from lorakit.train import TrainConfig, train
 
 
 def _status_kb(field: str) -> int:
@@ -32,8 +39,6 @@ def _status_kb(field: str) -> int:
 
 def random_batches(vocab: int, batch_size: int, seq_len: int, count: int, seed: int = 0) -> list[dict]:
     """`count` batches of random tokens, every position trained (labels already shifted)."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
@@ -48,21 +53,11 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
 
 def fix_mmap_threshold(threshold: int = 64 * 1024) -> None:
     """Serve allocations above `threshold` bytes by mmap, returned to the system on free (glibc)."""
-    import ctypes
-
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def measure(job: dict) -> dict:
     """Peak RSS of training `job` = {config, method, batch_size, seq_len, steps, gradient_checkpointing}."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    from lorakit.adapters import METHODS, apply
-    from lorakit.train import TrainConfig, train
-
     torch.set_num_threads(1)
     config = AutoConfig.for_model(**job["config"])
     batches = random_batches(config.vocab_size, job["batch_size"], job["seq_len"], job["steps"])

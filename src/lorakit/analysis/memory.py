@@ -28,10 +28,13 @@ Framework overhead (CUDA context, allocator fragmentation, kernels' workspaces) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from lorakit.analysis.params import MethodCount
 from lorakit.analysis.shapes import ModelShape
 from lorakit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lorakit.analysis.params import MethodCount
 
 GB = 1e9
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + fp8 absmax per 64 + fp32 per 256 blocks

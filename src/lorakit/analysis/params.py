@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from torch import nn
 
 from lorakit import adapters
+from lorakit.adapters.state import lora_layers
 from lorakit.analysis.targets import TARGET_SETS, linear_paths, model_config, resolve_target_set, skeleton
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,6 @@ def with_target_set(method: Any, model: nn.Module) -> Any:
 
 def lora_rank_sum(model: nn.Module) -> int:
     """r summed over the LoRA (DoRA, QLoRA) layers of `model`."""
-    from lorakit.adapters.state import lora_layers  # imports torch: not at `lorakit calc --help`
-
     return sum(layer.r for _, layer in lora_layers(model))
 
 

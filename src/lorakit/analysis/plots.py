@@ -14,7 +14,10 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+
 from lorakit.plotting import new_figure, save_figure
+from lorakit.train.metrics import METRICS_FILE, read_metrics
 
 COLUMNS = ("name", "method", "r", "targets", "lr", "steps", "trainable_params", "final_train_loss", "eval_loss",
            "general_loss", "accuracy", "train_time_s")
@@ -22,8 +25,6 @@ COLUMNS = ("name", "method", "r", "targets", "lr", "steps", "trainable_params", 
 
 def loss_curve(sweep_dir: Path, name: str) -> list[tuple[int, float]]:
     """(step, training loss) of one cell from its metrics.jsonl."""
-    from lorakit.train.metrics import METRICS_FILE, read_metrics
-
     return [(r["step"], r["loss"]) for r in read_metrics(Path(sweep_dir) / name / METRICS_FILE)
             if r.get("loss") is not None]
 
@@ -42,8 +43,6 @@ def best_by(rows: Sequence[dict], key: tuple[str, ...], metric: str = "final_tra
 
 def _plain_ticks(axes) -> None:
     """Log axes with plain numbers on the major ticks and no labels on the minor ones."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
     for axis in (axes.xaxis, axes.yaxis):
         axis.set_major_formatter(ScalarFormatter())
         axis.set_minor_formatter(NullFormatter())

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from lorakit.adapters import METHODS
+from lorakit.analysis.targets import resolve_target_set, skeleton_model
 from lorakit.errors import ConfigError
+from lorakit.infer.evaluate import evaluate
+from lorakit.run import run_training
+from lorakit.train.metrics import METRICS_FILE, read_metrics
 
 CELL_FILE = "cell.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -45,8 +50,6 @@ class Cell:
 
 def method_fields(method: str) -> set[str]:
     """Field names of a registered method's config class."""
-    from lorakit.adapters import METHODS
-
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(sorted(METHODS))}")
     return {f.name for f in dataclasses.fields(METHODS[method])}
@@ -66,9 +69,6 @@ def grid(methods: Sequence[str], ranks: Sequence[int], lrs: Sequence[float],
 
 def method_config(cell: Cell, base_method: Any, model_name: str, alpha: float | None) -> Any:
     """The method config of a cell; LoRA-like methods keep the base config's other fields."""
-    from lorakit.adapters import METHODS
-    from lorakit.analysis.targets import resolve_target_set, skeleton_model
-
     cls = METHODS[cell.method]
     fields = method_fields(cell.method)
     values = dataclasses.asdict(base_method) if type(base_method) is cls else {}
@@ -97,8 +97,6 @@ def read_cell(cell_dir: Path) -> dict | None:
 def _score(model: Any, tokenizer: Any, general_rows: list[dict] | None, qa_rows: list[dict] | None,
            cell_dir: Path) -> dict:
     """Loss on the general rows (forgetting) and held-out accuracy on the QA rows, when given."""
-    from lorakit.infer.evaluate import evaluate
-
     model.eval()
     scores: dict = {}
     if general_rows:
@@ -125,9 +123,6 @@ def run_cell(base: Any, cell: Cell, sweep_dir: Path, *, alpha: float | None = No
              general_rows: list[dict] | None = None, qa_rows: list[dict] | None = None,
              log: Log = print) -> dict:
     """Train and score one cell (or read it back when already complete); returns its row."""
-    from lorakit.run import run_training
-    from lorakit.train.metrics import METRICS_FILE, read_metrics
-
     cell_dir = Path(sweep_dir) / cell.name
     done = read_cell(cell_dir)
     if done is not None:

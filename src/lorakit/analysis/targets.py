@@ -12,19 +12,19 @@ on any architecture, a set is resolved from the model's own linear layers: a lay
 when one names a feed-forward block (mlp, ffn, feed_forward). The result is a short list of
 dotted suffixes (e.g. ["self_attn.q_proj", ..., "mlp.down_proj"]) that `find_targets` accepts.
 
-This module imports torch and transformers only inside the functions that build a skeleton, so
-`lorakit calc --help` does not pay for them.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from lorakit import adapters
 from lorakit.analysis.presets import PRESETS, preset_config
 from lorakit.errors import ConfigError
-
-if TYPE_CHECKING:
-    from torch import nn
+from lorakit.models import resolve
 
 ATTENTION_WORDS = ("attn", "attention")
 MLP_WORDS = ("mlp", "ffn", "feed_forward")
@@ -81,10 +81,6 @@ def resolve_target_set(name: str, model: nn.Module) -> str | list[str]:
 def model_config(model: Any, trust_remote_code: bool = False) -> Any:
     """The transformers config of `model`: a config itself, a config dict (with model_type), a preset name, a
     local folder, a hub id or 'embedded' (only config.json is read, never the weights)."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    from lorakit.models import resolve
-
     if isinstance(model, PretrainedConfig):
         return model
     values = model if isinstance(model, Mapping) else preset_config(model)
@@ -101,9 +97,6 @@ def model_config(model: Any, trust_remote_code: bool = False) -> Any:
 
 def skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
     """The causal LM of a transformers config, built on the meta device: module names and shapes, no weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 

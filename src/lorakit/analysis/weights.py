@@ -6,7 +6,11 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters import load_adapter, merge
+from lorakit.adapters.match import find_targets
+from lorakit.config import read_yaml
 from lorakit.errors import LorakitError
+from lorakit.models import load_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -16,8 +20,6 @@ def _run_output(path: Path) -> tuple[Path, str | None]:
     config = path / "config.yaml"
     for child in ("adapter", "model"):
         if config.is_file() and (path / child).is_dir():
-            from lorakit.config import read_yaml
-
             return path / child, read_yaml(config).get("model", {}).get("name_or_path")
     return path, None
 
@@ -29,8 +31,6 @@ def _adapter_base(folder: Path) -> str | None:
 
 def linear_weight_names(model: torch.nn.Module) -> list[str]:
     """'<module>.weight' for every layer 'all-linear' selects (the output head excluded)."""
-    from lorakit.adapters.match import find_targets
-
     return [f"{name}.weight" for name in find_targets(model, "all-linear")]
 
 
@@ -41,9 +41,6 @@ def load_pair(target: str | Path, base: str | None = None
     `target` is an adapter folder (merged onto its base), a full model folder, or a run folder
     of `lorakit train` (its adapter/ or model/); `base` overrides the base model they name.
     """
-    from lorakit.adapters import load_adapter, merge
-    from lorakit.models import load_model
-
     folder, run_base = _run_output(Path(target))
     is_adapter = (folder / ADAPTER_CONFIG).is_file()
     base_name = base or run_base or (_adapter_base(folder) if is_adapter else None)

@@ -11,17 +11,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorakit.adapters import METHODS
 from lorakit.analysis.memory import GB, OPTIMIZER_BYTES, TrainingSetup, estimate
-from lorakit.analysis.params import MethodCount, method_count
 from lorakit.analysis.presets import PRESETS
 from lorakit.analysis.shapes import ModelShape, shape_from_config
-from lorakit.analysis.targets import model_config
 from lorakit.commands.configargs import _add_method_options, _check_duplicates, config_source, split_words
 from lorakit.config import apply_overrides, build_config, default_schema, read_yaml
 from lorakit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lorakit.analysis.params import MethodCount
 
 ACCEPTS_EXTRA_ARGS = True  # an unknown --method.key becomes the closest-key error of `lorakit train`
 
@@ -184,6 +185,10 @@ def header(model: str, config: Any, total: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the parameter tables, the memory table and, with --lecture, the lecture's numbers."""
+    from lorakit.analysis.lecture import lecture_text  # the command boundary: torch-side rooms load here
+    from lorakit.analysis.params import method_count
+    from lorakit.analysis.targets import model_config
+
     model, methods = model_and_methods(args)
     config = model_config(model, args.trust_remote_code)
     counts = [method_count(config, method, args.trust_remote_code) for method in methods]
@@ -197,7 +202,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(memory_table(shape, counts, args))
     if args.lecture:
-        from lorakit.analysis.lecture import lecture_text  # imports torch: not at `lorakit calc --help`
-
         print("\n" + lecture_text())
     return 0

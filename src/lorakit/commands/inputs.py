@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorakit.errors import DataError, LorakitError
-from lorakit.infer.sampling import Sampling
+
+if TYPE_CHECKING:
+    from lorakit.infer.sampling import Sampling
 
 
 def read_prompts(prompts: list[str], path: str | None, field: str = "prompt") -> list[str]:
@@ -74,6 +77,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
     """The Sampling options given on the command line."""
+    from lorakit.infer.sampling import Sampling
+
     if args.max_new_tokens < 1:
         raise LorakitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

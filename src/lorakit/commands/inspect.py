@@ -10,9 +10,10 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from lorakit.analysis.spectral import ModuleSpectrum
+if TYPE_CHECKING:
+    from lorakit.analysis.spectral import ModuleSpectrum
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorakit.commands.inputs import adapter_base
 from lorakit.errors import LorakitError
 
 
@@ -21,7 +22,6 @@ def merge_to_folder(adapter: str | Path, out: str | Path, model_name: str | None
                     dtype: str | None = None) -> Path:
     """Load base + adapter, merge, and save safetensors + config (+ tokenizer) that plain transformers loads."""
     from lorakit.adapters import load_adapter, merge
-    from lorakit.commands.inputs import adapter_base
     from lorakit.models import load_model, load_tokenizer, quiet_progress_bars
 
     out = Path(out)

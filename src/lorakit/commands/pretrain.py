@@ -5,7 +5,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from lorakit.lab.pretrain import PretrainConfig
+from lorakit.lab.config import PretrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.lab.quickstart import DEFAULT_OUT
+from lorakit.lab.config import QUICKSTART_OUT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lorakit quickstart` (the defaults are the README's demo)."""
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"run folder (default: {DEFAULT_OUT}, or {DEFAULT_OUT}-2, ... if taken)")
+                        help=f"run folder (default: {QUICKSTART_OUT}, or {QUICKSTART_OUT}-2, ... if taken)")
     parser.add_argument("--epochs", type=int, default=6, help="passes over the training questions")
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (short test runs)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")

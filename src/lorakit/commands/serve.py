@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from lorakit.commands.compare import parse_adapters
 from lorakit.errors import LorakitError
 
 
@@ -47,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lorakit.adapters.multi import add_adapter
-    from lorakit.commands.compare import parse_adapters
     from lorakit.infer.api import ServerConfig
     from lorakit.infer.server import create_app
     from lorakit.models import load_model, load_tokenizer, quiet_progress_bars

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import textwrap
 from pathlib import Path
 
 from lorakit.commands.configargs import CONFIG_FILE, add_config_arguments, config_from_args
 from lorakit.config import RunConfig
-from lorakit.run import free_run_dir
 
 ACCEPTS_EXTRA_ARGS = True  # unknown --keys reach run() and become closest-key errors
 
@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def free_run_name(cfg: RunConfig, base: str) -> RunConfig:
     """`cfg` named by `run.free_run_dir`: the first of base, base-2, ... whose run folder is free or empty."""
+    from lorakit.run import free_run_dir
+
     return dataclasses.replace(cfg, name=free_run_dir(Path(cfg.output_dir), base).name)
 
 
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return relaunch(args.nproc)
     from lorakit.models import quiet_progress_bars
     from lorakit.run import run_training
+    from lorakit.train.distributed import is_main_process, shutdown
 
     cfg, source = config_from_args(args)
     quiet_progress_bars()
@@ -63,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, output_dir=str(source.parent.parent), name=source.parent.name)
     elif cfg.name is None:  # derived from the config file: never clobber an earlier run
         cfg = dataclasses.replace(cfg, name=source.stem) if args.resume else free_run_name(cfg, source.stem)
-    from lorakit.train.distributed import is_main_process, shutdown
-
     try:
         result = run_training(cfg, resume=args.resume)
         main = is_main_process()
@@ -89,8 +90,6 @@ def without_nproc(argv: list[str]) -> list[str]:
 
 def relaunch(nproc: int) -> int:
     """Run this same command in `nproc` processes under torchrun (its elastic agent, on this machine)."""
-    import sys
-
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 

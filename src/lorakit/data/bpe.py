@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
 
 def train_byte_bpe(texts: Iterable[str], vocab_size: int = 512, *, bos_token: str = "<s>",
                    eos_token: str = "</s>", pad_token: str = "<pad>",
@@ -21,9 +24,6 @@ def train_byte_bpe(texts: Iterable[str], vocab_size: int = 512, *, bos_token: st
     text gets a dummy prefix space (as Llama 2 tokenizers do); only characters of `texts` (and
     newline) are known then.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = [pad_token, bos_token, eos_token, *extra_special_tokens]
     texts = list(texts)
     backend = Tokenizer(models.BPE())

@@ -10,6 +10,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from lorakit.data.config import DataConfig
 from lorakit.errors import ConfigError, DataError
 
@@ -20,8 +22,6 @@ Rows = Any  # a list of dicts or a datasets.Dataset: both have len() and integer
 
 
 def _load_dataset(path: str, split: str, cfg: DataConfig, **kwargs: Any) -> Rows:
-    import datasets  # heavy: imported only when a dataset is actually read
-
     try:
         return datasets.load_dataset(path, split=split, cache_dir=cfg.cache_dir, **kwargs)
     except Exception as error:  # bad file, unknown split, no network: say which source failed

@@ -10,6 +10,7 @@ import asyncio
 import threading
 from dataclasses import dataclass, field
 
+from lorakit.adapters.multi import adapter_rows, keep_rows
 from lorakit.infer.decode import decode
 from lorakit.infer.generate import TextStream
 from lorakit.infer.sampling import Sampling
@@ -59,8 +60,6 @@ class Batcher:
             await asyncio.to_thread(self._generate, batch, loop)
 
     def _generate(self, batch: list[Job], loop: asyncio.AbstractEventLoop) -> None:
-        from lorakit.adapters.multi import adapter_rows, keep_rows
-
         streams = [TextStream(self.tokenizer) for _ in batch]
 
         def send(job: Job, event: tuple) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorakit.data.config import DataConfig
+from lorakit.data.sources import read_source
 from lorakit.errors import DataError
 from lorakit.infer.generate import greedy_generate
 from lorakit.infer.metrics import accuracy, token_loss
@@ -48,9 +50,6 @@ def read_rows(path: str | Path, *, prompt_column: str = "prompt",
               completion_column: str = "completion", limit: int | None = None) -> list[dict]:
     """Rows of a local data file (json, jsonl, csv, parquet: the training reader, data.sources), with the
     given columns renamed to prompt/completion."""
-    from lorakit.data.config import DataConfig
-    from lorakit.data.sources import read_source
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lorakit.adapters.multi import adapter_rows, keep_rows
 from lorakit.infer.decode import decode
 from lorakit.infer.sampling import Sampling
 
@@ -97,8 +98,6 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, m
     named adapter (or None: the base) per prompt (lorakit.adapters.multi); `seed` makes sampling
     repeatable per prompt; `on_text(row, piece)` receives the text as it is generated.
     """
-    from lorakit.adapters.multi import adapter_rows, keep_rows
-
     chat = has_chat_template(tokenizer) if chat is None else chat
     ids = [encode_prompt(tokenizer, p, chat=chat) for p in prompts]
     streams = [TextStream(tokenizer) for _ in prompts]

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from lorakit.analysis.sweep import Cell, run_sweep
+from lorakit.config import load_config
+from lorakit.infer.evaluate import evaluate
+from lorakit.lab.datasets import read_jsonl
+from lorakit.models import EMBEDDED_DATASETS, load_model, load_tokenizer
 
 ALPHA = 32.0
 EPOCHS = 6  # the quickstart's: fewer epochs leave low-lr runs on the same-answer plateau
@@ -32,8 +39,6 @@ BASE_FILE = "base.json"
 
 def lab_config(epochs: int = EPOCHS) -> Any:
     """The quickstart recipe with `epochs` passes, no mid-run evaluation and dense loss logging."""
-    from lorakit.config import load_config
-
     cfg = load_config("quickstart")
     train = dataclasses.replace(cfg.train, epochs=epochs, eval_every=0, log_every=2)
     return dataclasses.replace(cfg, train=train)
@@ -41,9 +46,6 @@ def lab_config(epochs: int = EPOCHS) -> Any:
 
 def lab_rows() -> tuple[list[dict], list[dict]]:
     """(held-out QA rows, general-text rows) of the embedded datasets."""
-    from lorakit.lab.datasets import read_jsonl
-    from lorakit.models import EMBEDDED_DATASETS
-
     return read_jsonl(EMBEDDED_DATASETS["embedded-eval"]), read_jsonl(EMBEDDED_DATASETS["embedded-general"])
 
 
@@ -52,9 +54,6 @@ def score_base(work_dir: Path) -> dict:
     path = Path(work_dir) / BASE_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    from lorakit.infer.evaluate import evaluate
-    from lorakit.models import load_model, load_tokenizer
-
     qa_rows, general_rows = lab_rows()
     model, tokenizer = load_model("embedded"), load_tokenizer("embedded")
     qa = evaluate(model, tokenizer, qa_rows, max_new_tokens=16, batch_size=64)
@@ -76,9 +75,5 @@ def run_lab(work_dir: Path, epochs: int = EPOCHS, log: Callable[[str], None] = p
 
 
 if __name__ == "__main__":
-    import sys
-
-    import torch
-
     torch.set_num_threads(1)
     run_lab(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/lab"))

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from lorakit.analysis.plots import markdown_table, spectra_figure, write_outputs
+from lorakit.analysis.spectral import compare_state_dicts
+from lorakit.analysis.weights import load_pair
 from lorakit.lab import claims
 
 FIGURES = ("rank_curves", "lr_sweep", "target_sets", "forgetting")
@@ -18,9 +20,6 @@ FIGURES = ("rank_curves", "lr_sweep", "target_sets", "forgetting")
 
 def _intruder_figures(rows: Sequence[dict], sweep_dir: Path, out: Path) -> dict[str, dict]:
     """Spectral comparison of the reference LoRA and full cells; writes intruders_<method>.png."""
-    from lorakit.analysis.spectral import compare_state_dicts
-    from lorakit.analysis.weights import load_pair
-
     results = {}
     for label, row in claims.reference_cells(rows).items():
         base, tuned, names, _ = load_pair(sweep_dir / row["name"])

@@ -12,46 +12,24 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from lorakit.data import DataConfig, make_batches, tokenize_rows
+from lorakit.infer.evaluate import evaluate
+from lorakit.lab.config import PretrainConfig
 from lorakit.lab.corpus import build_corpus, corpus_sha256
-from lorakit.schema import Config, setting
-from lorakit.train.config import precision_names
-from lorakit.train.progress import PROGRESS_MODES
-
-
-@dataclass
-class PretrainConfig(Config):
-    """Settings of `lorakit pretrain`; the defaults rebuild the shipped embedded model."""
-
-    section: ClassVar[str] = "pretrain"
-
-    documents: int = setting(30000, "Corpus size in documents.", ge=1)
-    seed: int = setting(0, "Seed of corpus, init, data order and splits.")
-    vocab_size: int = setting(2048, "Byte-level BPE vocabulary size.", ge=1)
-    hidden_size: int = setting(128, "Model width.", ge=1)
-    layers: int = setting(4, "Transformer blocks.", ge=1)
-    heads: int = setting(4, "Attention heads.", ge=1)
-    intermediate_size: int = setting(512, "MLP width.", ge=1)
-    max_length: int = setting(128, "Tokens per packed row.", ge=2)
-    batch_size: int = setting(16, "Packed rows per optimizer step.", ge=1)
-    epochs: int = setting(2, "Passes over the corpus.", ge=1)
-    max_steps: int | None = setting(None, "Optional cap on steps.", ge=1)
-    lr: float = setting(2e-3, "Peak learning rate (cosine decay).", gt=0)
-    warmup_steps: int = setting(50, "Linear warmup steps.", ge=0)
-    weight_decay: float = setting(0.01, "AdamW weight decay.", ge=0)
-    precision: str = setting("bf16-autocast", "fp32 or bf16-autocast.", choices=precision_names)
-    progress: str = setting("auto", "auto, bar, plain or none.", choices=PROGRESS_MODES)
+from lorakit.lab.datasets import build_datasets, read_jsonl
+from lorakit.lab.facts import COUNTRIES
+from lorakit.lab.tokenizer import build_tokenizer
+from lorakit.train import TrainConfig, train
 
 
 def model_config(cfg: PretrainConfig, tokenizer):
     """A small Llama configuration with tied input/output embeddings."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.layers,
@@ -63,8 +41,6 @@ def model_config(cfg: PretrainConfig, tokenizer):
 
 def text_batches(documents: list[str], tokenizer, cfg: PretrainConfig):
     """train_batches(epoch) for the loop: the documents as plain text, packed into rows."""
-    from lorakit.data import DataConfig, make_batches, tokenize_rows
-
     data_cfg = DataConfig(format="text", max_length=cfg.max_length, truncation="end",
                           packing=True)
     examples, _ = tokenize_rows([{"text": d} for d in documents], tokenizer, data_cfg)
@@ -84,10 +60,6 @@ def text_batches(documents: list[str], tokenizer, cfg: PretrainConfig):
 
 def train_model(documents: list[str], tokenizer, cfg: PretrainConfig, run_dir: Path):
     """Initialise the model from `cfg` and train it on `documents`; returns (model, summary)."""
-    from transformers import LlamaForCausalLM
-
-    from lorakit.train import TrainConfig, train
-
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(model_config(cfg, tokenizer))
     batches = text_batches(documents, tokenizer, cfg)
@@ -101,8 +73,6 @@ def train_model(documents: list[str], tokenizer, cfg: PretrainConfig, run_dir: P
 
 def recall_rows() -> list[dict]:
     """Declarative probes of every fact, in the corpus's own phrasing."""
-    from lorakit.lab.facts import COUNTRIES
-
     rows = []
     for c in COUNTRIES:
         rows.append({"prompt": f"The capital of {c.name} is", "completion": " " + c.capital})
@@ -113,9 +83,6 @@ def recall_rows() -> list[dict]:
 
 def measure(model, tokenizer, eval_path: Path) -> dict:
     """Declarative recall (contains) and question answering (exact match) of the base model."""
-    from lorakit.infer.evaluate import evaluate
-    from lorakit.lab.datasets import read_jsonl
-
     recall = evaluate(model, tokenizer, recall_rows(), max_new_tokens=8, batch_size=64)
     qa = evaluate(model, tokenizer, read_jsonl(eval_path), max_new_tokens=16, batch_size=64)
     return {"declarative_recall": recall["contains"], "heldout_qa_exact_match": qa["exact_match"],
@@ -124,9 +91,6 @@ def measure(model, tokenizer, eval_path: Path) -> dict:
 
 def pretrain(cfg: PretrainConfig, out: Path) -> dict:
     """Build corpus, tokenizer, model and datasets into `out`; return the recipe (also saved)."""
-    from lorakit.lab.datasets import build_datasets
-    from lorakit.lab.tokenizer import build_tokenizer
-
     started = time.time()
     out = Path(out)
     documents = build_corpus(cfg.documents, cfg.seed)

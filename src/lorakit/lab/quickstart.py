@@ -12,30 +12,30 @@ import json
 import time
 from pathlib import Path
 
+from lorakit.adapters import LoRA, load_adapter
+from lorakit.config import ModelConfig, RunConfig
+from lorakit.data import DataConfig
+from lorakit.infer.evaluate import evaluate
+from lorakit.lab.config import QUICKSTART_OUT
 from lorakit.lab.datasets import qa_row, read_jsonl
 from lorakit.lab.facts import country
 from lorakit.lab.report import accuracy_by_kind, markdown_report
-from lorakit.models import EMBEDDED_DATASETS
-from lorakit.run import free_run_dir
+from lorakit.models import EMBEDDED_DATASETS, load_model, load_tokenizer
+from lorakit.run import free_run_dir, run_training
+from lorakit.train import TrainConfig
 
 # (country, question kind) shown side by side; all held out from fine-tuning
 SHOWN = (("the Netherlands", "capital"), ("Japan", "capital"), ("Kenya", "currency"),
          ("Peru", "continent"), ("Canada", "capital"), ("Norway", "currency"))
-DEFAULT_OUT = Path("runs/quickstart")
 
 
 def quickstart_run_dir(out: Path | None) -> Path:
     """`out` as given, or the first of runs/quickstart, runs/quickstart-2, ... not yet used."""
-    return Path(out) if out is not None else free_run_dir(DEFAULT_OUT.parent, DEFAULT_OUT.name)
+    return Path(out) if out is not None else free_run_dir(QUICKSTART_OUT.parent, QUICKSTART_OUT.name)
 
 
 def run_config(args: argparse.Namespace, run_dir: Path):
     """The RunConfig of the LoRA fine-tuning (the same thing `lorakit train` would run)."""
-    from lorakit.adapters import LoRA
-    from lorakit.config import ModelConfig, RunConfig
-    from lorakit.data import DataConfig
-    from lorakit.train import TrainConfig
-
     data = DataConfig(source=str(EMBEDDED_DATASETS["embedded-train"]), format="prompt_completion",
                       val_source=str(EMBEDDED_DATASETS["embedded-eval"]), max_length=64)
     train = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.steps,
@@ -48,8 +48,6 @@ def run_config(args: argparse.Namespace, run_dir: Path):
 
 def score(model, tokenizer, eval_rows: list[dict], general_rows: list[dict]) -> dict:
     """Held-out accuracy by kind, predictions, and the loss on general text (forgetting)."""
-    from lorakit.infer.evaluate import evaluate
-
     qa = evaluate(model, tokenizer, eval_rows, max_new_tokens=16, batch_size=64)
     general = evaluate(model, tokenizer, general_rows, batch_size=64)
     return {"accuracy": accuracy_by_kind(eval_rows, qa["predictions"]),
@@ -114,10 +112,6 @@ def write_report(report: dict, run_dir: Path) -> None:
 
 def quickstart(args: argparse.Namespace, log=print) -> dict:
     """Score the base model, LoRA-tune it, score again; write and return the report."""
-    from lorakit.adapters import load_adapter
-    from lorakit.models import load_model, load_tokenizer
-    from lorakit.run import run_training
-
     started = time.perf_counter()
     run_dir = quickstart_run_dir(args.out)
     train_rows, eval_rows, general_rows = (read_jsonl(EMBEDDED_DATASETS[name]) for name in

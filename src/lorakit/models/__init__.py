@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from lorakit.errors import LorakitError
 
@@ -68,8 +71,6 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype | None = No
                device: str | torch.device | None = None,
                trust_remote_code: bool = False):
     """Load a causal LM ("embedded", a local folder or a hub id) from safetensors weights."""
-    from transformers import AutoModelForCausalLM
-
     where, local = resolve(name_or_path)
     torch_dtype = to_dtype(dtype)
     try:
@@ -86,8 +87,6 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype | None = No
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     """Load the tokenizer that belongs to a model ("embedded", a local folder or a hub id)."""
-    from transformers import AutoTokenizer
-
     where, local = resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -101,10 +100,7 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
 
 def quiet_progress_bars() -> None:
     """Hide the loaders' own progress bars (weight loading, dataset splits), for clean CLI output."""
-    import datasets
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
 

@@ -13,13 +13,7 @@ Distributed = Literal["auto", "ddp", "fsdp"]  # the strategies of lorakit.train.
 BaseDropout = Literal["off", "keep"]  # what happens to the base model's own dropout (train/base_dropout.py)
 DISTRIBUTED_MODES = get_args(Distributed)
 BASE_DROPOUT_MODES = get_args(BaseDropout)
-
-
-def precision_names() -> tuple[str, ...]:
-    """The names of lorakit.train.precision.PRECISIONS (imported on first check: it needs torch)."""
-    from lorakit.train.precision import PRECISIONS
-
-    return tuple(PRECISIONS)
+PRECISION_MODES = ("fp32", "bf16-autocast", "bf16")  # the keys of lorakit.train.precision.PRECISIONS (torch-side)
 
 
 @dataclass
@@ -59,7 +53,7 @@ class TrainConfig(Config):
     precision: str = setting(
         "fp32", "Numerics: fp32 (as loaded, trainable weights in fp32); bf16-autocast (fp32 weights, bf16 "
                 "matmuls); bf16 (frozen base weights stored in bf16, trainable weights fp32, bf16 matmuls).",
-        choices=precision_names)
+        choices=PRECISION_MODES)
     gradient_checkpointing: bool = setting(
         False, "Recompute layer activations in the backward pass to save memory (Hugging Face models; "
                "non-reentrant, so frozen embeddings work with adapters).")

@@ -24,6 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from lorakit.errors import LorakitError
 from lorakit.labels import IGNORE_INDEX
@@ -177,8 +181,6 @@ class FSDP(_Collective):
     kind = "fsdp"
 
     def wrap(self, model: nn.Module, call: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import fully_shard
-
         for block in decoder_layers(model) or []:
             fully_shard(block)  # one all-gather per block, freed after its forward
         # the root too: after an evaluation forward (no backward to follow) no weights stay gathered
@@ -190,21 +192,15 @@ class FSDP(_Collective):
         return contextlib.nullcontext()
 
     def _options(self, **extra: bool):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
         return StateDictOptions(full_state_dict=True, **extra)
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         state = get_model_state_dict(model, options=self._options(cpu_offload=True, ignore_frozen_params=True))
         return {name: value.contiguous() for name, value in state.items() if name in trainable}
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                         names: dict[int, str]) -> tuple[dict, dict]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         state = get_optimizer_state_dict(model, optimizer, options=self._options(cpu_offload=True))
         if not state:
             return {}, {}
@@ -219,8 +215,6 @@ class FSDP(_Collective):
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, names: dict[int, str],
              saved: ckpt.Checkpoint, folder: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
         ckpt._check_same_names(set(names.values()), set(saved.weights), folder)
         set_model_state_dict(model, saved.weights, options=self._options(strict=False))
         state: dict[str, dict] = {}
@@ -277,9 +271,6 @@ def start(cfg, *, full_fine_tuning: bool) -> bool:
 def gathered_weights(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The whole state dict gathered from FSDP2 shards (collective; on rank 0), or None when the
     model is not sharded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.tensor import DTensor
-
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return None
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

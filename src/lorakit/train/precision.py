@@ -36,7 +36,7 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
-PRECISIONS: dict[str, Precision] = {
+PRECISIONS: dict[str, Precision] = {  # one entry per name in train.config.PRECISION_MODES
     "fp32": Precision(frozen_dtype=None, autocast_dtype=None),
     "bf16-autocast": Precision(frozen_dtype=None, autocast_dtype=torch.bfloat16),
     "bf16": Precision(frozen_dtype=torch.bfloat16, autocast_dtype=torch.bfloat16),

@@ -36,6 +36,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from lorakit.data.batching import block_causal_mask
 from lorakit.data.packing import probe_inputs
@@ -100,8 +103,6 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
 
     query (B, H, T, D), key/value (B, KV, T, D); returns ((B, T, H, D), None) like transformers' SDPA.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     cu = kwargs.get(CU_KEYS[0])
     if cu is not None and _plain(module, query, key, kwargs):
         out = _per_example(query, key, value, cu, dropout, scaling)
@@ -169,7 +170,7 @@ def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scaling: float | None,
                   gqa: bool) -> torch.Tensor:
     """One flash-attention varlen call for all examples (CUDA); (N, H, D)."""
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention.varlen import varlen_attn  # newer than the torch>=2.4 lorakit allows: imported on use
 
     if _last_longest[0] is not cu:
         _last_longest[:] = [cu, int(cu.diff().max())]  # one device sync per forward, not per layer
@@ -181,9 +182,6 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
 
 def register() -> None:
     """Register "lorakit_varlen" with transformers (idempotent); masks are built as for "sdpa"."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     AttentionInterface.register(IMPLEMENTATION, varlen_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
 
