@@ -1,22 +1,28 @@
 """The OpenAI API's requests and errors for the server (infer/server.py): the server's settings,
-reading and checking request bodies, the API key, and turning a request into a batcher job.
-Every bad request is an APIError: a 4xx with OpenAI's error body."""
+reading request bodies and checking them against one pydantic model per endpoint, the API key,
+and turning a request into a batcher job. Every bad request is an APIError: a 4xx with OpenAI's
+error body naming the param (never FastAPI's 422)."""
 from __future__ import annotations
 
 import json
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorakit.errors import LorakitError
 from lorakit.infer.batcher import Job
 from lorakit.infer.generate import encode_prompt, has_chat_template
 from lorakit.infer.sampling import Sampling
 from lorakit.schema import Config, setting
+
+_SHOWN = reprlib.Repr()  # a bad value as quoted in an error message
+_SHOWN.maxstring = _SHOWN.maxother = 80
 
 
 class APIError(Exception):
@@ -78,58 +84,193 @@ def check_key(request: Request, cfg: ServerConfig, *, admin: bool = False) -> No
                        type="authentication_error", code="invalid_api_key")
 
 
-def _number(body: dict, name: str, default, kind: type, low, high):
-    value = body.get(name, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise APIError(400, f"{name} must be a {kind.__name__}, got {value!r}", param=name)
-    if not low <= value <= high:
-        raise APIError(400, f"{name}={value} is out of range [{low}, {high}]", param=name)
-    return kind(value)
+class _Strict(BaseModel):
+    # strict: no "1" for 1 or true for 1; extra: an argument this server does not implement is a 400
+    # ("Unrecognized request argument supplied", as OpenAI's API answers), never silently ignored
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def parse_sampling(body: dict) -> Sampling:
-    """Decoding options of a request (OpenAI names, plus top_k and repetition_penalty)."""
-    return Sampling(temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-                    top_p=_number(body, "top_p", 1.0, float, 1e-6, 1.0),
-                    top_k=_number(body, "top_k", 0, int, 0, 1_000_000),
-                    repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, 100.0))
+class StreamOptions(_Strict):
+    include_usage: bool = False  # a last chunk with the usage and no choices
 
 
-def make_job(body: dict, prompt_ids: list[int], adapter: str | None, cfg: ServerConfig) -> Job:
-    """A Job from a request, or 400 when its numbers or length do not fit."""
-    max_tokens = _number(body, "max_tokens", 16, int, 1, cfg.context_length)
-    if len(prompt_ids) + max_tokens > cfg.context_length:
-        raise APIError(400, f"this model's context is {cfg.context_length} tokens; the prompt has {len(prompt_ids)} "
-                            f"and max_tokens is {max_tokens}", param="messages" if "messages" in body else "prompt",
-                       code="context_length_exceeded")
-    if body.get("n", 1) not in (1, None):
-        raise APIError(400, f"n={body.get('n')!r}: this server returns one choice per request (n=1)", param="n")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, f"seed must be an integer, got {seed!r}", param="seed")
-    try:
-        sampling = parse_sampling(body)
-    except LorakitError as error:
-        raise APIError(400, str(error)) from error
-    return Job(prompt_ids, sampling, max_tokens, adapter, seed)
+class _Request(_Strict):
+    """The fields both endpoints take (OpenAI's names, plus lorakit's top_k and repetition_penalty).
+    A null value means the field is unset."""
+
+    model: str
+    max_tokens: int = Field(16, ge=1)  # at most the context length (checked in make_job)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, le=1_000_000)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100)
+    n: int = 1
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: tuple[str, ...] = ()  # a string or up to 4 (non-empty) strings
+    presence_penalty: float = 0.0  # accepted at 0 only (repetition_penalty is this server's penalty)
+    frequency_penalty: float = 0.0
+    user: str | None = None  # OpenAI's end-user id: meaning nothing to the generation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"must be a string or a list of up to 4 strings, got {_SHOWN.repr(stop)}")
+        if "" in stops:
+            raise ValueError("stop strings may not be empty")
+        return tuple(stops)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n):
+        if n != 1:
+            raise ValueError(f"this server returns one choice per request (n=1), got n={n}")
+        return n
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value):
+        if value != 0:
+            raise ValueError(f"not supported (only 0), got {value}; use repetition_penalty")
+        return value
+
+    def budget(self) -> tuple[str, int]:
+        """The token budget and the param that set it."""
+        return "max_tokens", self.max_tokens
+
+    def top_alternatives(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and the k most likely tokens."""
+        return None
 
 
-def prompt_ids_of(body: dict, tokenizer, chat: bool) -> list[int]:
-    """Token ids of a completion prompt or of a chat's messages (chat template when there is one)."""
-    if not chat:
-        prompt = body.get("prompt")
+def text_of_content(content):
+    """A message's content: a string, or OpenAI's list of parts of which only text parts are
+    accepted, joined in order by newlines."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise ValueError(f"part {index} has type {_SHOWN.repr(kind)}: only text parts are supported")
+        if not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+            raise ValueError(f"part {index} must be {{\"type\": \"text\", \"text\": STRING}}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str  # a string or a list of text parts
+
+    content_as_text = field_validator("content", mode="before")(text_of_content)
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # needs logprobs=true
+
+    def budget(self) -> tuple[str, int]:
+        if self.max_completion_tokens is None:
+            return "max_tokens", self.max_tokens
+        return "max_completion_tokens", self.max_completion_tokens
+
+    def top_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Request):
+    prompt: str  # or a list holding one string
+    echo: bool = False  # the prompt text before the completion
+    logprobs: int | None = Field(None, ge=0, le=5)  # the number of most likely tokens beside the chosen one
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt):
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "prompt must be a non-empty string", param="prompt")
-        return list(tokenizer(prompt)["input_ids"])
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
-            for m in messages):
-        raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+            raise ValueError("must be a non-empty string (or a list of one)")
+        return prompt
+
+    def top_alternatives(self) -> int | None:
+        return self.logprobs
+
+
+def _param(location: tuple) -> str | None:
+    """A pydantic error location as the API's param: ('messages', 0, 'content') -> messages[0].content."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in location).lstrip(".") or None
+
+
+def _problem(problem: dict) -> APIError:
+    param = _param(problem["loc"])
+    if problem["type"] == "missing":
+        message = f"missing required parameter: {param!r}"
+    elif problem["type"] == "extra_forbidden":
+        message = f"unrecognized request argument supplied: {param!r} (this server does not implement it)"
+    elif problem["type"] == "value_error":
+        message = f"{param}: {problem['ctx']['error']}"
+    else:
+        message = f"{param}: {problem['msg'][:1].lower()}{problem['msg'][1:]}, got {_SHOWN.repr(problem['input'])}"
+    return APIError(400, message, param=param)
+
+
+def parse_request(body: dict, chat: bool) -> ChatRequest | CompletionRequest:
+    """The request body checked against the endpoint's model, or 400 naming the first bad param."""
+    try:
+        request = (ChatRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as error:
+        raise _problem(error.errors()[0]) from None
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if isinstance(request, ChatRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        if {"max_tokens", "max_completion_tokens"} <= request.model_fields_set:
+            raise APIError(400, "set max_completion_tokens or max_tokens, not both", param="max_tokens")
+    elif request.echo and request.logprobs is not None:
+        raise APIError(400, "echo with logprobs is not supported (the prompt tokens' logprobs are not computed)",
+                       param="echo")
+    return request
+
+
+def make_job(request: ChatRequest | CompletionRequest, prompt_ids: list[int], adapter: str | None,
+             cfg: ServerConfig) -> Job:
+    """A Job from a checked request, or 400 when its length does not fit the context."""
+    name, max_tokens = request.budget()
+    if max_tokens > cfg.context_length:
+        raise APIError(400, f"{name}={max_tokens} is over this model's context of {cfg.context_length} tokens",
+                       param=name)
+    if len(prompt_ids) + max_tokens > cfg.context_length:
+        raise APIError(400, f"this model's context is {cfg.context_length} tokens; the prompt has {len(prompt_ids)} "
+                            f"and {name} is {max_tokens}",
+                       param="messages" if isinstance(request, ChatRequest) else "prompt",
+                       code="context_length_exceeded")
+    try:
+        sampling = Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                            repetition_penalty=request.repetition_penalty)
+    except LorakitError as error:
+        raise APIError(400, str(error)) from error
+    return Job(prompt_ids, sampling, max_tokens, adapter, request.seed, stop=request.stop,
+               top_logprobs=request.top_alternatives())
+
+
+def prompt_ids_of(request: ChatRequest | CompletionRequest, tokenizer) -> list[int]:
+    """The one place a request becomes prompt ids: a completion's prompt as it is, a chat's messages through
+    the chat template (joined by newlines when the tokenizer has none)."""
+    if isinstance(request, CompletionRequest):
+        return list(tokenizer(request.prompt)["input_ids"])
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
     if not has_chat_template(tokenizer):
         return encode_prompt(tokenizer, "\n".join(m["content"] for m in messages), chat=False)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

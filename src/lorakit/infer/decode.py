@@ -4,17 +4,39 @@ Prompts are left-padded so every row's next token sits in the last column; posit
 only real tokens, so a padded row computes what it would alone. Each row has its own sampling
 options, token budget and random generator (seeded per row, so a row's text does not depend on
 which other rows share its batch). Rows that finish leave the batch, so the rest run on.
+
+Rows may ask for log-probabilities: log_softmax of the model's raw logits at each step (before the
+repetition penalty, temperature and top-k/top-p), as OpenAI reports them; only those rows pay for
+the log_softmax and top-k.
 """
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lorakit.infer.sampling import Sampling, next_token
 
-OnToken = Callable[[int, int], None]  # (row, token id)
+OnToken = Callable[[int, int], "bool | None"]  # (row, token id) -> True ends that row
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the step's most likely tokens (raw-logit log_softmax)."""
+
+    logprob: float  # of the chosen token
+    top: list[tuple[int, float]]  # (token id, logprob) of the k most likely tokens, most likely first
+
+
+def token_logprobs(logits: torch.Tensor, chosen: Sequence[int], ks: Sequence[int]) -> list[TokenLogprobs]:
+    """Per row of logits (R, V): log_softmax at the chosen token and the ks[row] most likely tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, V)
+    picked = logprobs.gather(1, torch.tensor(list(chosen), device=logits.device)[:, None])[:, 0].tolist()
+    values, ids = torch.topk(logprobs, min(max(ks), logprobs.shape[-1]), dim=-1)  # sorted, most likely first
+    values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprobs(picked[r], list(zip(ids[r][:k], values[r][:k]))) for r, k in enumerate(ks)]
 
 
 def _forward_kwargs(model) -> tuple[str, bool, bool]:
@@ -62,13 +84,17 @@ def choose_tokens(logits: torch.Tensor, seen: list[list[int]], options: Sequence
 @torch.no_grad()
 def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling], *,
            max_new_tokens: Sequence[int], stop_ids: set[int], pad_id: int, seeds: Sequence[int | None] = (),
-           on_token: OnToken | None = None, on_shrink: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+           on_token: OnToken | None = None, on_shrink: Callable[[list[int]], None] | None = None,
+           top_logprobs: Sequence[int | None] = (),
+           on_logprobs: Callable[[int, TokenLogprobs], None] | None = None) -> list[list[int]]:
     """New token ids for every prompt (stop tokens not included).
 
-    A row ends at a token in `stop_ids` or after its `max_new_tokens`; `on_token(row, id)` is
-    called for every kept token as soon as it is chosen (streaming). Finished rows leave the
-    batch and its KV cache; `on_shrink(kept)` then gets the batch positions that stay (so per-row
-    state outside, such as adapter rows, can follow).
+    A row ends at a token in `stop_ids`, after its `max_new_tokens`, or when `on_token(row, id)`
+    returns True (the caller saw a stop string); `on_token` is called for every kept token as soon
+    as it is chosen (streaming). For a row whose `top_logprobs[row]` is a number k (None: off),
+    `on_logprobs(row, TokenLogprobs)` comes just before each of its `on_token` calls, with the k
+    most likely tokens. Finished rows leave the batch and its KV cache; `on_shrink(kept)` then gets
+    the batch positions that stay (so per-row state outside, such as adapter rows, can follow).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -80,6 +106,7 @@ def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling],
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     signature = _forward_kwargs(model)
     seen = [list(p) for p in prompts]
+    ks = list(top_logprobs) if on_logprobs is not None and top_logprobs else [None] * len(prompts)
     new: list[list[int]] = [[] for _ in prompts]
     done = [budget <= 0 for budget in max_new_tokens]
     if all(done):
@@ -90,6 +117,9 @@ def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling],
         step = torch.full((len(live), 1), pad_id, dtype=torch.long)
         chosen = choose_tokens(logits, [seen[r] for r in live], [options[r] for r in live],
                                [generators[r] for r in live], [False] * len(live))
+        asked = [i for i, row in enumerate(live) if ks[row] is not None]
+        stats = dict(zip(asked, token_logprobs(logits[asked], [chosen[i] for i in asked],
+                                               [ks[live[i]] for i in asked]))) if asked else {}
         for i, row in enumerate(live):
             token = step[i, 0] = chosen[i]
             if token in stop_ids:
@@ -97,9 +127,10 @@ def decode(model, prompts: Sequence[Sequence[int]], options: Sequence[Sampling],
                 continue
             new[row].append(token)
             seen[row].append(token)
-            if on_token is not None:
-                on_token(row, token)
-            done[row] = len(new[row]) >= max_new_tokens[row]
+            if i in stats:
+                on_logprobs(row, stats[i])
+            ended = on_token(row, token) if on_token is not None else None
+            done[row] = bool(ended) or len(new[row]) >= max_new_tokens[row]
         keep = [i for i, row in enumerate(live) if not done[row]]
         if not keep:
             break

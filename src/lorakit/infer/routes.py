@@ -1,60 +1,114 @@
-"""The HTTP routes of the server (infer/server.py builds the app): OpenAI's completions, chat and models, and admin."""
+"""The HTTP routes of the server (infer/server.py builds the app): OpenAI's completions, chat and models, and admin.
+
+A completion route records the request's model and token counts on `request.state` (model,
+prompt_tokens, completion_tokens) for the request log (infer/server.py)."""
 from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from lorakit.adapters.multi import add_adapter, adapter_names, delete_adapter
 from lorakit.errors import LorakitError
-from lorakit.infer.batcher import Batcher, Job
-from lorakit.infer.api import (APIError, ServerConfig, check_key, completion_id, make_job, now, prompt_ids_of,
-                                  read_json)
+from lorakit.infer.batcher import Batcher, Job, TokenLogprob
+from lorakit.infer.api import (APIError, ServerConfig, check_key, completion_id, make_job, now, parse_request,
+                               prompt_ids_of, read_json)
 
 
-def _choice(chat: bool, text: str, finish: str | None, delta: bool) -> dict:
-    if not chat:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    key = "delta" if delta else "message"
-    content = {"role": "assistant", "content": text} if text or not delta else {}
-    return {"index": 0, key: content, "finish_reason": finish}
+def _spelt(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
-async def _collect(job: Job) -> tuple[str, str, int]:
-    """All of a job's text, its finish reason and completion tokens."""
-    pieces = []
+def _with_chosen(info: TokenLogprob) -> dict[str, float]:
+    top = dict(info.top)
+    top.setdefault(info.token, info.logprob)
+    return top
+
+
+@dataclass
+class Reply:
+    """How one request's answer is shaped: OpenAI's chat or completions objects, whole or as chunks."""
+
+    chat: bool
+    model: str
+    prompt_tokens: int
+    logprobs: bool  # the request asked for them
+    echo: str = ""  # text shown before the completion (completions' echo); logprob offsets count it
+    include_usage: bool = False  # streaming: a last chunk with the usage
+    id: str = field(init=False)
+    created: int = field(default_factory=now, init=False)
+
+    def __post_init__(self) -> None:
+        self.id = completion_id(self.chat)
+
+    def logprobs_of(self, infos: list[TokenLogprob]) -> dict | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": [{**_spelt(i.token, i.logprob), "top_logprobs": [_spelt(*t) for t in i.top]}
+                                for i in infos]}
+        # completions' top_logprobs always hold the chosen token too (so up to logprobs + 1 entries)
+        return {"tokens": [i.token for i in infos], "token_logprobs": [i.logprob for i in infos],
+                "top_logprobs": [_with_chosen(i) for i in infos],
+                "text_offset": [len(self.echo) + i.offset for i in infos]}
+
+    def choice(self, text: str, infos: list[TokenLogprob], finish: str | None, delta: bool) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": self.logprobs_of(infos), "finish_reason": finish}
+        content = {"role": "assistant", "content": text} if text or not delta else {}
+        return {"index": 0, "delta" if delta else "message": content, "logprobs": self.logprobs_of(infos),
+                "finish_reason": finish}
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def body(self, choices: list[dict], *, chunk: bool, completion_tokens: int | None = None) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return body if completion_tokens is None else {**body, "usage": self.usage(completion_tokens)}
+
+
+async def _collect(job: Job, reply: Reply, state) -> dict:
+    """The whole answer, once the job is done."""
+    pieces, infos = [reply.echo], []
     while True:
         event = await job.events.get()
         if event[0] == "text":
             pieces.append(event[1])
+            infos.extend(event[2])
         elif event[0] == "error":
             raise APIError(500, f"generation failed: {event[1]}", type="server_error")
         else:
-            return "".join(pieces), event[1], event[2]
+            state.completion_tokens = event[2]
+            return reply.body([reply.choice("".join(pieces), infos, event[1], delta=False)], chunk=False,
+                              completion_tokens=event[2])
 
 
-async def _sse(job: Job, chat: bool, model_name: str):
-    """Server-sent events: one chunk per text piece, a final chunk with the finish reason, [DONE]."""
-    ident, created = completion_id(chat), now()
-    kind = "chat.completion.chunk" if chat else "text_completion"
+async def _sse(job: Job, reply: Reply, state):
+    """Server-sent events: one chunk per text piece (with its tokens' logprobs), a final chunk with the
+    finish reason, the usage chunk when asked for, [DONE]."""
 
-    def chunk(text: str, finish: str | None) -> str:
-        body = {"id": ident, "object": kind, "created": created, "model": model_name,
-                "choices": [_choice(chat, text, finish, delta=True)]}
+    def send(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"
 
+    if reply.echo:
+        yield send(reply.body([reply.choice(reply.echo, [], None, delta=True)], chunk=True))
     while True:
         event = await job.events.get()
         if event[0] == "text":
-            yield chunk(event[1], None)
+            yield send(reply.body([reply.choice(event[1], event[2], None, delta=True)], chunk=True))
         elif event[0] == "error":
-            error = {"error": {"message": event[1], "type": "server_error", "param": None, "code": None}}
-            yield f"data: {json.dumps(error)}\n\n"
+            yield send({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
             break
         else:
-            yield chunk("", event[1])
+            state.completion_tokens = event[2]
+            yield send(reply.body([reply.choice("", [], event[1], delta=True)], chunk=True))
+            if reply.include_usage:
+                yield send(reply.body([], chunk=True, completion_tokens=event[2]))
             break
     yield "data: [DONE]\n\n"
 
@@ -62,10 +116,7 @@ async def _sse(job: Job, chat: bool, model_name: str):
 def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batcher) -> None:
     """Register every route on `app`."""
 
-    def adapter_of(body: dict) -> tuple[str, str | None]:
-        name = body.get("model")
-        if not isinstance(name, str):
-            raise APIError(400, "model is required: the base model's name or a loaded adapter's", param="model")
+    def adapter_of(name: str) -> tuple[str, str | None]:
         if name == cfg.base_name:
             return name, None
         if name not in adapter_names(model):
@@ -76,17 +127,19 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
 
     async def complete(request: Request, chat: bool):
         check_key(request, cfg)
-        body = await read_json(request, cfg)
-        name, adapter = adapter_of(body)
-        ids = prompt_ids_of(body, tokenizer, chat)
-        job = make_job(body, ids, adapter, cfg)
+        checked = parse_request(await read_json(request, cfg), chat)
+        name, adapter = adapter_of(checked.model)
+        request.state.model = name
+        ids = prompt_ids_of(checked, tokenizer)
+        request.state.prompt_tokens = len(ids)
+        job = make_job(checked, ids, adapter, cfg)
+        reply = Reply(chat, name, len(ids), logprobs=job.top_logprobs is not None,
+                      echo=checked.prompt if not chat and checked.echo else "",
+                      include_usage=checked.stream_options is not None and checked.stream_options.include_usage)
         await batcher.queue.put(job)
-        if body.get("stream"):
-            return StreamingResponse(_sse(job, chat, name), media_type="text/event-stream")
-        text, finish, count = await _collect(job)
-        return {"id": completion_id(chat), "object": "chat.completion" if chat else "text_completion",
-                "created": now(), "model": name, "choices": [_choice(chat, text, finish, delta=False)],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}}
+        if checked.stream:
+            return StreamingResponse(_sse(job, reply, request.state), media_type="text/event-stream")
+        return await _collect(job, reply, request.state)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
