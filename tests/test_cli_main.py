@@ -86,7 +86,7 @@ def test_missing_config_is_a_clear_error(tmp_path, capsys):
 def test_both_override_forms_and_flags_reach_the_config(recipe, monkeypatch):
     seen = {}
 
-    def fake_run_training(cfg, resume):
+    def fake_run_training(cfg, resume, log=print):
         seen.update(cfg=cfg, resume=resume)
         return types.SimpleNamespace(report="report.md")
 
@@ -135,15 +135,15 @@ def test_unrecognized_arguments_of_other_commands_are_usage_errors(monkeypatch, 
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_run_folder_name_is_derived_and_never_clobbers(recipe, tmp_path):
-    from lorakit.commands.train import free_run_name
+def test_run_folder_name_is_derived_and_never_clobbers(tmp_path):
+    from lorakit.run import free_run_dir
 
-    cfg = load_config(recipe, [("output_dir", str(tmp_path / "runs"))])
-    assert free_run_name(cfg, "r").name == "r"
-    (tmp_path / "runs" / "r").mkdir(parents=True)
-    assert free_run_name(cfg, "r").name == "r"  # an empty folder is free
-    (tmp_path / "runs" / "r" / "config.yaml").write_text("{}")
-    assert free_run_name(cfg, "r").name == "r-2"
+    runs = tmp_path / "runs"
+    assert free_run_dir(runs, "r").name == "r"
+    (runs / "r").mkdir(parents=True)
+    assert free_run_dir(runs, "r").name == "r"  # an empty folder is free
+    (runs / "r" / "config.yaml").write_text("{}")
+    assert free_run_dir(runs, "r").name == "r-2"
 
 
 def test_resume_refuses_a_changed_config(recipe, tmp_path):
@@ -179,7 +179,7 @@ def test_params_prints_the_lora_parameter_count_of_the_embedded_model(capsys):
 def test_method_switch_drops_the_files_method_keys_but_method_name_keeps_them(recipe, monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr("lorakit.run.run_training",
-                        lambda cfg, resume: seen.update(cfg=cfg) or types.SimpleNamespace(report="r"))
+                        lambda cfg, resume, log=print: seen.update(cfg=cfg) or types.SimpleNamespace(report="r"))
     assert cli.main(["train", str(recipe), "--method", "full"]) == 0
     assert type(seen["cfg"].method).name == "full"
     assert cli.main(["train", str(recipe), "--method.name", "full"]) == 2  # the file's r: 4 does not fit full

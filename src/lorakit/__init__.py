@@ -10,6 +10,7 @@ fast) and each name still lives in exactly one room:
     lorakit.save_adapter(model, "out/adapter")          # PEFT format
     model = lorakit.load_adapter(base_model, "out/adapter")
     plain = lorakit.merge(model)
+    run = lorakit.finetune("my.yaml", **{"train.lr": 3e-4})  # what `lorakit train` does; returns the run
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ _EXPORTS = {
     "adapter_names": "lorakit.adapters.multi",
     "load_model": "lorakit.models",
     "load_tokenizer": "lorakit.models",
+    "finetune": "lorakit.run",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

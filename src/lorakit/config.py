@@ -46,6 +46,9 @@ class ModelConfig(Config):
     name_or_path: str = setting(
         "embedded", "Base model: a Hugging Face hub id, a local folder, or 'embedded' (the small model inside "
                     "lorakit).", nonempty=True)
+    revision: str | None = setting(
+        None, "Hub revision of the base model (a branch, tag or commit hash); null: the default branch. "
+              "Recorded with the adapter, so inference loads the same weights.")
     dtype: Literal["float32", "bfloat16", "float16"] | None = setting(
         None, "Dtype of the base weights; null keeps the checkpoint's own dtype.")
     device: str | None = setting(

@@ -16,18 +16,23 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from lorakit.adapters import apply, parameter_report, save_adapter
 from lorakit.adapters.param_lora import experts_note
-from lorakit.config import RunConfig, config_to_dict, method_name, read_yaml, save_config
+from lorakit.config import (RunConfig, apply_overrides, build_config, config_to_dict, find_recipe, method_name,
+                            read_yaml, save_config)
 from lorakit.data import check_packing, load_rows, make_batches, preview_example, tokenize_rows
+from lorakit.data.prompting import PromptFormat, RunRecord
+from lorakit.data.tokenize import resolve_format
 from lorakit.errors import ConfigError, DataError
-from lorakit.models import EMBEDDED_DATASETS, load_model, load_tokenizer
+from lorakit.models import (EMBEDDED_DATASETS, fingerprint, load_model, load_tokenizer, portable_name,
+                            quiet_progress_bars)
 from lorakit.train import distributed, train
 from lorakit.train.base_dropout import describe
+from lorakit.train.metrics import METRICS_FILE, read_metrics
 from lorakit.train.setup import seed_everything
 
 CONFIG_FILE = "config.yaml"
@@ -51,6 +56,11 @@ class RunResult:
     summary: Any  # lorakit.train.TrainSummary
     data_stats: Any  # lorakit.data.TokenizeStats of the training rows
     report: Path
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The records of the run folder's metrics.jsonl (step, loss, eval_loss, lr, tokens/s, ...)."""
+        return read_metrics(self.run_dir / METRICS_FILE)
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -111,9 +121,10 @@ def load_adapted_model(cfg: RunConfig, log: Log) -> tuple[Any, Any]:
     model_cfg = cfg.model
     device = pick_device(model_cfg.device)
     seed_everything(cfg.train.seed)  # adapter init (e.g. LoRA's A) is random: same seed, same run
-    tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code,
+                               revision=model_cfg.revision)
     model = load_model(model_cfg.name_or_path, dtype=model_cfg.dtype, device=device,
-                       trust_remote_code=model_cfg.trust_remote_code)
+                       trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
     model = apply(model, cfg.method).to(device)  # new adapter weights join the base on its device
     log(parameter_report(model))
     for line in (experts_note(model), describe(model, cfg.train.base_dropout)):
@@ -139,9 +150,10 @@ def resolve_embedded_data(data_cfg: Any) -> Any:
     return dataclasses.replace(data_cfg, **paths) if paths else data_cfg
 
 
-def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list, Any]:
-    """(train examples, validation examples, train stats), after the pre-flight preview."""
+def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list, Any, PromptFormat]:
+    """(train examples, validation examples, train stats, the prompt format), after the pre-flight preview."""
     train_rows, val_rows = load_rows(resolve_embedded_data(cfg.data))
+    prompt = PromptFormat.of_run(cfg.data, resolve_format(train_rows, cfg.data).name, tokenizer)
     train_examples, stats = tokenize_rows(train_rows, tokenizer, cfg.data)
     if not train_examples:
         raise DataError(f"no training examples are left after tokenization ({stats_line(stats)})")
@@ -149,7 +161,13 @@ def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list,
     log("pre-flight: one training example, trained tokens in [[...]]:")
     log(preview_example(train_examples[0], tokenizer))
     log(f"data: {stats_line(stats)}; {len(val_examples)} validation examples")
-    return train_examples, val_examples, stats
+    return train_examples, val_examples, stats, prompt
+
+
+def record_run(folder: Path, cfg: RunConfig, prompt: PromptFormat, tokenizer: Any) -> Path:
+    """lorakit_run.json in the output folder: the prompt format, the base model and its fingerprint."""
+    return RunRecord(prompt, portable_name(cfg.model.name_or_path), cfg.model.revision,
+                     fingerprint(cfg.model.name_or_path), prompt.end_of_turn(tokenizer)).write(folder)
 
 
 def batch_maker(examples: list, cfg: RunConfig, pad_id: int) -> Callable[[int], list[dict]]:
@@ -225,7 +243,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     log = log if main else (lambda text: None)  # rank 0 speaks for all ranks
     run_dir = check_run_dir(cfg, resume) if main else cfg.run_dir
     model, tokenizer = load_adapted_model(cfg, log)
-    train_examples, val_examples, stats = tokenize_data(cfg, tokenizer, log)
+    train_examples, val_examples, stats, prompt = tokenize_data(cfg, tokenizer, log)
     if cfg.data.packing:
         check_packing(model, max_length=cfg.data.max_length)
     pad_id = pad_id_of(tokenizer)
@@ -239,10 +257,80 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     state = distributed.gathered_weights(model)  # None unless FSDP2 sharded it (then method full)
     output = run_dir / cfg.method.output  # "adapter", or "model" for full fine-tuning
     if main:
-        save_adapter(model, output, cfg.model.name_or_path, tokenizer=tokenizer, state_dict=state)
+        save_adapter(model, output, portable_name(cfg.model.name_or_path), tokenizer=tokenizer, state_dict=state)
+        record_run(output, cfg, prompt, tokenizer)
     result = RunResult(run_dir=run_dir, output=output, model=model, tokenizer=tokenizer, summary=summary,
                        data_stats=stats, report=run_dir / REPORT_FILE)
     if main:
         write_report(result, cfg, time.perf_counter() - started)
     return result
 
+
+# ----------------------------------------------------------------------------- Python entry point
+
+
+def _override_pairs(overrides: Mapping[str, Any] | None, dotted: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The (dotted key, value) overrides of `finetune`; a key given twice with two values is an error,
+    as on the command line."""
+    pairs, seen = [*(overrides or {}).items(), *dotted.items()], {}
+    for key, value in pairs:
+        if key in seen and seen[key] != value:
+            raise ConfigError(f"'{key}' is given twice ({seen[key]!r} and {value!r})")
+        seen[key] = value
+    return pairs
+
+
+def _raw_config(config: RunConfig | Mapping | str | Path | None) -> tuple[dict, str, Path | None]:
+    """(raw config mapping, base name for a new run folder, the YAML file it came from or None)."""
+    if isinstance(config, RunConfig):
+        return config_to_dict(config), config.name or "run", None
+    if isinstance(config, Mapping):
+        return dict(config), "run", None
+    if config is not None and not isinstance(config, (str, Path)):
+        raise ConfigError(f"finetune: config must be a RunConfig, a dict, a YAML path or a recipe name, "
+                          f"got {type(config).__name__}")
+    source = Path(config) / CONFIG_FILE if config is not None and Path(config).is_dir() else None
+    if source is not None and not source.is_file():
+        raise ConfigError(f"'{config}' is a folder without a {CONFIG_FILE}")
+    source = source or find_recipe(config if config is not None else "quickstart")
+    return read_yaml(source), source.stem, source
+
+
+def finetune(config: RunConfig | Mapping | str | Path | None = None, *, overrides: Mapping[str, Any] | None = None,
+             resume: bool = False, log: Log = print, **dotted: Any) -> RunResult:
+    """Train from a config the way `lorakit train` does, and return the run (for notebooks and scripts).
+
+        run = lorakit.finetune("quickstart", overrides={"train.lr": 3e-4}, **{"train.max_steps": 50})
+        run.run_dir, run.output, run.summary.final_loss, run.metrics, run.model, run.tokenizer
+
+    `config` is a RunConfig, a dict shaped like a YAML config, a YAML file, a run folder or a
+    shipped recipe name (None: quickstart). `overrides` and the keyword arguments are dotted config
+    keys (`train.lr`, `method.r`, `name`, `method="dora"`), validated as on the command line: an
+    unknown key or a bad value raises the same ConfigError. Without a `name`, the run folder is
+    named after the config file (`run` for a dict), plus -2, -3, ... if taken. `resume` continues
+    a run folder's latest checkpoint. The printed lines go to `log`; the progress bar follows
+    `train.progress` ('auto': a bar that redraws in place in a notebook or terminal).
+    """
+    raw, base, source = _raw_config(config)
+    cfg = build_config(apply_overrides(raw, _override_pairs(overrides, dotted)))
+    return train_run(cfg, base=base, source=source, resume=resume, log=log)
+
+
+def train_run(cfg: RunConfig, *, base: str, source: Path | None, resume: bool = False, log: Log = print) -> RunResult:
+    """What `lorakit train` and `finetune` share: name the run (`base`, -2, -3, ...: never clobber an earlier
+    run; a run folder's own config.yaml resumes that folder, wherever it was moved), train it, shut the
+    process group down, and say where the report is."""
+    if resume and source is not None and source.name == CONFIG_FILE and (source.parent / "checkpoints").is_dir():
+        cfg = dataclasses.replace(cfg, output_dir=str(source.parent.parent), name=source.parent.name)
+    elif cfg.name is None:
+        name = base if resume else free_run_dir(Path(cfg.output_dir), base).name
+        cfg = dataclasses.replace(cfg, name=name)
+    quiet_progress_bars()
+    try:
+        result = run_training(cfg, resume=resume, log=log)
+        main = distributed.is_main_process()
+    finally:
+        distributed.shutdown()
+    if main:
+        log(f"done: {result.report}")
+    return result

@@ -30,15 +30,16 @@ from lorakit.adapters.layers import LayerKind, LoRALayer, register_layer_kind
 from lorakit.adapters.match import find_targets, resolve_modules_to_save
 from lorakit.adapters.state import ensure_plain, lora_layers, replace_module, require_state
 from lorakit.errors import AdapterError
+from lorakit.optional import require
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BLOCKSIZE = 64  # weights per absmax scale (bitsandbytes' 4-bit default, the paper's choice)
 
 
 def _bnb():
-    """bitsandbytes, imported on first use (it takes seconds) with its layer kind registered."""
-    import bitsandbytes
-
+    """bitsandbytes, imported on first use (it takes seconds) with its layer kind registered;
+    without it, one line naming the `quant` extra."""
+    bitsandbytes = require("bitsandbytes", "quant", "QLoRA (method qlora)")
     register_layer_kind(bitsandbytes.nn.Linear4bit, LayerKind(fan_in_fan_out=False, forward=_linear4bit_forward))
     return bitsandbytes
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from lorakit.commands.compare import parse_adapters
 from lorakit.errors import LorakitError
+from lorakit.optional import require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +47,8 @@ def context_length(model, override: int | None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and adapters, then serve until Ctrl-C."""
-    import uvicorn
-
+    require("fastapi", "serve", "lorakit serve")  # the server's routes are FastAPI's
+    uvicorn = require("uvicorn", "serve", "lorakit serve")
     from lorakit.adapters.multi import add_adapter
     from lorakit.infer.api import ServerConfig
     from lorakit.infer.server import create_app
@@ -61,5 +63,11 @@ def run(args: argparse.Namespace) -> int:
                        max_batch=args.max_batch)
     print(f"serving {args.model} as {cfg.base_name!r} with adapters {list(parse_adapters(args.adapter))} "
           f"on http://{args.host}:{args.port}/v1", flush=True)
+    request_log = logging.getLogger("lorakit.serve")  # one line per request (infer/server.py)
+    request_log.setLevel(logging.INFO)
+    if not request_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        request_log.addHandler(handler)
     uvicorn.run(create_app(model, tokenizer, cfg), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import textwrap
-from pathlib import Path
 
-from lorakit.commands.configargs import CONFIG_FILE, add_config_arguments, config_from_args
-from lorakit.config import RunConfig
+from lorakit.commands.configargs import add_config_arguments, config_from_args
 
 ACCEPTS_EXTRA_ARGS = True  # unknown --keys reach run() and become closest-key errors
 
@@ -39,40 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def free_run_name(cfg: RunConfig, base: str) -> RunConfig:
-    """`cfg` named by `run.free_run_dir`: the first of base, base-2, ... whose run folder is free or empty."""
-    from lorakit.run import free_run_dir
-
-    return dataclasses.replace(cfg, name=free_run_dir(Path(cfg.output_dir), base).name)
-
-
-def is_run_folder(folder: Path) -> bool:
-    """A folder written by `lorakit train` (its config.yaml plus checkpoints)."""
-    return (folder / CONFIG_FILE).is_file() and (folder / "checkpoints").is_dir()
-
-
 def run(args: argparse.Namespace) -> int:
     """Train; print where the run folder and its report are."""
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
         return relaunch(args.nproc)
-    from lorakit.models import quiet_progress_bars
-    from lorakit.run import run_training
-    from lorakit.train.distributed import is_main_process, shutdown
+    from lorakit.run import train_run  # the command boundary: torch-side rooms load here
 
     cfg, source = config_from_args(args)
-    quiet_progress_bars()
-    if args.resume and is_run_folder(source.parent):
-        # a run folder's own config.yaml: resume that folder, wherever it has been moved to
-        cfg = dataclasses.replace(cfg, output_dir=str(source.parent.parent), name=source.parent.name)
-    elif cfg.name is None:  # derived from the config file: never clobber an earlier run
-        cfg = dataclasses.replace(cfg, name=source.stem) if args.resume else free_run_name(cfg, source.stem)
-    try:
-        result = run_training(cfg, resume=args.resume)
-        main = is_main_process()
-    finally:
-        shutdown()
-    if main:
-        print(f"done: {result.report}")
+    train_run(cfg, base=source.stem, source=source, resume=args.resume)
     return 0
 
 

@@ -6,6 +6,9 @@ network. Weights are read with safetensors only, and remote code runs only when 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 from pathlib import Path
 
 import datasets
@@ -50,6 +53,40 @@ def resolve(name_or_path: str | Path) -> tuple[str, bool]:
     return text, False
 
 
+def portable_name(name_or_path: str | Path) -> str:
+    """The base model as a name that resolves from any directory: "embedded" and hub ids as given, a local
+    folder as its absolute path."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    return text if text == EMBEDDED_NAME or not path.exists() else str(path.resolve())
+
+
+FINGERPRINT_SAMPLES = 4  # 64-byte samples read from each weight file's data, spread evenly
+
+
+def fingerprint(name_or_path: str | Path) -> dict | None:
+    """A cheap identity of a model's weights: a hash of every safetensors header (tensor names, dtypes,
+    shapes, offsets) and of a few 64-byte samples of each file's data. Reads kilobytes, not gigabytes.
+    None when the weights are not local safetensors files (a hub id not in the cache, a model built in Python)."""
+    path, _ = resolve(name_or_path)
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+            header.pop("__metadata__", None)
+            digest.update(json.dumps(header, sort_keys=True).encode())
+            size = file.stat().st_size - 8 - length
+            for k in range(FINGERPRINT_SAMPLES):
+                handle.seek(8 + length + max(0, size - 64) * k // max(1, FINGERPRINT_SAMPLES - 1))
+                digest.update(handle.read(64))
+    return {"method": "safetensors-headers+samples-v1", "files": len(files), "sha256": digest.hexdigest()}
+
+
 def to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """Accept "bf16", "float32", a torch.dtype or None (keep the checkpoint's dtype)."""
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -69,7 +106,7 @@ def _load_error(kind: str, name: str, local: bool, error: Exception) -> LorakitE
 
 def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, revision: str | None = None):
     """Load a causal LM ("embedded", a local folder or a hub id) from safetensors weights."""
     where, local = resolve(name_or_path)
     torch_dtype = to_dtype(dtype)
@@ -77,7 +114,7 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype | None = No
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=torch_dtype if torch_dtype is not None else "auto",
             use_safetensors=True, local_files_only=local,
-            trust_remote_code=trust_remote_code)
+            trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, EnvironmentError) as error:
         raise _load_error("model", str(name_or_path), local, error) from error
     if device is not None:
@@ -85,12 +122,12 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype | None = No
     return model
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, revision: str | None = None):
     """Load the tokenizer that belongs to a model ("embedded", a local folder or a hub id)."""
     where, local = resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            where, local_files_only=local, trust_remote_code=trust_remote_code)
+            where, local_files_only=local, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, EnvironmentError) as error:
         raise _load_error("tokenizer", str(name_or_path), local, error) from error
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -84,7 +84,7 @@ class TrainConfig(Config):
         True, "On an out-of-memory error, split each micro-batch in halves and double accumulation for the "
               "rest of the run (same effective batch, same loss normalisation).")
     progress: str = setting(
-        "auto", "Progress display: auto (bar on a terminal, plain lines otherwise), bar, plain, none.",
+        "auto", "Progress display: auto (a bar on a terminal or in a notebook, plain lines otherwise), bar, plain, none.",
         choices=PROGRESS_MODES)
     distributed: Distributed = setting(
         "auto", "Under torchrun (WORLD_SIZE > 1): ddp (every rank holds the model; adapters), fsdp (FSDP2 "

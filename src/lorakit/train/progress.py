@@ -1,10 +1,15 @@
-"""Progress display: a live one-line bar on a terminal, plain log lines elsewhere.
+"""Progress display: a live one-line bar on a terminal or in a notebook, plain log lines elsewhere.
+
+In a Jupyter notebook (an IPython kernel, whose streams are not terminals) 'auto' draws a bar
+that redraws in place: tqdm's (a widget with ipywidgets, text otherwise), or a carriage-return
+bar without tqdm; never one output line per update.
 
 The loop calls `advance(step)` every optimizer step (no device sync: it only counts) and
 `report(...)` at logging steps, when the loss has been read from the device anyway.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 import time
@@ -82,10 +87,14 @@ class BarProgress(Progress):
 
     width = 24
 
+    def _line(self, text: str) -> str:
+        """`text` redrawn over the current line (ANSI erase-to-end clears a longer earlier draw)."""
+        return f"\r{text}\033[K"
+
     def _draw(self) -> None:
         filled = int(self.width * self.step / max(1, self.total_steps))
         bar = "#" * filled + "-" * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {self._status()}\033[K")
+        self.stream.write(self._line(f"[{bar}] {self._status()}"))
         self.stream.flush()
 
     def advance(self, step: int) -> None:
@@ -97,7 +106,7 @@ class BarProgress(Progress):
         self._draw()
 
     def message(self, text: str) -> None:
-        self.stream.write(f"\r{text}\033[K\n")
+        self.stream.write(self._line(text) + "\n")
         self._draw()
 
     def close(self) -> None:
@@ -105,10 +114,73 @@ class BarProgress(Progress):
         self.stream.flush()
 
 
+class CarriageReturnBar(BarProgress):
+    """The bar for a notebook without tqdm: a notebook's output honours a carriage return but not
+    every ANSI code, so a shorter draw is padded with spaces over the longer one before it."""
+
+    drawn = 0  # length of the longest line drawn so far
+
+    def _line(self, text: str) -> str:
+        self.drawn = max(self.drawn, len(text))
+        return "\r" + text.ljust(self.drawn)
+
+
+class TqdmProgress(Progress):
+    """A tqdm bar (`tqdm.auto`: an ipywidgets bar in a notebook that has ipywidgets, else tqdm's
+    text bar redrawn with carriage returns); the last logged loss, lr and speed as its postfix."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, stream: TextIO | None = None) -> None:
+        from tqdm.auto import tqdm  # transformers depends on tqdm; without it `notebook_progress` falls back
+
+        super().__init__(total_steps, start_step, stream)
+        self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step", dynamic_ncols=True)
+
+    def _to(self, step: int) -> None:
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+
+    def advance(self, step: int) -> None:
+        super().advance(step)
+        self._to(step)
+
+    def report(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
+        super().report(step, loss, tokens_per_s, lr)
+        self.bar.set_postfix_str(f"loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s", refresh=False)
+        self._to(step)
+        self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        self.bar.write(text, file=self.stream)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (notebook, JupyterLab, VS Code, Colab): ipykernel is loaded and
+    IPython's running shell is a kernel's."""
+    if "ipykernel" not in sys.modules:
+        return False
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
+    return getattr(shell, "kernel", None) is not None
+
+
+def notebook_progress(total_steps: int, start_step: int = 0, stream: TextIO | None = None) -> Progress:
+    """A bar that redraws in place in a notebook: tqdm's when tqdm is installed, else a carriage-return bar."""
+    if importlib.util.find_spec("tqdm") is None:
+        return CarriageReturnBar(total_steps, start_step, stream)
+    return TqdmProgress(total_steps, start_step, stream)
+
+
 def _auto(total_steps: int, start_step: int = 0, stream: TextIO | None = None) -> Progress:
+    """A bar on a terminal or in a notebook, plain lines in files, pipes and CI logs."""
     stream = stream if stream is not None else sys.stderr
-    kind = BarProgress if getattr(stream, "isatty", lambda: False)() else PlainProgress
-    return kind(total_steps, start_step, stream)
+    if getattr(stream, "isatty", lambda: False)():
+        return BarProgress(total_steps, start_step, stream)
+    if in_notebook():
+        return notebook_progress(total_steps, start_step, stream)
+    return PlainProgress(total_steps, start_step, stream)
 
 
 PROGRESS_MODES: dict[str, Callable[..., Progress]] = {
