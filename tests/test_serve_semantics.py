@@ -278,3 +278,31 @@ def test_one_log_line_per_request(served, caplog):
     assert fields[1][:5] == ("POST /v1/chat/completions", "base", "200", str(usage.prompt_tokens),
                              str(usage.completion_tokens))
     assert fields[2][:3] == ("POST /v1/completions", "-", "400") and float(fields[2][5]) > 0
+
+
+def test_chat_requests_to_an_adapter_get_its_recorded_prompt_format(tmp_path):
+    """An adapter trained on alpaca rows gets its chat questions in the Alpaca layout (its lorakit_run.json);
+    the base and completions keep the raw text; an adapter loaded through the admin route too."""
+    from lorakit.adapters import LoRA, apply, save_adapter
+    from lorakit.adapters.multi import add_adapter
+    from lorakit.data.config import DataConfig
+    from lorakit.data.prompting import PromptFormat, RunRecord
+
+    tokenizer = load_tokenizer("embedded")
+    folder = save_adapter(apply(load_model("embedded"), LoRA(r=2)), tmp_path / "adapter")
+    alpaca = PromptFormat.of_run(DataConfig(format="alpaca"), "alpaca", tokenizer)
+    RunRecord(alpaca, "embedded").write(folder)
+    model = load_model("embedded").eval()
+    add_adapter(model, "pirate", folder)
+    app = create_app(model, tokenizer, ServerConfig(context_length=256, window_ms=1, api_key="k"), {"pirate": alpaca})
+    question = CHAT[0]["content"]
+    with TestClient(app, headers={"Authorization": "Bearer k"}) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http)
+        tuned = _chat(client, model="pirate", max_tokens=1)
+        assert tuned.usage.prompt_tokens == len(alpaca.prompt_ids(tokenizer, question))
+        base = _chat(client, max_tokens=1)
+        assert base.usage.prompt_tokens < tuned.usage.prompt_tokens
+        raw = client.completions.create(model="pirate", prompt=question, max_tokens=1)
+        assert raw.usage.prompt_tokens == len(tokenizer(question)["input_ids"])  # completions: raw text
+        assert http.post("/admin/adapters", json={"name": "again", "path": str(folder)}).status_code == 200
+        assert _chat(client, model="again", max_tokens=1).usage.prompt_tokens == tuned.usage.prompt_tokens

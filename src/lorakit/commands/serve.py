@@ -50,14 +50,23 @@ def run(args: argparse.Namespace) -> int:
     require("fastapi", "serve", "lorakit serve")  # the server's routes are FastAPI's
     uvicorn = require("uvicorn", "serve", "lorakit serve")
     from lorakit.adapters.multi import add_adapter
+    from lorakit.data.prompting import read_record
     from lorakit.infer.api import ServerConfig
     from lorakit.infer.server import create_app
     from lorakit.models import load_model, load_tokenizer, quiet_progress_bars
 
     quiet_progress_bars()
     model, tokenizer = load_model(args.model, dtype=args.dtype).eval(), load_tokenizer(args.model)
+    formats = {}
     for name, folder in parse_adapters(args.adapter).items():
         add_adapter(model, name, folder)
+        record = read_record(folder)
+        if record is not None:
+            formats[name] = record.prompt
+            print(f"adapter {name!r}: chat requests get its recorded prompt format, {record.prompt.describe()}")
+        else:
+            print(f"adapter {name!r}: no lorakit_run.json (trained before lorakit recorded prompt formats); "
+                  "chat requests get the tokenizer's chat template")
     cfg = ServerConfig(base_name=args.base_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                        context_length=context_length(model, args.context_length), window_ms=args.batch_window_ms,
                        max_batch=args.max_batch)
@@ -69,5 +78,5 @@ def run(args: argparse.Namespace) -> int:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         request_log.addHandler(handler)
-    uvicorn.run(create_app(model, tokenizer, cfg), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(model, tokenizer, cfg, formats), host=args.host, port=args.port, log_level="warning")
     return 0

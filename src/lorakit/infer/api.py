@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorakit.data.prompting import PromptFormat
 from lorakit.errors import LorakitError
 from lorakit.infer.batcher import Job
 from lorakit.infer.generate import encode_prompt, has_chat_template
@@ -265,12 +266,19 @@ def make_job(request: ChatRequest | CompletionRequest, prompt_ids: list[int], ad
                top_logprobs=request.top_alternatives())
 
 
-def prompt_ids_of(request: ChatRequest | CompletionRequest, tokenizer) -> list[int]:
-    """The one place a request becomes prompt ids: a completion's prompt as it is, a chat's messages through
-    the chat template (joined by newlines when the tokenizer has none)."""
+def prompt_ids_of(request: ChatRequest | CompletionRequest, tokenizer, prompt_format: PromptFormat | None = None
+                  ) -> list[int]:
+    """The one place a request becomes prompt ids: a completion's prompt as it is (OpenAI's meaning: raw text);
+    a chat's messages in the prompt format the adapter was trained with (its lorakit_run.json), else through
+    the tokenizer's chat template (joined by newlines when the tokenizer has none)."""
     if isinstance(request, CompletionRequest):
         return list(tokenizer(request.prompt)["input_ids"])
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    if prompt_format is not None:
+        try:
+            return prompt_format.messages_ids(tokenizer, messages)
+        except LorakitError as error:
+            raise APIError(400, str(error), param="messages") from error
     if not has_chat_template(tokenizer):
         return encode_prompt(tokenizer, "\n".join(m["content"] for m in messages), chat=False)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

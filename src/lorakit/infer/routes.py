@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from lorakit.adapters.multi import add_adapter, adapter_names, delete_adapter
+from lorakit.data.prompting import PromptFormat, read_record
 from lorakit.errors import LorakitError
 from lorakit.infer.batcher import Batcher, Job, TokenLogprob
 from lorakit.infer.api import (APIError, ServerConfig, check_key, completion_id, make_job, now, parse_request,
@@ -113,8 +114,17 @@ async def _sse(job: Job, reply: Reply, state):
     yield "data: [DONE]\n\n"
 
 
-def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batcher) -> None:
-    """Register every route on `app`."""
+def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batcher,
+               formats: dict[str, PromptFormat]) -> None:
+    """Register every route on `app`; `formats`: adapter name -> the prompt format it was trained with."""
+
+    def remember_format(name: str, path: str) -> None:
+        record = read_record(path)
+        if record is None:
+            formats.pop(name, None)
+            return
+        formats[name] = record.prompt
+        batcher.stop_ids |= record.prompt.stop_ids(tokenizer)
 
     def adapter_of(name: str) -> tuple[str, str | None]:
         if name == cfg.base_name:
@@ -130,7 +140,7 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
         checked = parse_request(await read_json(request, cfg), chat)
         name, adapter = adapter_of(checked.model)
         request.state.model = name
-        ids = prompt_ids_of(checked, tokenizer)
+        ids = prompt_ids_of(checked, tokenizer, formats.get(adapter))
         request.state.prompt_tokens = len(ids)
         job = make_job(checked, ids, adapter, cfg)
         reply = Reply(chat, name, len(ids), logprobs=job.top_logprobs is not None,
@@ -166,6 +176,7 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
                            param="name")
         try:
             await asyncio.to_thread(_locked, batcher, add_adapter, model, name, path)
+            remember_format(name, path)
         except LorakitError as error:
             raise APIError(400, str(error), param="path") from error
         return {"loaded": name, "models": [cfg.base_name, *adapter_names(model)]}
@@ -176,6 +187,7 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
         if name not in adapter_names(model):
             raise APIError(404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found")
         await asyncio.to_thread(_locked, batcher, delete_adapter, model, name)
+        formats.pop(name, None)
         return {"unloaded": name, "models": [cfg.base_name, *adapter_names(model)]}
 
     @app.get("/admin/stats")

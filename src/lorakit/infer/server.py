@@ -29,6 +29,7 @@ from fastapi import FastAPI
 
 from lorakit.infer.api import APIError, ServerConfig
 from lorakit.infer.batcher import Batcher
+from lorakit.data.prompting import PromptFormat
 from lorakit.infer.generate import stop_token_ids
 from lorakit.infer.routes import add_routes
 
@@ -70,10 +71,12 @@ class RequestLog:
                 write()
 
 
-def create_app(model, tokenizer, cfg: ServerConfig) -> FastAPI:
-    """The FastAPI app serving `model` (plus the named adapters added to it)."""
-    batcher = Batcher(model, tokenizer, stop_token_ids(tokenizer, model), window_s=cfg.window_ms / 1000,
-                      max_batch=cfg.max_batch)
+def create_app(model, tokenizer, cfg: ServerConfig, formats: dict[str, PromptFormat] | None = None) -> FastAPI:
+    """The FastAPI app serving `model` (plus the named adapters added to it); `formats`: adapter name -> the
+    prompt format it was trained with (its lorakit_run.json), applied to that adapter's chat requests."""
+    formats = dict(formats or {})
+    stops = stop_token_ids(tokenizer, model).union(*(f.stop_ids(tokenizer) for f in formats.values()))
+    batcher = Batcher(model, tokenizer, stops, window_s=cfg.window_ms / 1000, max_batch=cfg.max_batch)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -93,5 +96,5 @@ def create_app(model, tokenizer, cfg: ServerConfig) -> FastAPI:
         return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
 
     app.add_middleware(RequestLog)
-    add_routes(app, model, tokenizer, cfg, batcher)
+    add_routes(app, model, tokenizer, cfg, batcher, formats)
     return app
