@@ -25,7 +25,7 @@ from lorakit.adapters.param_lora import experts_note
 from lorakit.config import (RunConfig, apply_overrides, build_config, config_to_dict, find_recipe, method_name,
                             read_yaml, save_config)
 from lorakit.data import check_packing, load_rows, make_batches, preview_example, tokenize_rows
-from lorakit.data.prompting import PromptFormat, RunRecord
+from lorakit.data.prompting import PromptFormat, RunRecord, special_tokens
 from lorakit.data.tokenize import resolve_format
 from lorakit.errors import ConfigError, DataError
 from lorakit.models import (EMBEDDED_DATASETS, fingerprint, load_model, load_tokenizer, portable_name,
@@ -167,7 +167,8 @@ def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list,
 def record_run(folder: Path, cfg: RunConfig, prompt: PromptFormat, tokenizer: Any) -> Path:
     """lorakit_run.json in the output folder: the prompt format, the base model and its fingerprint."""
     return RunRecord(prompt, portable_name(cfg.model.name_or_path), cfg.model.revision,
-                     fingerprint(cfg.model.name_or_path), prompt.end_of_turn(tokenizer)).write(folder)
+                     fingerprint(cfg.model.name_or_path), prompt.end_of_turn(tokenizer),
+                     special_tokens(tokenizer)).write(folder)
 
 
 def batch_maker(examples: list, cfg: RunConfig, pad_id: int) -> Callable[[int], list[dict]]:

@@ -30,10 +30,11 @@ from lorakit.data.config import DataConfig
 from lorakit.data.formats import FORMATS, apply_columns
 from lorakit.data.rows import Rendered
 from lorakit.data.tokenize import bos_prefix, encode, segment_encoder
-from lorakit.errors import DataError
+from lorakit.errors import DataError, LorakitError
 
 RECORD_NAME = "lorakit_run.json"
 RECORD_VERSION = 1
+RUN_OUTPUTS = ("adapter", "model")  # the folder a run saves its result in (method.output)
 PLACEHOLDER = "x"  # the answer a question's row gets, so its prompt renders exactly as a trained row's
 
 
@@ -60,10 +61,14 @@ class PromptFormat:
         return DataConfig(format=self.format, prompt_template=self.prompt_template, system_prompt=self.system_prompt,
                           chat_template=self.chat_template)
 
-    def describe(self) -> str:
-        """One line for the command line: which format the prompts get."""
+    def describe(self, tokenizer: Any = None) -> str:
+        """A few words for the command line: which format the prompts get (`tokenizer`: the one they go
+        through, which decides the chat template when none is recorded)."""
         if self.format == "chat":
-            return f"chat ({'built-in template' if self.chat_template == 'builtin' else 'the run chat template'})"
+            if self.chat_template == "builtin" or (self.chat_template is None and tokenizer is not None
+                                                   and not getattr(tokenizer, "chat_template", None)):
+                return "chat (lorakit's built-in template)"
+            return f"chat ({'the tokenizer' if self.chat_template is None else 'the run'}'s chat template)"
         if self.format == "prompt_completion" and self.prompt_template != "{prompt}":
             return f"prompt_completion (prompt_template {self.prompt_template!r})"
         return self.format
@@ -148,16 +153,24 @@ class RunRecord:
     revision: str | None = None
     fingerprint: dict[str, Any] | None = None  # models.fingerprint of the base's weight files
     end_of_turn: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    tokens: dict[str, Any] = field(default_factory=dict)  # the special tokens training used (see special_tokens)
 
     def write(self, folder: str | Path) -> Path:
         """Write the record into `folder` (an adapter or model folder)."""
         path = Path(folder) / RECORD_NAME
         body = {"lorakit_run_record": RECORD_VERSION, "prompt": dataclasses.asdict(self.prompt),
                 "base_model": self.base_model, "revision": self.revision, "fingerprint": self.fingerprint,
-                "end_of_turn": self.end_of_turn, **self.extra}
+                "end_of_turn": self.end_of_turn, "tokens": self.tokens}
         path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
+
+
+def special_tokens(tokenizer: Any) -> dict[str, Any]:
+    """The special tokens a run's batches used: BOS, EOS (trained after every answer), the pad token (never
+    trained; lorakit sets it to EOS when the tokenizer has none) and the tokens added to the tokenizer's vocabulary."""
+    added = getattr(tokenizer, "added_tokens_encoder", {}) or {}
+    return {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+            "added_tokens": sorted(added)}
 
 
 def read_record(folder: str | Path) -> RunRecord | None:
@@ -174,8 +187,43 @@ def read_record(folder: str | Path) -> RunRecord | None:
         if prompt.format not in FORMATS:
             raise DataError(f"{path}: unknown row format {prompt.format!r}")
         return RunRecord(prompt, str(body["base_model"]), body.get("revision"), body.get("fingerprint"),
-                         body.get("end_of_turn"))
+                         body.get("end_of_turn"), dict(body.get("tokens") or {}))
     except DataError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DataError(f"{path} is not a readable lorakit run record: {error}") from error
+
+
+# --- where a run's record lives: adapter, fine-tuned model and run folders -----------------------------
+
+def output_folder(path: str | Path) -> Path:
+    """An adapter or model folder; a run folder gives its adapter/ (or model/ for full fine-tuning)."""
+    folder = Path(path)
+    if (folder / "config.yaml").is_file():
+        for name in RUN_OUTPUTS:
+            if (folder / name).is_dir():
+                return folder / name
+    return folder
+
+
+def run_name(path: str | Path) -> str:
+    """The name an adapter goes by: its run folder's (runs/a/adapter -> a, runs/a -> a), else its own."""
+    folder = Path(path).expanduser().resolve()
+    return folder.parent.name if folder.name in RUN_OUTPUTS and folder.parent.name else folder.name
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A whole model (what full fine-tuning saves), not an adapter."""
+    return (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()
+
+
+def adapter_config_base(folder: Path) -> str:
+    """The base an adapter folder names in adapter_config.json (base_model_name_or_path)."""
+    config = folder / "adapter_config.json"
+    try:
+        name = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as error:
+        raise LorakitError(f"cannot read {config}: {error}") from error
+    if not name:
+        raise LorakitError(f"{config} names no base_model_name_or_path; pass the base model with --model")
+    return str(name)
