@@ -41,7 +41,7 @@ def test_generate_compare_merge_on_tiny_models(arch, tmp_path, capsys, one_threa
     folder, adapter = _model_folder(arch, tmp_path)
     assert main(["generate", "Hello world", "--adapter", str(adapter), "--max-new-tokens", "5"]) == 0
     assert main(["generate", "Hello", "--model", str(folder), "--temperature", "0.9", "--top-p", "0.9",
-                 "--repetition-penalty", "1.3", "--max-new-tokens", "4", "--no-chat"]) == 0
+                 "--repetition-penalty", "1.3", "--max-new-tokens", "4", "--raw"]) == 0
     report = tmp_path / "compare.md"
     assert main(["compare", "Hello world", "The quick", "--adapter", f"tuned={adapter}", "--max-new-tokens", "6",
                  "--out", str(report)]) == 0
@@ -111,5 +111,8 @@ def test_prompt_files_and_report_rendering(tmp_path):
     assert to_markdown(["a|b"], {"base": ["x"]}) == "| prompt | base |\n| --- | --- |\n| a\\|b | x |\n"
     assert "&lt;b&gt;" in to_html(["<b>"], {"base": ["x"]})
     assert parse_adapters(["runs/a", "z=runs/b"]) == {"a": "runs/a", "z": "runs/b"}
-    with pytest.raises(LorakitError, match="the name 'a' is taken"):
+    assert list(parse_adapters(["runs/a/adapter", "runs/b/adapter", "runs/c/model"])) == ["a", "b", "c"]
+    with pytest.raises(LorakitError, match="the name 'a' is taken by x/a; name it with --adapter NAME=y/a"):
         parse_adapters(["x/a", "y/a"])
+    with pytest.raises(LorakitError, match="the name 'base' is taken for the base model"):
+        parse_adapters(["runs/base/adapter"])

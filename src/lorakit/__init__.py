@@ -43,6 +43,7 @@ _EXPORTS = {
     "adapter_names": "lorakit.adapters.multi",
     "load_model": "lorakit.models",
     "load_tokenizer": "lorakit.models",
+    "generate": "lorakit.infer.generate",
     "finetune": "lorakit.run",
 }
 

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lab-report": ("lorakit.commands.lab_report", "re-run the lab experiments on the embedded model, write docs/lab.md"),
     "generate": ("lorakit.commands.generate", "complete prompts with a model, alone or with an adapter (streams)"),
     "compare": ("lorakit.commands.compare", "the same prompts through the base and adapters, side by side"),
+    "chat": ("lorakit.commands.chat", "talk to a model (+ adapter) turn by turn, in its trained prompt format"),
     "merge": ("lorakit.commands.merge", "fold an adapter into its base: a standalone transformers model folder"),
     "serve": ("lorakit.commands.serve", "an OpenAI-compatible HTTP server for a base model and its adapters"),
 }

@@ -12,9 +12,10 @@ import shutil
 import textwrap
 from pathlib import Path
 
+from lorakit.commands.inputs import (add_decoding_arguments, add_model_arguments, load_run_model, prompt_format_of,
+                                     read_prompts, sampling_from_args)
+from lorakit.data.prompting import PromptFormat, output_folder, read_record, run_name
 from lorakit.errors import LorakitError
-from lorakit.commands.inputs import (add_decoding_arguments, add_model_arguments, load_base, read_prompts,
-                                  sampling_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,19 +25,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]FOLDER",
-                        help="an adapter to compare (repeatable); NAME defaults to the folder's name")
+                        help="an adapter (or run) folder to compare (repeatable); NAME defaults to its run folder's name "
+                             "(runs/a/adapter -> a)")
     parser.add_argument("--out", default=None, help="also write the table to this .md or .html file")
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
-    """'name=folder' or 'folder' (named after the folder) -> {name: folder}, names unique."""
+    """'name=folder' or 'folder' -> {name: adapter folder}, names unique. Without a name an adapter is named
+    after its run folder (runs/a/adapter -> a, runs/a -> a); a run folder stands for its adapter/ folder."""
     found: dict[str, str] = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
-        name, folder = (name, folder) if sep else (Path(spec).name or spec, spec)
-        if name in found or name == "base":
-            raise LorakitError(f"--adapter {spec!r}: the name {name!r} is taken; give it another with NAME=FOLDER")
-        found[name] = folder
+        if not sep:
+            name, folder = run_name(spec), spec
+        if name in found or name in ("base", "none"):
+            taken = f"by {found[name]}" if name in found else "for the base model"
+            raise LorakitError(f"--adapter {spec!r}: the name {name!r} is taken {taken}; name it with "
+                               f"--adapter NAME={spec}")
+        found[name] = str(output_folder(folder))
     return found
 
 
@@ -74,8 +80,10 @@ def to_terminal(prompts: list[str], columns: dict[str, list[str]], width: int = 
     return "\n".join(out)
 
 
-def compare(model, tokenizer, prompts: list[str], adapters: dict[str, str], **generate_kwargs) -> dict[str, list[str]]:
-    """{"base": answers, name: answers, ...}, all (prompt, model) pairs in one batch."""
+def compare(model, tokenizer, prompts: list[str], adapters: dict[str, str], *,
+            formats: dict[str, PromptFormat | None] | None = None, **generate_kwargs) -> dict[str, list[str]]:
+    """{"base": answers, name: answers, ...}, all (prompt, model) pairs in one batch; `formats` gives each
+    column ("base" or an adapter's name) its prompt format (default: the generate_kwargs' rule for all)."""
     from lorakit.adapters.multi import add_adapter
     from lorakit.infer.generate import generate_texts
 
@@ -83,8 +91,30 @@ def compare(model, tokenizer, prompts: list[str], adapters: dict[str, str], **ge
         add_adapter(model, name, folder)
     names = [None, *adapters]
     rows = [(prompt, name) for name in names for prompt in prompts]
+    if formats is not None:
+        generate_kwargs["prompt_format"] = [formats.get(name or "base") for _, name in rows]
     texts = generate_texts(model, tokenizer, [p for p, _ in rows], adapters=[n for _, n in rows], **generate_kwargs)
     return {name or "base": texts[i * len(prompts):(i + 1) * len(prompts)] for i, name in enumerate(names)}
+
+
+def column_formats(args: argparse.Namespace, adapters: dict[str, str], base: str, tokenizer) -> dict:
+    """{column: prompt format}: each adapter its own recorded one, the base column the first adapter's; prints
+    each choice, and a warning for an adapter trained on another base than `base`."""
+    from lorakit.infer.generate import Target, base_warning
+
+    formats: dict = {}
+    for name, folder in adapters.items():
+        record = read_record(folder)
+        if warning := base_warning(Target(base, adapter=Path(folder)), record):
+            print(f"{name}: {warning}")
+        formats[name] = prompt_format_of(args, None, tokenizer, record=record, source=folder, prefix=f"{name}: ")
+    if adapters:
+        first = next(iter(adapters))
+        formats["base"] = formats[first]
+        print(f"base: the prompt format of {first} (the first adapter), so the columns see the same prompts")
+    else:
+        formats["base"] = prompt_format_of(args, None, tokenizer, prefix="base: ")
+    return formats
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,9 +124,10 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     if args.out and Path(args.out).suffix not in (".md", ".html"):
         raise LorakitError(f"--out {args.out!r}: the report must end in .md or .html")
-    model, tokenizer = load_base(args, next(iter(adapters.values()), None))
-    columns = compare(model, tokenizer, prompts, adapters, sampling=sampling, max_new_tokens=args.max_new_tokens,
-                      chat=args.chat, seed=args.seed)
+    model, tokenizer, target = load_run_model(args, next(iter(adapters.values()), None), attach=False)
+    formats = column_formats(args, adapters, target.model, tokenizer)
+    columns = compare(model, tokenizer, prompts, adapters, formats=formats, sampling=sampling,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed)
     print(to_terminal(prompts, columns, shutil.get_terminal_size((120, 20)).columns))
     if args.out:
         render = to_html if args.out.endswith(".html") else to_markdown

@@ -1,36 +1,39 @@
-"""`lorakit generate [PROMPT ...]`: complete prompts with a base model, alone or with an adapter; streams."""
+"""`lorakit generate [PROMPT ...]`: complete prompts with a base model, alone or with an adapter; streams.
+
+With an adapter that has a run record, prompts get the run's prompt format (infer/generate.py's rule)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from lorakit.commands.inputs import (add_decoding_arguments, add_model_arguments, load_base, read_prompts,
-                                  sampling_from_args)
+from lorakit.commands.inputs import (add_decoding_arguments, add_model_arguments, load_run_model, prompt_format_of,
+                                     read_prompts, sampling_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Prompts, model, adapter and decoding options."""
     parser.epilog = ("examples:\n  lorakit generate 'What is the capital of France?'\n"
-                     "  lorakit generate --adapter runs/x/adapter --prompts-file prompts.jsonl --temperature 0.7\n")
+                     "  lorakit generate --adapter runs/x/adapter 'What is the capital of Peru?'\n"
+                     "  lorakit generate --adapter runs/x --prompts-file prompts.jsonl --temperature 0.7\n")
     add_decoding_arguments(parser)
     add_model_arguments(parser)
-    parser.add_argument("--adapter", default=None, help="an adapter folder to load onto the base model")
+    parser.add_argument("--adapter", default=None,
+                        help="an adapter folder to load onto the base model (or a run folder, or a full fine-tuning "
+                             "model folder)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate for every prompt in turn, printing the tokens as they come."""
-    from lorakit.adapters import load_adapter
     from lorakit.infer.generate import generate_texts
 
     prompts = read_prompts(args.prompts, args.prompts_file)
     sampling = sampling_from_args(args)
-    model, tokenizer = load_base(args, args.adapter)
-    if args.adapter:
-        model = load_adapter(model, args.adapter).eval()
+    model, tokenizer, target = load_run_model(args, args.adapter)
+    prompt_format = prompt_format_of(args, target, tokenizer)
     for index, prompt in enumerate(prompts):
         print(f"### prompt {index + 1}: {prompt}", flush=True)
         generate_texts(model, tokenizer, [prompt], sampling=sampling, max_new_tokens=args.max_new_tokens,
-                       chat=args.chat, seed=args.seed, on_text=lambda _row, piece: _write(piece))
+                       prompt_format=prompt_format, seed=args.seed, on_text=lambda _row, piece: _write(piece))
         print("\n", flush=True)
     return 0
 

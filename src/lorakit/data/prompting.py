@@ -212,14 +212,14 @@ def run_name(path: str | Path) -> str:
     return folder.parent.name if folder.name in RUN_OUTPUTS and folder.parent.name else folder.name
 
 
-def is_model_folder(folder: Path) -> bool:
+def is_model_folder(folder: str | Path) -> bool:
     """A whole model (what full fine-tuning saves), not an adapter."""
-    return (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()
+    return (Path(folder) / "config.json").is_file() and not (Path(folder) / "adapter_config.json").is_file()
 
 
-def adapter_config_base(folder: Path) -> str:
+def adapter_config_base(folder: str | Path) -> str:
     """The base an adapter folder names in adapter_config.json (base_model_name_or_path)."""
-    config = folder / "adapter_config.json"
+    config = Path(folder) / "adapter_config.json"
     try:
         name = json.loads(config.read_text()).get("base_model_name_or_path")
     except (OSError, ValueError) as error:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorakit.data.prompting import PromptFormat
 from lorakit.errors import LorakitError
 from lorakit.infer.batcher import Job
-from lorakit.infer.generate import encode_prompt, has_chat_template
+from lorakit.infer.generate import CHAT
 from lorakit.infer.sampling import Sampling
 from lorakit.schema import Config, setting
 
@@ -270,7 +270,7 @@ def prompt_ids_of(request: ChatRequest | CompletionRequest, tokenizer, prompt_fo
                   ) -> list[int]:
     """The one place a request becomes prompt ids: a completion's prompt as it is (OpenAI's meaning: raw text);
     a chat's messages in the prompt format the adapter was trained with (its lorakit_run.json), else through
-    the tokenizer's chat template (joined by newlines when the tokenizer has none)."""
+    the tokenizer's chat template (lorakit's built-in one when it has none, as `--chat` everywhere)."""
     if isinstance(request, CompletionRequest):
         return list(tokenizer(request.prompt)["input_ids"])
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -279,10 +279,7 @@ def prompt_ids_of(request: ChatRequest | CompletionRequest, tokenizer, prompt_fo
             return prompt_format.messages_ids(tokenizer, messages)
         except LorakitError as error:
             raise APIError(400, str(error), param="messages") from error
-    if not has_chat_template(tokenizer):
-        return encode_prompt(tokenizer, "\n".join(m["content"] for m in messages), chat=False)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return CHAT.messages_ids(tokenizer, messages)  # the tokenizer's chat template, or lorakit's built-in one
 
 
 def completion_id(chat: bool) -> str:

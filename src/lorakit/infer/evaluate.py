@@ -1,19 +1,29 @@
 """Score a model (optionally with an adapter) on a dataset (the `lorakit evaluate` command is commands/evaluate.py).
 
-Rows with "prompt" and "completion" are scored three ways: the greedy answer's exact-match and
-contains accuracy, and the mean token loss (and perplexity) of the reference completion plus
-EOS. Rows with only "text" (e.g. the general-text set used to measure forgetting) get the loss.
+`evaluate` scores plain rows as typed (the sweeps and the lab use it): rows with "prompt" and
+"completion" three ways, the greedy answer's exact-match and contains accuracy and the mean token
+loss (and perplexity) of the reference completion plus EOS; rows with only "text" (e.g. the
+general-text set used to measure forgetting) get the loss.
+
+`evaluate_rows` scores rows of any training format (prompt/completion, alpaca, chat, text) the way
+a run saw them: prompts through the run's PromptFormat, the loss exactly as training defined it,
+and the same scores per group of rows (a "kind" column, say).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 from lorakit.data.config import DataConfig
+from lorakit.data.formats import apply_columns
+from lorakit.data.prompting import PromptFormat
 from lorakit.data.sources import read_source
+from lorakit.data.tokenize import resolve_format, tokenize_rows
 from lorakit.errors import DataError
-from lorakit.infer.generate import greedy_generate
-from lorakit.infer.metrics import accuracy, token_loss
+from lorakit.infer.generate import CHAT, chat_words, greedy_generate, greedy_ids, stop_token_ids
+from lorakit.infer.metrics import accuracy, example_losses, loss_summary, token_loss
+from lorakit.run import pad_id_of
 
 
 def evaluate(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 16,
@@ -64,3 +74,141 @@ def read_rows(path: str | Path, *, prompt_column: str = "prompt",
             row["completion"] = row.pop(completion_column)
         renamed.append(row)
     return renamed
+
+
+# --- rows of any training format, scored as the run saw them ----------------------------------------------
+
+GROUP_COLUMNS = ("kind", "category", "task")  # a row column that groups the scores, when present
+
+
+def scoring_format(rows: Sequence[dict], columns: dict[str, str], tokenizer, *, recorded: PromptFormat | None = None,
+                   where: str = "", raw: bool = False, chat: bool = False, forced: str | None = None
+                   ) -> tuple[PromptFormat, str]:
+    """(the format the rows are scored in, one line saying which and why) under infer/generate.py's rule:
+    the run's `recorded` format (`where`: "recorded with FOLDER" or the like), else --raw (prompt/completion rows
+    as typed), --chat (the chat template) or --format; else the format the rows' columns show."""
+    if raw and chat:
+        raise DataError("--raw and --chat exclude each other")
+    detected = resolve_format(list(rows), DataConfig(format=forced or "auto", columns=columns)).name
+    if detected == "text":
+        return PromptFormat("text"), "rows: text, scored by loss only (a text row has no answer to generate)"
+    if chat:
+        turned = "" if detected == "chat" else f"; {detected} rows become one-turn conversations"
+        return CHAT, f"prompt format: {chat_words(tokenizer)} (--chat{turned})"
+    if raw:
+        if detected != "prompt_completion":
+            raise DataError(f"--raw scores prompt/completion rows with their prompts as typed; these are {detected} "
+                            "rows: drop --raw (or pass --format prompt_completion with --columns)")
+        return PromptFormat(detected), "prompt format: none, prompts go as typed (--raw)"
+    if recorded is not None and (forced is None or forced == recorded.format):
+        if detected != recorded.format:
+            raise DataError(f"the rows are {detected} rows, but the run was trained on {recorded.format} rows; "
+                            f"pass --format {detected} to score them in their own format, or --chat")
+        return recorded, f"prompt format: {recorded.describe(tokenizer)} ({where}; --raw sends prompts as typed)"
+    why = "--format" if forced else "detected from the rows' columns; --format to choose another"
+    trained = f"; the run used {recorded.describe(tokenizer)}" if recorded is not None else ""
+    return PromptFormat(detected), f"prompt format: {detected} ({why}{trained})"
+
+
+def as_conversation(row: dict, format_name: str, columns: dict[str, str]) -> dict:
+    """A prompt/completion or alpaca row as a one-turn chat row (for --chat); chat rows as they are."""
+    row = apply_columns(row, columns)
+    if format_name == "prompt_completion":
+        question, answer = row.get("prompt"), row.get("completion")
+    elif format_name == "alpaca":
+        context = str(row.get("input") or "").strip()
+        question = f"{row.get('instruction')}\n\n{context}" if context else row.get("instruction")
+        answer = row.get("output")
+    else:
+        return row
+    return {**row, "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def group_column(rows: Sequence[dict], by: str | None) -> str | None:
+    """The column to group scores by: `by` (which the rows must have; "none": no groups), else the first of
+    GROUP_COLUMNS the rows have."""
+    present = {key for row in rows for key in row}
+    if by is not None:
+        if by == "none":
+            return None
+        if by not in present:
+            raise DataError(f"--by {by}: no row has a column {by!r} (columns: {', '.join(sorted(present))})")
+        return by
+    return next((name for name in GROUP_COLUMNS if name in present), None)
+
+
+def evaluate_rows(model, tokenizer, rows: Sequence[dict], prompt_format: PromptFormat, *,
+                  data_cfg: DataConfig | None = None, by: str | None = None, max_new_tokens: int = 64,
+                  batch_size: int = 32) -> dict:
+    """Score rows of any training format the way the run saw them.
+
+    Each row is split into its prompt ids and reference answer by `prompt_format` (PromptFormat.split, the
+    training renderers); the greedy answer is scored by exact match and contains. The loss is training's:
+    `data_cfg` (columns, max_length, truncation, train_on_prompt; its format fields set from `prompt_format`)
+    tokenizes the rows as the run did, and the mean over their trained tokens is taken. Text rows get the
+    loss only. `by`: a row column whose values also get their own scores under "groups".
+
+    Returns {"n", "format", ["exact_match", "contains",] "loss", "perplexity", "tokens", ["by", "groups",]
+    "questions", "predictions", "references"}.
+    """
+    if not rows:
+        raise DataError("nothing to evaluate: the dataset has no rows")
+    cfg = dataclasses.replace(data_cfg or DataConfig(), **dataclasses.asdict(prompt_format), skip_bad_rows=False,
+                              drop_untrained=False)
+    if cfg.truncation == "drop":  # every row must keep its example, so groups stay aligned
+        cfg = dataclasses.replace(cfg, truncation="prompt")
+    examples, _ = tokenize_rows(rows, tokenizer, cfg)
+    losses = example_losses(model, examples, pad_id_of(tokenizer), batch_size=batch_size)
+    scored = {"questions": [], "predictions": [], "references": []}
+    if prompt_format.format != "text":
+        scored = _generate_answers(model, tokenizer, rows, prompt_format, cfg.columns, max_new_tokens, batch_size)
+    result = {"n": len(rows), "format": prompt_format.describe(tokenizer),
+              **_scores(range(len(rows)), losses, scored)}
+    column = group_column(rows, by)
+    if column is not None:
+        groups: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(str(row.get(column, "(none)")), []).append(index)
+        result["by"] = column
+        result["groups"] = {value: {"n": len(members), **_scores(members, losses, scored)}
+                            for value, members in sorted(groups.items())}
+    return {**result, **scored}
+
+
+def _generate_answers(model, tokenizer, rows, prompt_format: PromptFormat, columns, max_new_tokens: int,
+                      batch_size: int) -> dict[str, list[str]]:
+    """The greedy answer to each row's prompt, with its question and reference."""
+    prompts, references = [], []
+    for index, row in enumerate(rows):
+        try:
+            ids, reference = prompt_format.split(row, tokenizer, columns)
+        except DataError as error:
+            raise DataError(f"row {index}: {error}") from None
+        prompts.append(ids)
+        references.append(reference)
+    stops = stop_token_ids(tokenizer, model, [prompt_format])
+    answers = greedy_ids(model, tokenizer, prompts, stops=stops, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    marker = prompt_format.end_of_turn(tokenizer)
+    if marker:  # a text end-of-turn marker (not a special token) ends the answer where the model wrote it
+        answers = [answer.split(marker)[0] for answer in answers]
+    questions = [_question(apply_columns(row, columns), prompt_format.format) for row in rows]
+    return {"questions": questions, "predictions": answers, "references": references}
+
+
+def _question(row: dict, format_name: str) -> str:
+    """What a row asks, for showing examples."""
+    if format_name == "chat":
+        messages = row.get("messages") or row.get("conversations") or []  # lorakit's column or ShareGPT's
+        users = [m.get("content", m.get("value")) for m in messages
+                 if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human")]
+        return str(users[-1]) if users else ""
+    return str(row.get("instruction" if format_name == "alpaca" else "prompt", ""))
+
+
+def _scores(members, losses: list[tuple[float, int]], scored: dict[str, list[str]]) -> dict:
+    members = list(members)
+    result: dict = {}
+    if scored["predictions"]:
+        result.update(accuracy([scored["predictions"][i] for i in members],
+                               [scored["references"][i] for i in members]))
+    return {**result, **loss_summary(sum(losses[i][0] for i in members), sum(losses[i][1] for i in members))}

@@ -73,5 +73,36 @@ def token_loss(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
             count += int((targets != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
+    return loss_summary(total, count)
+
+
+def loss_summary(total: float, count: int) -> dict[str, float]:
+    """Mean loss per target token, its perplexity and the token count, from a loss sum over `count` tokens."""
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+@torch.no_grad()
+def example_losses(model, examples: Sequence[dict[str, list[int]]], pad_id: int, *,
+                   batch_size: int = 32) -> list[tuple[float, int]]:
+    """(summed cross-entropy, trained tokens) of each example (data.tokenize_rows' aligned input_ids/labels):
+    the training loss's terms, kept apart so any group of rows can be scored."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums: list[tuple[float, int]] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            width = max(len(e["input_ids"]) for e in chunk)
+            input_ids = torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in chunk])
+            labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in chunk])
+            mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in chunk])
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            targets = labels[:, 1:].to(device)  # (B, T-1): the next token of each position
+            for row in range(len(chunk)):
+                loss = token_loss_sum(logits[row:row + 1, :-1], targets[row:row + 1]).item()
+                sums.append((loss, int((targets[row] != IGNORE_INDEX).sum())))
+    finally:
+        model.train(was_training)
+    return sums
