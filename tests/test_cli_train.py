@@ -233,7 +233,7 @@ def test_real_process_errors_are_one_line_with_exit_code_2(workdir):
                           "--name", "bad", cwd=workdir)
     assert bad_row.returncode == 2
     assert "Traceback" not in bad_row.stderr
-    assert bad_row.stderr.splitlines()[-1] == "error: row 2: field 'completion' is missing (columns: prompt, completion)"
+    assert bad_row.stderr.splitlines()[-1] == "error: bad.jsonl line 3: field 'completion' is missing (columns: prompt)"
     assert not (workdir / "runs" / "bad").exists()  # a run that never started leaves no folder
 
 

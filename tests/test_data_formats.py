@@ -114,6 +114,15 @@ def test_chat_system_prompt_sharegpt_spelling_and_train_on_prompt():
     assert everything["labels"] == everything["input_ids"]
 
 
+def test_sharegpt_conversations_are_detected_without_a_mapping_and_bot_is_the_assistant():
+    tok = tiny_tokenizer(CHATML)
+    sharegpt = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}]
+    openai = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    assert detect_format(["conversations", "id"]).name == "chat"
+    assert one(sharegpt, tok)[0] == one(openai, tok)[0]
+    assert FORMATS["chat"].columns_text() == "messages or conversations"
+
+
 def test_train_on_prompt_trains_prompt_tokens_too():
     [ex], stats = one([{"prompt": "Hello", "completion": " world"}], train_on_prompt=True)
     assert ex["labels"][1:] == ex["input_ids"][1:]
@@ -143,16 +152,22 @@ def test_auto_detection_follows_the_registry_order():
 
 @pytest.mark.parametrize("row, fmt, message", [
     ({"prompt": "p", "answer": "a"}, "prompt_completion",
-     "row 1: field 'completion' is missing (columns: prompt, answer)"),
-    ({"prompt": "p", "completion": 7}, "prompt_completion", "row 1: field 'completion' must be a string, got int 7"),
-    ({"prompt": None, "completion": "c"}, "prompt_completion", "row 1: field 'prompt' is missing (columns: prompt, completion)"),
-    ({"instruction": "i", "output": ["x"]}, "alpaca", "row 1: field 'output' must be a string, got list ['x']"),
-    ({"text": 3.5}, "text", "row 1: field 'text' must be a string, got float 3.5"),
-    ({"messages": "hi"}, "chat", "row 1: field 'messages' must be a list of {role, content} dicts, got str"),
+     "row 2: field 'completion' is missing (columns: prompt, answer)"),
+    ({"prompt": "p", "completion": 7}, "prompt_completion", "row 2: field 'completion' must be a string, got int 7"),
+    ({"prompt": None, "completion": "c"}, "prompt_completion", "row 2: field 'prompt' is missing (columns: prompt, completion)"),
+    ({"instruction": "i", "output": ["x"]}, "alpaca", "row 2: field 'output' must be a string, got list ['x']"),
+    ({"text": 3.5}, "text", "row 2: field 'text' must be a string, got float 3.5"),
+    ({"messages": "hi"}, "chat", "row 2: field 'messages' must be a list of {role, content} dicts, got str"),
     ({"messages": [{"role": "user", "text": "hi"}]}, "chat",
-     "row 1: field 'messages' item 0 has no 'content'; expected a string (keys: role, text)"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "chat", "row 1: field 'messages' has no assistant turn to train on"),
-    ("not a dict", "text", "row 1: expected a dict of columns, got str"),
+     "row 2: messages[0] has no 'content'; expected a string (keys: role, text)"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "chat", "row 2: field 'messages' has no assistant turn to train on"),
+    ("not a dict", "text", "row 2: expected a dict of columns, got str"),
+    ({"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "a"}]}, "chat",
+     "row 2: messages[0] has unknown role 'usr' (known: system, user, assistant, and the aliases human, gpt, bot, "
+     "developer)"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "a"}]}, "chat",
+     "row 2: conversations[1] has unknown role 'robot' (known: system, user, assistant, and the aliases human, gpt, "
+     "bot, developer)"),
 ])
 def test_bad_row_error_names_row_and_field(row, fmt, message):
     good = {"prompt_completion": {"prompt": "p", "completion": "c"}, "alpaca": {"instruction": "i", "output": "o"},
@@ -165,7 +180,7 @@ def test_bad_row_error_names_row_and_field(row, fmt, message):
 def test_missing_mapped_column_is_named():
     with pytest.raises(DataError) as error:
         one([{"act": "a", "prompt": "b"}, {"act": "a"}], columns={"prompt": "act", "completion": "prompt"})
-    assert str(error.value) == "row 1: column 'prompt' (mapped to field 'completion') is missing (columns: act)"
+    assert str(error.value) == "row 2: column 'prompt' (mapped to field 'completion') is missing (columns: act)"
 
 
 def test_skip_bad_rows_skips_and_counts():

@@ -54,7 +54,7 @@ def test_end_truncation_that_removes_every_trained_token_is_an_error_naming_the_
     rows = [{"prompt": "Hi", "completion": ANSWER}, {"prompt": LONG_PROMPT, "completion": ANSWER}]
     with pytest.raises(DataError) as error:
         run(rows, max_length=20, truncation="end")
-    assert str(error.value).startswith("row 1: no trained token left (max_length=20, prompt_completion format, "
+    assert str(error.value).startswith("row 2: no trained token left (max_length=20, prompt_completion format, "
                                        "truncation 'end')")
     examples, stats = run(rows, max_length=20, truncation="end", drop_untrained=True)
     assert len(examples) == 1 and stats.n_dropped == 1
@@ -76,5 +76,7 @@ def test_truncate_is_a_pure_function_on_ids():
     assert truncate(ids, labels, 5, 1, 6, "prompt") == ([1, 12, 13, 20, 21, 2],
                                                          [IGNORE, IGNORE, IGNORE, 20, 21, 2], "truncated")
     assert truncate(ids, labels, 5, 1, 3, "prompt") == ([1, 20, 21], [IGNORE, 20, 21], "answer_cut")
-    assert truncate(ids, labels, 5, 1, 4, "end") == (ids[:4], labels[:4], "truncated")
+    assert truncate(ids, labels, 5, 1, 4, "end") == (ids[:4], labels[:4], "answer_cut")  # trained tokens cut
+    assert truncate(ids, [IGNORE] * 7 + [2], 7, 1, 7, "end") == (ids[:7], [IGNORE] * 7, "answer_cut")  # the EOS
+    assert truncate(ids + [30], labels + [IGNORE], 5, 1, 8, "end") == (ids, labels, "truncated")  # context only
     assert truncate(ids, labels, 5, 1, 8, "prompt") == (ids, labels, "fit")

@@ -1,4 +1,4 @@
-"""One training run, start to finish: config -> model -> method -> data -> loop -> run folder.
+"""One training run, start to finish: config -> tokenizer -> data -> model -> method -> loop -> run folder.
 
 `run_training(cfg)` is what `lorakit train` calls. The run folder (cfg.run_dir) ends up with:
 
@@ -26,7 +26,7 @@ from lorakit.config import (RunConfig, apply_overrides, build_config, config_to_
                             read_yaml, save_config)
 from lorakit.data import check_packing, load_rows, make_batches, preview_example, tokenize_rows
 from lorakit.data.prompting import PromptFormat, RunRecord, special_tokens
-from lorakit.data.tokenize import resolve_format
+from lorakit.data.tokenize import resolve_format, truncation_warnings
 from lorakit.errors import ConfigError, DataError
 from lorakit.models import (EMBEDDED_DATASETS, fingerprint, load_model, load_tokenizer, portable_name,
                             quiet_progress_bars)
@@ -116,13 +116,18 @@ def pick_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_adapted_model(cfg: RunConfig, log: Log) -> tuple[Any, Any]:
-    """(model with the method applied, tokenizer), on the configured device."""
+def run_tokenizer(cfg: RunConfig) -> Any:
+    """The tokenizer of the run's model (cheap next to the model: the data is checked with it first)."""
+    return load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                          revision=cfg.model.revision)
+
+
+def load_adapted_model(cfg: RunConfig, log: Log, tokenizer: Any = None) -> tuple[Any, Any]:
+    """(model with the method applied, tokenizer), on the configured device; `tokenizer`: one already loaded."""
     model_cfg = cfg.model
     device = pick_device(model_cfg.device)
+    tokenizer = tokenizer if tokenizer is not None else run_tokenizer(cfg)
     seed_everything(cfg.train.seed)  # adapter init (e.g. LoRA's A) is random: same seed, same run
-    tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code,
-                               revision=model_cfg.revision)
     model = load_model(model_cfg.name_or_path, dtype=model_cfg.dtype, device=device,
                        trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
     model = apply(model, cfg.method).to(device)  # new adapter weights join the base on its device
@@ -157,10 +162,12 @@ def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list,
     train_examples, stats = tokenize_rows(train_rows, tokenizer, cfg.data)
     if not train_examples:
         raise DataError(f"no training examples are left after tokenization ({stats_line(stats)})")
-    val_examples, _ = tokenize_rows(val_rows, tokenizer, cfg.data)
+    val_examples, val_stats = tokenize_rows(val_rows, tokenizer, cfg.data)
     log("pre-flight: one training example, trained tokens in [[...]]:")
     log(preview_example(train_examples[0], tokenizer))
     log(f"data: {stats_line(stats)}; {len(val_examples)} validation examples")
+    for line in [*truncation_warnings(stats, cfg.data), *truncation_warnings(val_stats, cfg.data, "validation rows")]:
+        log(line)
     return train_examples, val_examples, stats, prompt
 
 
@@ -243,8 +250,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     main = distributed.start(cfg.train, full_fine_tuning=method_name(cfg.method) == "full")  # under torchrun
     log = log if main else (lambda text: None)  # rank 0 speaks for all ranks
     run_dir = check_run_dir(cfg, resume) if main else cfg.run_dir
-    model, tokenizer = load_adapted_model(cfg, log)
-    train_examples, val_examples, stats, prompt = tokenize_data(cfg, tokenizer, log)
+    tokenizer = run_tokenizer(cfg)  # data first (read, templated, tokenized): a data mistake costs seconds,
+    train_examples, val_examples, stats, prompt = tokenize_data(cfg, tokenizer, log)  # not a model load
+    model, tokenizer = load_adapted_model(cfg, log, tokenizer)
     if cfg.data.packing:
         check_packing(model, max_length=cfg.data.max_length)
     pad_id = pad_id_of(tokenizer)

@@ -30,34 +30,47 @@ BUILTIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-# ShareGPT-style rows use {"from": ..., "value": ...}; these roles are renamed.
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "system": "system"}
+# The roles a message may have, whatever the template: a template that does not know a role may drop its
+# message without a word (the embedded model's does), and the model would learn answers without questions.
+ROLES = ("system", "user", "assistant")
+# ShareGPT-style rows use {"from": ..., "value": ...} and these role names; they are renamed, as is OpenAI's
+# newer name for the system message (which `lorakit serve` accepts).
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "developer": "system"}
+# The columns that hold a conversation: lorakit's (and OpenAI's) `messages`, ShareGPT's `conversations`.
+CHAT_COLUMNS = ("messages", "conversations")
 
 
-def _message(item: Any, j: int) -> dict[str, str]:
-    """One message as {role, content}, accepting ShareGPT's {from, value} spelling."""
+def chat_column(row: dict[str, Any]) -> str:
+    """The column of `row` that holds its conversation ('messages' when neither is present)."""
+    return next((column for column in CHAT_COLUMNS if column in row), CHAT_COLUMNS[0])
+
+
+def _message(item: Any, where: str) -> dict[str, str]:
+    """One message as {role, content}, accepting ShareGPT's {from, value} spelling and role names."""
     if not isinstance(item, dict):
-        raise RowError(f"field 'messages' item {j} must be a dict with role and content, "
-                       f"got {type(item).__name__}")
+        raise RowError(f"{where} must be a dict with role and content, got {type(item).__name__}")
     role = item.get("role", item.get("from"))
     content = item.get("content", item.get("value"))
     if not isinstance(role, str):
-        raise RowError(f"field 'messages' item {j} has no string 'role' (keys: {', '.join(item)})")
+        raise RowError(f"{where} has no string 'role' (keys: {', '.join(item)})")
+    if ROLE_ALIASES.get(role, role) not in ROLES:
+        raise RowError(f"{where} has unknown role {role!r} (known: {', '.join(ROLES)}, and the aliases "
+                       f"{', '.join(ROLE_ALIASES)})")
     if not isinstance(content, str):
         got = "no 'content'" if content is None else f"'content' of type {type(content).__name__}"
-        raise RowError(f"field 'messages' item {j} has {got}; expected a string (keys: {', '.join(item)})")
+        raise RowError(f"{where} has {got}; expected a string (keys: {', '.join(item)})")
     return {"role": ROLE_ALIASES.get(role, role), "content": content}
 
 
-def normalize_messages(value: Any, row: dict[str, Any]) -> list[dict[str, str]]:
-    """Validate a row's `messages` field; at least one assistant turn is required."""
+def normalize_messages(value: Any, row: dict[str, Any], column: str = "messages") -> list[dict[str, str]]:
+    """Validate a row's conversation (the list in `column`); at least one assistant turn is required."""
     if value is None:
-        raise RowError(f"field 'messages' is missing (columns: {', '.join(row)})")
+        raise RowError(f"field {column!r} is missing (columns: {', '.join(row)})")
     if not isinstance(value, list):
-        raise RowError(f"field 'messages' must be a list of {{role, content}} dicts, got {type(value).__name__}")
-    messages = [_message(item, j) for j, item in enumerate(value)]
+        raise RowError(f"field {column!r} must be a list of {{role, content}} dicts, got {type(value).__name__}")
+    messages = [_message(item, f"{column}[{j}]") for j, item in enumerate(value)]
     if not any(m["role"] == "assistant" for m in messages):
-        raise RowError("field 'messages' has no assistant turn to train on")
+        raise RowError(f"field {column!r} has no assistant turn to train on")
     return messages
 
 
@@ -76,13 +89,13 @@ def chat_template_for(tokenizer: Any, cfg: DataConfig) -> tuple[str | None, bool
     return BUILTIN_CHAT_TEMPLATE, True
 
 
-def _renderer(tokenizer: Any, template: str | None):
+def _renderer(tokenizer: Any, template: str | None, column: str):
     def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
         try:
             text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                  add_generation_prompt=generation_prompt)
         except Exception as error:  # a Jinja error or a template's raise_exception
-            raise RowError(f"chat template failed on field 'messages': {error}") from error
+            raise RowError(f"chat template failed on field {column!r}: {error}") from error
         return text
 
     return render
@@ -97,12 +110,14 @@ def _prefix_end(full: str, prefix: str, turn: int) -> int:
 
 
 def render_chat(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendered:
-    """Render a chat row; every assistant turn (with its end-of-turn marker) is trained."""
-    messages = normalize_messages(row.get("messages"), row)
+    """Render a chat row (`messages`, or ShareGPT's `conversations`); every assistant turn (with its
+    end-of-turn marker) is trained."""
+    column = chat_column(row)
+    messages = normalize_messages(row.get(column), row, column)
     if cfg.system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
     template, builtin = chat_template_for(tokenizer, cfg)
-    render = _renderer(tokenizer, template)
+    render = _renderer(tokenizer, template, column)
     full = render(messages, False)
     segments: list[tuple[str, bool]] = []
     done = 0  # characters of `full` already assigned to a segment

@@ -51,8 +51,8 @@ class DataConfig(Config):
     val_limit: int | None = setting(None, "Use only the first N validation rows.", ge=1)
     format: str = setting(
         "auto", "Row format: 'auto' (detect from the columns), 'prompt_completion', 'alpaca' "
-                "(instruction, input, output), 'chat' (a `messages` list of {role, content}) or 'text' "
-                "(plain text, every token trained).", choices=format_names)
+                "(instruction, input, output), 'chat' (a `messages` list of {role, content}, or ShareGPT's "
+                "`conversations` of {from, value}) or 'text' (plain text, every token trained).", choices=format_names)
     columns: dict[str, str] = setting(
         doc="Column mapping {format field: dataset column}, applied before the format reads a row; "
             "e.g. {prompt: act, completion: prompt} for fka/awesome-chatgpt-prompts.", factory=dict)
@@ -63,6 +63,11 @@ class DataConfig(Config):
     chat_template: str | None = setting(
         None, "Jinja chat template overriding the tokenizer's own; 'builtin' forces lorakit's "
               "built-in template (also used when the tokenizer has none).")
+    max_row_bytes: int = setting(
+        8 * 2**20, "Largest row accepted, in bytes: a line of a JSON lines or CSV file (refused before it is "
+                   "read whole, so one huge line cannot exhaust memory), an element of a JSON array, or the "
+                   "text of a parquet, hub or in-memory row. A larger row is an error naming it, raised "
+                   "before anything is tokenized. The default is 8 MiB.", ge=1)
     max_length: int = setting(1024, "Longest example in tokens; longer ones are truncated.", ge=2)
     truncation: Truncation = setting(
         "prompt", "How examples longer than `max_length` are shortened: 'prompt' cuts context from the "

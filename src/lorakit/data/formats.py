@@ -6,7 +6,8 @@ segment on its own and concatenates the ids, so the boundary between prompt and 
 exact (no BPE merge across it) and the loss mask follows the segments.
 
 Add a format with `register_format(RowFormat(...))`; auto-detection tries the registered
-formats in order and picks the first whose `signature` columns are all present.
+formats in order and picks the first whose `signature` columns (or one of its `also` sets) are
+all present.
 """
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ class RowFormat:
     signature: tuple[str, ...]  # columns whose presence selects this format in 'auto' mode
     render: Renderer = field(repr=False)
     description: str = ""
+    also: tuple[tuple[str, ...], ...] = ()  # other column sets that select it (the renderer reads them)
+
+    def matches(self, columns: set[str]) -> bool:
+        """Whether rows with these columns are in this format."""
+        return any(set(signature) <= columns for signature in (self.signature, *self.also))
+
+    def columns_text(self) -> str:
+        """The columns that select this format, for messages: 'messages or conversations'."""
+        return " or ".join("+".join(signature) for signature in (self.signature, *self.also))
 
 
 FORMATS: dict[str, RowFormat] = {}
@@ -79,12 +89,12 @@ def apply_columns(row: Any, columns: dict[str, str]) -> dict[str, Any]:
 
 
 def detect_format(columns: Iterable[str]) -> RowFormat:
-    """The first registered format whose signature columns are all present."""
+    """The first registered format whose signature columns (or one of its `also` sets) are all present."""
     present = set(columns)
     for fmt in FORMATS.values():
-        if set(fmt.signature) <= present:
+        if fmt.matches(present):
             return fmt
-    expected = "; ".join(f"{'+'.join(f.signature)} ({f.name})" for f in FORMATS.values())
+    expected = "; ".join(f"{f.columns_text()} ({f.name})" for f in FORMATS.values())
     raise DataError(f"cannot detect the row format from columns ({', '.join(sorted(present)) or 'none'}); "
                     f"expected one of: {expected}. Set data.format, or map columns with data.columns")
 
@@ -126,7 +136,8 @@ def render_text(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendere
 
 
 register_format(RowFormat("chat", ("messages",), render_chat,
-                          "a `messages` list of {role, content}; every assistant turn is trained"))
+                          "a `messages` list of {role, content} (or ShareGPT's `conversations` of {from, value}); "
+                          "every assistant turn is trained", also=(("conversations",),)))
 register_format(RowFormat("alpaca", ("instruction", "output"), render_alpaca,
                           "instruction, optional input, output (Alpaca prompt template)"))
 register_format(RowFormat("prompt_completion", ("prompt", "completion"), render_prompt_completion,

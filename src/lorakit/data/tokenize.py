@@ -12,7 +12,7 @@ from typing import Any
 
 from lorakit.data.config import DataConfig
 from lorakit.data.formats import FORMATS, RowFormat, apply_columns, detect_format
-from lorakit.data.rows import Rendered, RowError
+from lorakit.data.rows import Rendered, RowError, place_of
 from lorakit.errors import DataError
 from lorakit.labels import IGNORE_INDEX
 
@@ -101,16 +101,17 @@ def truncate(ids: list[int], labels: list[int], answer_start: int, keep_front: i
              max_length: int, mode: str) -> tuple[list[int], list[int], str]:
     """Shorten one example to max_length. Returns (ids, labels, outcome).
 
-    outcome: 'fit' (unchanged), 'truncated', 'answer_cut' (the final answer itself was cut at
-    its end) or 'dropped'. Mode 'prompt' removes context tokens from the left, after the
-    first `keep_front` tokens (BOS); 'end' cuts the end; 'drop' drops the example.
+    outcome: 'fit' (unchanged), 'truncated', 'answer_cut' (trained tokens of the final answer
+    were cut from its end) or 'dropped'. Mode 'prompt' removes context tokens from the left, after
+    the first `keep_front` tokens (BOS); 'end' cuts the end; 'drop' drops the example.
     """
     if len(ids) <= max_length:
         return ids, labels, "fit"
     if mode == "drop":
         return [], [], "dropped"
     if mode == "end":
-        return ids[:max_length], labels[:max_length], "truncated"
+        cut = any(label != IGNORE_INDEX for label in labels[max_length:])
+        return ids[:max_length], labels[:max_length], "answer_cut" if cut else "truncated"
     keep_front = min(keep_front, answer_start)
     room = max_length - keep_front - (len(ids) - answer_start)  # context tokens that still fit
     if room >= 0:
@@ -151,8 +152,8 @@ def _keep_front(ids: list[int], bos: list[int], tokenizer: Any) -> int:
 def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> tuple[list[Example], TokenizeStats]:
     """Render, tokenize, mask and truncate rows. Raises DataError naming the first bad row.
 
-    Rows are numbered from 0 in their source's order when they come from load_rows (which
-    records it), else in the order given. Bad rows are skipped and counted when
+    A bad row is named by its place: its file and line (or row) when it comes from load_rows,
+    else 'row N' (1-based) in the order given (data/rows.py). Bad rows are skipped and counted when
     cfg.skip_bad_rows is on. An example with no trained token (after truncation) is an error
     naming the row unless cfg.drop_untrained is on; so is a list of rows that yields nothing.
     """
@@ -164,15 +165,14 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
     encode_segment = segment_encoder(tokenizer)
     stats = TokenizeStats(n_rows=len(rows))
     examples: list[Example] = []
-    numbers = getattr(rows, "numbers", None) or range(len(rows))
-    for i, row in zip(numbers, rows):
+    for k, row in enumerate(rows):
         try:
             rendered = fmt.render(apply_columns(row, cfg.columns), tokenizer, cfg)
         except RowError as error:
             if cfg.skip_bad_rows:
                 stats.n_skipped_bad_rows += 1
                 continue
-            raise DataError(f"row {i}: {error}") from None
+            raise DataError(f"{place_of(rows, k)}: {error}") from None
         ids, labels, answer_start = encode(rendered, encode_segment, bos, tokenizer.eos_token_id,
                                            cfg.train_on_prompt)
         ids, labels, outcome = truncate(ids, labels, answer_start, _keep_front(ids, bos, tokenizer),
@@ -182,7 +182,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
         n_trained = sum(label != IGNORE_INDEX for label in labels[1:])  # labels[0] is never a target
         if outcome != "dropped" and n_trained == 0:
             if not cfg.drop_untrained:
-                raise DataError(f"row {i}: no trained token left (max_length={cfg.max_length}, "
+                raise DataError(f"{place_of(rows, k)}: no trained token left (max_length={cfg.max_length}, "
                                 f"{fmt.name} format, truncation '{cfg.truncation}'); raise "
                                 "data.max_length, use truncation 'prompt', or set data.drop_untrained")
             outcome = "dropped"
@@ -196,6 +196,19 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
     if not examples:
         raise DataError(f"none of the {len(rows)} rows gave an example ({stats.summary()})")
     return examples, stats
+
+
+def truncation_warnings(stats: TokenizeStats, cfg: DataConfig, rows: str = "training rows") -> list[str]:
+    """'warning:' lines for truncation that changes what is learned: most rows truncated, or any answer cut."""
+    fix = "raise data.max_length, or set data.truncation: drop to leave long rows out"
+    lines = []
+    if stats.n_truncated * 2 > stats.n_rows:
+        lines.append(f"warning: {stats.n_truncated} of {stats.n_rows} {rows} were truncated to "
+                     f"data.max_length={cfg.max_length} tokens; {fix}")
+    if stats.n_answers_cut:
+        lines.append(f"warning: {stats.n_answers_cut} of {stats.n_rows} {rows} had their answer cut at "
+                     f"data.max_length={cfg.max_length} tokens (the model learns answers that stop short); {fix}")
+    return lines
 
 
 def preview_example(example: Example, tokenizer: Any) -> str:
