@@ -78,7 +78,7 @@ SCHEMA = Schema(sections={"model": ModelConfig, "data": Data, "train": Train},
 
 
 def build(raw, overrides=()):
-    return build_config(apply_overrides(raw, overrides), SCHEMA)
+    return build_config(apply_overrides(raw, overrides, SCHEMA), SCHEMA)
 
 
 def test_coerce_cli_strings_to_field_types():
@@ -225,11 +225,11 @@ def test_cross_field_problems_and_frozen_configs():
 
 
 def test_method_keys_are_checked_once(monkeypatch):
-    import lorakit.schema
+    import lorakit.config
 
     checked = []
-    real = lorakit.schema.check_keys
-    monkeypatch.setattr(lorakit.schema, "check_keys", lambda cls, raw, prefix, *a: checked.append(prefix) or
+    real = lorakit.config.unknown_keys
+    monkeypatch.setattr(lorakit.config, "unknown_keys", lambda cls, raw, prefix, *a: checked.append(prefix) or
                         real(cls, raw, prefix, *a))
     assert build({"method": {"name": "prompt", "tokens": "4"}}).method == Prompt(tokens=4)
     assert checked.count("method") == 1

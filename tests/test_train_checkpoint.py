@@ -125,7 +125,9 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
         monkeypatch.setattr(ckpt, "_write_json", failing_json)
     else:
         monkeypatch.setattr(ckpt, "_write_pointer", failing_pointer)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(ckpt.CheckpointWriteError, match=rf"^could not write checkpoint {root / 'step-2'}: "
+                       rf"{'state.json' if fail_in == 'state.json' else 'latest'}: disk full \(simulated\); "
+                       rf"the previous checkpoint {root / 'step-1'} is intact"):
         run_tiny(tmp_path / "run", **settings)
     monkeypatch.undo()
 
@@ -184,13 +186,18 @@ def test_optimizer_state_round_trips_by_parameter_name(tmp_path):
 
 
 def test_resume_mistakes_are_clear_errors(tmp_path):
+    with pytest.raises(LorakitError, match="resume: .*nowhere does not exist"):
+        run_tiny(tmp_path / "empty", resume=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir(exist_ok=True)
     with pytest.raises(LorakitError, match="resume: no checkpoint found in"):
-        run_tiny(tmp_path / "empty", resume=True)
+        run_tiny(tmp_path / "other", resume=tmp_path / "empty")
     run_tiny(tmp_path / "run", epochs=1, save_every=2)
     with pytest.raises(LorakitError, match="already holds checkpoints: pass resume"):
         run_tiny(tmp_path / "run", epochs=1, save_every=2)
-    with pytest.raises(LorakitError, match="belongs to a run of 4 steps, this config plans 8"):
-        run_tiny(tmp_path / "run", epochs=2, save_every=2, resume=True)
+    with pytest.raises(LorakitError, match="belongs to a run of 4 steps, this config plans 2, and its steps differ"):
+        run_tiny(tmp_path / "run", epochs=1, save_every=2, micro_batch_size=8, resume=True)
+    with pytest.raises(LorakitError, match="is at step 4, past the 3 steps this config plans"):
+        run_tiny(tmp_path / "run", epochs=1, max_steps=3, save_every=2, resume=True)
     assert ckpt.resolve_resume(tmp_path, tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-4"
     assert os.path.samefile(ckpt.resolve_resume(tmp_path, tmp_path / "run" / "checkpoints" / "step-2"),
                             tmp_path / "run" / "checkpoints" / "step-2")

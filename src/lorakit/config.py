@@ -14,13 +14,19 @@ train:  {...}             # lorakit.train.TrainConfig
 The `method` section is one mapping whose `name` selects a config class from
 `lorakit.adapters.METHODS`; the other keys are that class's fields. `method: lora` is short for
 `method: {name: lora}`. Every field can be overridden with a dotted key (`train.lr=3e-4`,
-`method.r=8`); an unknown key anywhere is a `ConfigError` naming the closest valid key.
-The resolved config is written to the run folder as `config.yaml` and loads back unchanged.
+`method.r=8`). The names other tools use for the same settings (`learning_rate`, `lora_r`,
+`max_seq_length`, ...; `ALIASES`) are accepted top-level or in their section, with a one-line note
+naming lorakit's key. Every unknown key is reported in one `ConfigError`, each with the closest
+valid key or alias. The resolved config is written to the run folder as `config.yaml` (atomically)
+and loads back unchanged.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Literal, Mapping
@@ -30,9 +36,10 @@ import yaml
 from lorakit.adapters.config import METHODS
 from lorakit.data.config import DataConfig
 from lorakit.errors import ConfigError
-from lorakit.schema import (Config, closest, from_dict, leaf_keys, problem, setting, to_plain, type_hints,
-                            unknown_key_error)
-from lorakit.train.config import TrainConfig
+from lorakit.permissions import share
+from lorakit.schema import (Config, UnknownKey, closest, from_dict, leaf_keys, problem, setting, to_plain,
+                            type_hints, unknown_keys, unknown_keys_error)
+from lorakit.train.config import RESUMABLE_CHANGES, TrainConfig
 
 RECIPES_DIR = Path(__file__).parent / "configs"  # recipes shipped with the package
 
@@ -80,6 +87,45 @@ class RunConfig(Config):
 
 TOP_LEVEL = ("name", "output_dir")  # scalar keys beside the sections
 SECTION_ORDER = ("name", "output_dir", "model", "method", "data", "train")
+# keys that may differ between a run and its resumption: where the run folder is, the device, and the train
+# fields that change its length, checkpoints or display, never its shared steps (train.config.RESUMABLE_CHANGES)
+RESUME_FREE_KEYS = frozenset({"name", "output_dir", "model.device", *(f"train.{key}" for key in RESUMABLE_CHANGES)})
+
+# The names transformers (TrainingArguments), peft (LoraConfig), TRL (SFTConfig, ModelConfig), axolotl and
+# torchtune give lorakit's settings -> lorakit's key. Accepted top-level (flat configs) or in the key's own
+# section (train.learning_rate), in YAML and on the command line; each use prints a note naming the key.
+ALIASES: dict[str, str] = {
+    # train
+    "learning_rate": "train.lr", "lr": "train.lr",
+    "num_train_epochs": "train.epochs", "num_epochs": "train.epochs", "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "per_device_train_batch_size": "train.micro_batch_size", "micro_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.schedule", "lr_scheduler": "train.schedule",
+    "warmup_steps": "train.warmup_steps", "num_warmup_steps": "train.warmup_steps",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay", "adam_epsilon": "train.eps", "max_grad_norm": "train.max_grad_norm",
+    "gradient_checkpointing": "train.gradient_checkpointing", "torch_compile": "train.compile",
+    "seed": "train.seed",
+    "save_steps": "train.save_every", "save_total_limit": "train.keep_checkpoints",
+    "logging_steps": "train.log_every", "eval_steps": "train.eval_every",
+    # method
+    "lora_r": "method.r", "lora_rank": "method.r", "rank": "method.r",
+    "lora_alpha": "method.alpha", "lora_dropout": "method.dropout",
+    "target_modules": "method.targets", "lora_target_modules": "method.targets",
+    "use_rslora": "method.rslora", "num_virtual_tokens": "method.num_virtual_tokens",
+    # data
+    "max_seq_length": "data.max_length", "max_seq_len": "data.max_length", "sequence_len": "data.max_length",
+    "max_length": "data.max_length",
+    "packing": "data.packing", "sample_packing": "data.packing",
+    "train_on_inputs": "data.train_on_prompt",
+    # model
+    "model_name_or_path": "model.name_or_path", "base_model": "model.name_or_path",
+    "torch_dtype": "model.dtype", "model_revision": "model.revision", "trust_remote_code": "model.trust_remote_code",
+    # top level
+    "run_name": "name",
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +135,7 @@ class Schema:
     sections: Mapping[str, type]  # section name -> dataclass, e.g. "train" -> TrainConfig
     methods: Mapping[str, type]  # method name -> config dataclass, e.g. "lora" -> LoRA
     default_method: str = "lora"
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)  # other tools' name -> key (ALIASES)
 
     def keys(self) -> list[str]:
         """Every valid dotted key (method keys for every method)."""
@@ -99,17 +146,60 @@ class Schema:
             keys += [f"method.{name}" for name in type_hints(cls) if f"method.{name}" not in keys]
         return keys
 
+    def spellings(self) -> dict[str, str]:
+        """Every accepted alias spelling -> the key it stands for: top-level ('learning_rate') and in the
+        key's section ('train.learning_rate'; not where that is the key itself, e.g. train.warmup_ratio)."""
+        found = {}
+        for alias, key in self.aliases.items():
+            section, _, field = key.rpartition(".")
+            found[alias] = key
+            if section and field != alias:
+                found[f"{section}.{alias}"] = key
+        return found
+
 
 def default_schema() -> Schema:
-    """The real schema: ModelConfig, lorakit.data.DataConfig, lorakit.train.TrainConfig, METHODS."""
-    return Schema(sections={"model": ModelConfig, "data": DataConfig, "train": TrainConfig}, methods=dict(METHODS))
+    """The real schema: ModelConfig, lorakit.data.DataConfig, lorakit.train.TrainConfig, METHODS, ALIASES."""
+    return Schema(sections={"model": ModelConfig, "data": DataConfig, "train": TrainConfig}, methods=dict(METHODS),
+                  aliases=ALIASES)
 
 
 # ----------------------------------------------------------------------------- raw dict stage
 
 
-def _normalise(raw: Mapping | None) -> dict:
-    """Deep copy of a raw config with `method: lora` expanded to `method: {name: lora}`."""
+def note(text: str) -> None:
+    """A one-line note on stderr (an alias read as lorakit's key), from the first process of a run only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {text}", file=sys.stderr)
+
+
+def _alias_note(spelled: str, key: str) -> None:
+    note(f"'{spelled}' read as lorakit's '{key}'")
+
+
+def _resolve_aliases(raw: dict, schema: Schema) -> None:
+    """In place: every alias spelling in `raw` moved to the key it stands for, with a note; an alias and
+    its key (or two aliases of one key) given different values is an error."""
+    for spelled, key in schema.spellings().items():
+        section, _, alias = spelled.rpartition(".")
+        holder = raw.get(section) if section else raw
+        if not isinstance(holder, dict) or alias not in holder:
+            continue
+        value = holder.pop(alias)
+        target_section, _, field = key.rpartition(".")
+        target = raw.setdefault(target_section, {}) if target_section else raw
+        if not isinstance(target, dict):
+            raise ConfigError(f"cannot read '{spelled}' as '{key}': '{target_section}' is not a section")
+        if field in target and target[field] != value:
+            raise ConfigError(f"'{spelled}' ({value!r}) and '{key}' ({target[field]!r}) are both given; "
+                              f"'{spelled}' is lorakit's '{key}': keep one")
+        target[field] = value
+        _alias_note(spelled, key)
+
+
+def _normalise(raw: Mapping | None, schema: Schema | None = None) -> dict:
+    """Deep copy of a raw config with `method: lora` expanded to `method: {name: lora}` and aliases
+    (`learning_rate: 3e-4`) moved to lorakit's keys (`train: {lr: 3e-4}`)."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -117,6 +207,7 @@ def _normalise(raw: Mapping | None) -> dict:
     raw = copy.deepcopy(dict(raw))
     if isinstance(raw.get("method"), str):
         raw["method"] = {"name": raw["method"]}
+    _resolve_aliases(raw, schema or default_schema())
     return raw
 
 
@@ -139,10 +230,19 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def apply_overrides(raw: Mapping | None, overrides: Iterable[tuple[str, Any]]) -> dict:
-    """A copy of `raw` with each (dotted key, value) override set; values are coerced later."""
-    result = _normalise(raw)
-    for key, value in overrides:
+def apply_overrides(raw: Mapping | None, overrides: Iterable[tuple[str, Any]], schema: Schema | None = None) -> dict:
+    """A copy of `raw` with each (dotted key, value) override set; values are coerced later. An alias
+    ('learning_rate', 'train.learning_rate') overrides the key it stands for, with a note."""
+    schema = schema or default_schema()
+    result, spellings, given = _normalise(raw, schema), schema.spellings(), {}
+    for spelled, value in overrides:
+        key = spellings.get(spelled, spelled)
+        if key != spelled:
+            _alias_note(spelled, key)
+        if key in given and given[key][1] != value:
+            raise ConfigError(f"'{key}' is given twice ({given[key][1]!r} as '{given[key][0]}' and {value!r} as "
+                              f"'{spelled}')")
+        given[key] = (spelled, value)
         if key == "method":  # `method=full` picks the method
             value = {"name": value} if isinstance(value, str) else value
         set_dotted(result, key, value)
@@ -165,14 +265,32 @@ def _build_method(raw: Any, schema: Schema) -> Any:
     return from_dict(schema.methods[name], fields, "method", context=f"for method '{name}'", also_valid=["name"])
 
 
-def build_config(raw: Mapping | None, schema: Schema | None = None) -> RunConfig:
-    """Validate a raw (YAML + overrides) mapping into a RunConfig; unknown keys raise ConfigError."""
-    schema = schema or default_schema()
-    raw = _normalise(raw)
+def unknown_config_keys(raw: Mapping, schema: Schema) -> list[UnknownKey]:
+    """Every key of a (normalised) raw config that no field matches: top-level, in each section, and in
+    the method section for the method it names."""
     known = set(TOP_LEVEL) | set(schema.sections) | {"method"}
-    for key, value in raw.items():
-        if key not in known:  # a misspelt section is matched through its first key: 'trian.lr'
-            raise unknown_key_error(leaf_keys(value, str(key))[0], schema.keys())
+    everything = tuple(schema.keys())
+    found = [UnknownKey(leaf, everything) for key, value in raw.items() if key not in known
+             for leaf in leaf_keys(value, str(key))]  # a misspelt section is matched by its keys: 'trian.lr'
+    for name, cls in schema.sections.items():
+        if isinstance(raw.get(name), Mapping):
+            found += unknown_keys(cls, raw[name], name)
+    method = raw.get("method")
+    if isinstance(method, Mapping) and str(method.get("name", schema.default_method)) in schema.methods:
+        chosen = str(method.get("name", schema.default_method))
+        fields = {k: v for k, v in method.items() if k != "name"}
+        found += unknown_keys(schema.methods[chosen], fields, "method", f"for method '{chosen}'", ["name"])
+    return found
+
+
+def build_config(raw: Mapping | None, schema: Schema | None = None) -> RunConfig:
+    """Validate a raw (YAML + overrides) mapping into a RunConfig; every unknown key is reported in one
+    ConfigError, then the first bad value is."""
+    schema = schema or default_schema()
+    raw = _normalise(raw, schema)
+    unknown = unknown_config_keys(raw, schema)
+    if unknown:
+        raise unknown_keys_error(unknown, schema.keys(), schema.spellings())
     sections = {name: from_dict(cls, raw.get(name), name) for name, cls in schema.sections.items()}
     top = {key: raw[key] for key in TOP_LEVEL if key in raw}
     return RunConfig(method=_build_method(raw.get("method"), schema), **sections, **top)
@@ -229,10 +347,21 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
-    """Write the resolved config to `path` (a run folder's config.yaml)."""
+    """Write the resolved config to `path` (a run folder's config.yaml) atomically: a kill leaves the whole
+    file, or none and at most a `.config.yaml.tmp-*` file (`lorakit.train.checkpoint.holds_a_run` ignores it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config_to_yaml(cfg), encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(config_to_yaml(cfg))
+            handle.flush()
+            os.fsync(handle.fileno())
+        share(tmp)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from safetensors import SafetensorError
 
 from lorakit.adapters import apply, parameter_report, save_adapter
 from lorakit.adapters.param_lora import experts_note
-from lorakit.config import (RunConfig, apply_overrides, build_config, config_to_dict, find_recipe, method_name,
+from lorakit.config import (RESUME_FREE_KEYS, RunConfig, apply_overrides, build_config, config_to_dict, find_recipe, method_name,
                             read_yaml, save_config)
 from lorakit.data import check_packing, load_rows, make_batches, preview_example, tokenize_rows
 from lorakit.data.prompting import PromptFormat, RunRecord, special_tokens
@@ -32,15 +33,12 @@ from lorakit.models import (EMBEDDED_DATASETS, fingerprint, load_model, load_tok
                             quiet_progress_bars)
 from lorakit.train import distributed, train
 from lorakit.train.base_dropout import describe
+from lorakit.train.checkpoint import CheckpointWriteError, holds_a_run, read_pointer
 from lorakit.train.metrics import METRICS_FILE, read_metrics
 from lorakit.train.setup import seed_everything
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.md"
-# keys that may differ between a run and its resumption without changing the numbers
-# (a run folder may be moved or renamed between the two)
-RESUME_FREE_KEYS = {"train.progress", "model.device", "name", "output_dir", "train.distributed",
-                    "train.dist_timeout_s"}
 
 Log = Callable[[str], None]
 
@@ -102,7 +100,7 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
         if not config_path.is_file():
             raise ConfigError(f"cannot resume: {run_dir} holds no {CONFIG_FILE} of an earlier run")
         check_resume_config(read_yaml(config_path), config_to_dict(cfg))
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif holds_a_run(run_dir):
         raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, "
                           "or choose another name (--name)")
     return run_dir
@@ -266,8 +264,13 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     state = distributed.gathered_weights(model)  # None unless FSDP2 sharded it (then method full)
     output = run_dir / cfg.method.output  # "adapter", or "model" for full fine-tuning
     if main:
-        save_adapter(model, output, portable_name(cfg.model.name_or_path), tokenizer=tokenizer, state_dict=state)
-        record_run(output, cfg, prompt, tokenizer)
+        try:
+            save_adapter(model, output, portable_name(cfg.model.name_or_path), tokenizer=tokenizer, state_dict=state)
+            record_run(output, cfg, prompt, tokenizer)
+        except (OSError, SafetensorError) as error:  # a full disk, a file-size limit: say what is safe
+            latest = read_pointer(run_dir / "checkpoints")
+            kept = f"checkpoint {latest} is intact: --resume continues from it" if latest else "no checkpoint exists"
+            raise CheckpointWriteError(f"could not write the run's output {output}: {error}; {kept}") from error
     result = RunResult(run_dir=run_dir, output=output, model=model, tokenizer=tokenizer, summary=summary,
                        data_stats=stats, report=run_dir / REPORT_FILE)
     if main:
@@ -329,8 +332,10 @@ def train_run(cfg: RunConfig, *, base: str, source: Path | None, resume: bool = 
     """What `lorakit train` and `finetune` share: name the run (`base`, -2, -3, ...: never clobber an earlier
     run; a run folder's own config.yaml resumes that folder, wherever it was moved), train it, shut the
     process group down, and say where the report is."""
-    if resume and source is not None and source.name == CONFIG_FILE and (source.parent / "checkpoints").is_dir():
-        cfg = dataclasses.replace(cfg, output_dir=str(source.parent.parent), name=source.parent.name)
+    folder = source.parent if source is not None else None
+    if resume and folder is not None and source.name == CONFIG_FILE and (
+            (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()):  # a run folder's own config
+        cfg = dataclasses.replace(cfg, output_dir=str(folder.parent), name=folder.name)
     elif cfg.name is None:
         name = base if resume else free_run_dir(Path(cfg.output_dir), base).name
         cfg = dataclasses.replace(cfg, name=name)

@@ -26,9 +26,9 @@ every path: `train.lr: must be > 0 (got 0.0)`. A subclass inherits its parent's 
 
 The rest of this module is the generic part the config system and the CLI are built on:
 
-- `from_dict(cls, raw, prefix)` builds a dataclass from a YAML/CLI mapping; an unknown key is a
-  `ConfigError` naming the closest valid key. A `Config` coerces and checks itself; the fields of a
-  plain dataclass are coerced here.
+- `from_dict(cls, raw, prefix)` builds a dataclass from a YAML/CLI mapping; unknown keys are one
+  `ConfigError` naming, for each, the closest valid key or alias (`unknown_keys_error`). A `Config`
+  coerces and checks itself; the fields of a plain dataclass are coerced here.
 - `to_plain(obj)` is the inverse (plain YAML-safe values), so load -> dump -> load is lossless.
 - `type_name(tp)` spells an annotation for `--help` (the docs come from `lorakit.fielddocs`).
 """
@@ -197,30 +197,68 @@ def validate(obj: Any) -> None:
 # ----------------------------------------------------------------------------- keys and names
 
 
-def closest(key: str, candidates: Iterable[str]) -> str | None:
+def _near(word: str, options: Iterable[str]) -> str | None:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def closest(key: str, candidates: Iterable[str], elsewhere: Iterable[str] = ()) -> str | None:
     """The candidate most similar to dotted `key` (None when nothing is reasonably close).
 
-    Within a known section only the last parts are compared ('data.max_lenght' ->
-    'data.max_length'); a typo in the section itself is matched on the whole key.
+    Within the key's section only the last parts are compared ('data.max_lenght' -> 'data.max_length');
+    failing that, keys of other sections among `candidates` and `elsewhere`: one with the same last part
+    ('train.max_length' -> 'data.max_length'), else the most similar whole key ('trian.lr' -> 'train.lr').
     """
     candidates = list(candidates)
     section, _, leaf = key.rpartition(".")
     siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == section}
-    if siblings:
-        match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
-        return siblings[match[0]] if match else None
-    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    return match[0] if match else None
+    match = _near(leaf, siblings)
+    if match is not None:
+        return siblings[match]
+    others = [c for c in [*candidates, *elsewhere] if c.rpartition(".")[0] != section]
+    same_leaf = [c for c in others if c.rpartition(".")[2] == leaf]
+    return same_leaf[0] if same_leaf else _near(key, others)
 
 
-def unknown_key_error(key: str, valid: Iterable[str], context: str = "") -> ConfigError:
-    """The error for an unknown key, naming the closest valid one."""
-    valid = sorted(valid)
-    guess = closest(key, valid)
-    where = f" {context}" if context else ""
-    if guess:
-        return ConfigError(f"unknown key '{key}'{where}; did you mean '{guess}'?")
-    return ConfigError(f"unknown key '{key}'{where}; valid keys: {', '.join(valid)}")
+class UnknownKeysError(ConfigError):
+    """Keys that no field matches (each named with its closest valid key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnknownKey:
+    """A key that no field matches: as written (dotted), the valid keys where it stands, and where that is."""
+
+    key: str
+    valid: tuple[str, ...]
+    context: str = ""  # e.g. "for method 'lora'"
+
+
+def _hint(entry: UnknownKey, elsewhere: Iterable[str], aliases: Mapping[str, str]) -> str:
+    """'did you mean ...?' for one unknown key, or the valid keys where it stands."""
+    own_aliases = [alias for alias, key in aliases.items() if key in entry.valid]
+    guess = closest(entry.key, [*entry.valid, *own_aliases], [*elsewhere, *aliases])
+    if guess is None or guess == entry.key:
+        return f"valid keys: {', '.join(sorted(entry.valid))}"
+    if guess in aliases:
+        return f"did you mean '{aliases[guess]}' (alias '{guess.rpartition('.')[2]}')?"
+    return f"did you mean '{guess}'?"
+
+
+def unknown_keys_error(unknown: Iterable[UnknownKey], elsewhere: Iterable[str] = (),
+                       aliases: Mapping[str, str] | None = None) -> UnknownKeysError:
+    """One error for every unknown key, each with the closest valid key or the valid keys where it stands.
+
+    `elsewhere`: the valid keys of other sections (a key put in the wrong one is found there); `aliases`:
+    accepted spellings -> the key they stand for ('train.learning_rate' -> 'train.lr'), suggested by the
+    key they stand for."""
+    elsewhere, aliases = tuple(elsewhere), dict(aliases or {})
+    hints = [(entry, _hint(entry, elsewhere, aliases)) for entry in unknown]
+    if len(hints) == 1:
+        entry, hint = hints[0]
+        where = f" {entry.context}" if entry.context else ""
+        return UnknownKeysError(f"unknown key '{entry.key}'{where}; {hint}")
+    parts = [f"'{entry.key}'{' ' + entry.context if entry.context else ''}: {hint}" for entry, hint in hints]
+    return UnknownKeysError(f"{len(parts)} unknown keys: " + "; ".join(parts))
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -452,15 +490,20 @@ def leaf_keys(value: Any, prefix: str) -> list[str]:
     return [prefix]
 
 
-def check_keys(cls: type, raw: Mapping, prefix: str, context: str = "", also_valid: Iterable[str] = ()) -> None:
-    """Raise for the first key of `raw` that is no init field of `cls`, naming the closest valid key.
-
-    `also_valid`: keys the caller has taken out already (listed as valid, e.g. a method's `name`)."""
+def unknown_keys(cls: type, raw: Mapping, prefix: str, context: str = "",
+                 also_valid: Iterable[str] = ()) -> list[UnknownKey]:
+    """The keys of `raw` that are no init field of `cls` (`also_valid`: keys the caller has taken out
+    already, listed as valid, e.g. a method's `name`)."""
     fields = type_hints(cls)
-    for name in raw:
-        if name not in fields:
-            valid = [*fields, *also_valid]
-            raise unknown_key_error(f"{prefix}.{name}", [f"{prefix}.{k}" for k in valid], context)
+    valid = tuple(f"{prefix}.{k}" for k in [*fields, *also_valid])
+    return [UnknownKey(f"{prefix}.{name}", valid, context) for name in raw if name not in fields]
+
+
+def check_keys(cls: type, raw: Mapping, prefix: str, context: str = "", also_valid: Iterable[str] = ()) -> None:
+    """Raise one error for the keys of `raw` that are no init field of `cls`, naming the closest valid keys."""
+    unknown = unknown_keys(cls, raw, prefix, context, also_valid)
+    if unknown:
+        raise unknown_keys_error(unknown)
 
 
 def from_dict(cls: type, raw: Any, prefix: str, *, context: str = "", also_valid: Iterable[str] = ()) -> Any:

@@ -15,6 +15,7 @@ from lorakit.adapters.config import Full
 from lorakit.adapters.report import trainable_by_module
 from lorakit.adapters.state import AdapterState, attach_state, detach_state, ensure_plain
 from lorakit.errors import AdapterError
+from lorakit.permissions import share_tree
 
 __all__ = ["Full", "apply", "count", "load_folder", "merge", "named", "save", "unload"]
 
@@ -35,6 +36,7 @@ def save(cfg: Full, model: nn.Module, folder: str | Path, base: str | None = Non
     model.save_pretrained(folder, state_dict=state_dict)  # transformers 5 writes safetensors only
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    share_tree(folder)  # the safetensors files are written 0600 whatever the umask: a shared model follows it
     return folder
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from lorakit.adapters.jsonfile import read_json_object
 from lorakit.adapters.registry import implementation, method_for_folder
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.permissions import share
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,6 +46,7 @@ def write_folder(folder: str | Path, method_cfg: Any, tensors: dict[str, torch.T
     config = {"lorakit_method": method_cfg.name, "lorakit_format": FORMAT_VERSION,
               "base_model_name_or_path": base_model_name_or_path, "config": dataclasses.asdict(method_cfg)}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    share(folder / WEIGHTS_NAME)  # save_file writes 0600 whatever the umask: a shared adapter follows it
     return folder
 
 

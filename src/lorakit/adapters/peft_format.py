@@ -32,6 +32,7 @@ from lorakit.adapters.param_lora import find_param_targets, param_dims, param_lo
 from lorakit.adapters.peft_load import AdapterWeights, read_config, read_weights, validate
 from lorakit.adapters.state import lora_layers, require_state
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.permissions import share
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -94,6 +95,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    share(folder / WEIGHTS_NAME)  # save_file writes 0600 whatever the umask: a shared adapter follows it
     return folder
 
 

@@ -32,6 +32,7 @@ from lorakit.adapters.state import AdapterState, attach_state, detach_state, ens
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.labels import IGNORE_INDEX
 from lorakit.models import load_tokenizer
+from lorakit.permissions import share
 
 CHILD = "lorakit_prompt"
 PEFT_KEY = "prompt_embeddings"
@@ -72,6 +73,7 @@ def save(cfg: PromptTuning, model: nn.Module, folder: str | Path, base: str | No
     folder.mkdir(parents=True, exist_ok=True)
     embeddings = getattr(model, CHILD).embeddings.detach().cpu().contiguous()
     save_file({PEFT_KEY: embeddings}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    share(folder / "adapter_model.safetensors")  # the user's umask, not safetensors' 0600
     config = peft_config(cfg, model, embeddings.shape[1], base)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder

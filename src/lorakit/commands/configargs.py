@@ -1,8 +1,10 @@
 """A run config from the command line: `[CONFIG] [--section.key VALUE | section.key=VALUE ...]`.
 
 `add_config_arguments` registers one `--section.key` option per config field (so `--help`
-lists every field with its doc and default); `config_from_args` turns the parsed words into a
-`RunConfig`. Unknown keys in either form are errors naming the closest valid key.
+lists every field with its doc and default), and a hidden one per alias (`--learning_rate`,
+`--train.learning_rate`; lorakit.config.ALIASES); `config_from_args` turns the parsed words into a
+`RunConfig`. Every unknown key, in either form and in the YAML, is reported in one error naming the
+closest valid key or alias.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from lorakit.config import (TOP_LEVEL, RunConfig, Schema, apply_overrides, build
                             read_yaml)
 from lorakit.errors import ConfigError
 from lorakit.fielddocs import field_default, field_docs
-from lorakit.schema import type_hints, type_name, unknown_key_error
+from lorakit.schema import UnknownKey, UnknownKeysError, type_hints, type_name, unknown_keys_error
 
 _KEY_VALUE = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)=(.*)$", re.S)
 CONFIG_FILE = "config.yaml"
@@ -113,14 +115,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, schema: Schema | None 
         _add_dataclass(parser.add_argument_group(section, (cls.__doc__ or "").split("\n")[0]), section, cls)
         if section == "model":  # --help follows the order of a config file: model, method, data, train
             _add_method_options(parser, schema)
+    registered = {option for action in parser._actions for option in action.option_strings}
+    for spelled in schema.spellings():  # hidden: the README lists them, and each use prints a note
+        if f"--{spelled}" not in registered:
+            parser.add_argument(f"--{spelled}", dest=f"override:{spelled}", action=_Override,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _option_key(word: str) -> str:
+    return word.lstrip("-").split("=", 1)[0]
 
 
 def split_words(words: Sequence[str], extra: Sequence[str], schema: Schema) -> tuple[str | None, list[tuple[str, str]]]:
-    """(config path or None, key=value overrides) from positional words and unparsed extras."""
-    for word in extra:  # argparse leaves unknown --options here
-        if word.startswith("-"):
-            key = word.lstrip("-").split("=", 1)[0]
-            raise unknown_key_error(key, schema.keys())
+    """(config path or None, key=value overrides) from positional words and unparsed extras; unknown
+    --options (argparse leaves them in `extra`) are one error naming the closest key of each."""
+    stray = [_option_key(word) for word in extra if word.startswith("-")]
+    if stray:
+        everything = tuple(schema.keys())
+        raise unknown_keys_error([UnknownKey(key, everything) for key in stray], aliases=schema.spellings())
     config, overrides = None, []
     for index, word in enumerate([*words, *extra]):
         match = _KEY_VALUE.match(word)
@@ -141,14 +153,44 @@ def _check_duplicates(overrides: Sequence[tuple[str, Any]]) -> None:
         seen[key] = value
 
 
-def config_source(config: str | None) -> Path:
-    """The YAML file behind a CONFIG word: a file, a run folder's config.yaml, or a recipe name."""
+def config_source(config: str | None, resume: bool = False) -> Path:
+    """The YAML file behind a CONFIG word: a file, a run folder's config.yaml, or a recipe name. With
+    `resume`, a word that names none of them (and is no .yaml path) is a run folder that does not exist."""
     if config is not None and Path(config).is_dir():
         path = Path(config) / CONFIG_FILE
         if not path.is_file():
             raise ConfigError(f"'{config}' is a folder without a {CONFIG_FILE}")
         return path
-    return find_recipe(config if config is not None else "quickstart")
+    try:
+        return find_recipe(config if config is not None else "quickstart")
+    except ConfigError:
+        if resume and Path(config).suffix not in (".yaml", ".yml"):
+            raise ConfigError(f"cannot resume: run folder '{config}' does not exist") from None
+        raise
+
+
+def _unknown_options_error(args: argparse.Namespace, stray: list[str], schema: Schema) -> ConfigError:
+    """The one error for unknown --options, with the unknown keys of the YAML and key=value words too.
+
+    argparse cannot tell an unknown option's value from a positional word, so the config file is the
+    first word that names one (the values of unknown options do not matter: they are not read)."""
+    words = [*getattr(args, "words", []), *(w for w in getattr(args, "extra", []) if not w.startswith("-"))]
+    pairs = [(m.group(1), m.group(2)) for m in map(_KEY_VALUE.match, words) if m]
+    raw: dict = {}
+    for word in (w for w in words if not _KEY_VALUE.match(w)):
+        try:
+            raw = read_yaml(config_source(word))
+            break
+        except ConfigError:
+            continue
+    try:
+        build_config(apply_overrides(raw, [*getattr(args, "overrides", []), *pairs, *((k, None) for k in stray)],
+                                     schema), schema)
+    except UnknownKeysError as error:
+        return error
+    except ConfigError:  # a bad value, an alias given twice, ...: the unknown options come first
+        pass
+    return unknown_keys_error([UnknownKey(key, tuple(schema.keys())) for key in stray], aliases=schema.spellings())
 
 
 def config_from_args(args: argparse.Namespace, schema: Schema | None = None) -> tuple[RunConfig, Path]:
@@ -158,8 +200,11 @@ def config_from_args(args: argparse.Namespace, schema: Schema | None = None) -> 
     None when neither the file nor the overrides set it (the caller derives one).
     """
     schema = schema or default_schema()
+    stray = [_option_key(word) for word in getattr(args, "extra", []) if word.startswith("-")]
+    if stray:
+        raise _unknown_options_error(args, stray, schema)
     config, words = split_words(getattr(args, "words", []), getattr(args, "extra", []), schema)
     overrides = [*getattr(args, "overrides", []), *words]
     _check_duplicates(overrides)
-    source = config_source(config)
-    return build_config(apply_overrides(read_yaml(source), overrides), schema), source
+    source = config_source(config, resume=getattr(args, "resume", False))
+    return build_config(apply_overrides(read_yaml(source), overrides, schema), schema), source

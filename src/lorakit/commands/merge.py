@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lorakit.commands.inputs import adapter_base
 from lorakit.errors import LorakitError
+from lorakit.permissions import share_tree
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,7 @@ def merge_to_folder(adapter: str | Path, out: str | Path, model_name: str | None
         print(f"note: no tokenizer saved ({error})")
     else:
         tokenizer.save_pretrained(out)
+    share_tree(out)  # safetensors writes 0600: the user's umask instead
     return out
 
 

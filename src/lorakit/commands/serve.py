@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 
 from lorakit.commands.compare import parse_adapters
 from lorakit.errors import LorakitError
@@ -21,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an adapter to serve under NAME (repeatable; NAME defaults to the folder's name)")
     parser.add_argument("--base-name", default="base", help="the request `model` value for the plain base model")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port; the line "
+                        "'serving ... on http://HOST:PORT/v1' says which)")
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
                         help="require this bearer key (default: $LORAKIT_API_KEY); also enables the admin endpoints")
     parser.add_argument("--context-length", type=int, default=None,
@@ -45,10 +48,34 @@ def context_length(model, override: int | None) -> int:
     return 2048
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), bound as uvicorn binds one; an address that is taken or cannot be
+    bound is one LorakitError. `run` binds before the model loads, so a taken port costs no loading time, and
+    says it serves only once the address is its own."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a server just stopped (TIME_WAIT) is no obstacle
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        hint = "; another server is using it: choose another with --port" if error.errno == errno.EADDRINUSE else ""
+        raise LorakitError(f"cannot serve on {host}:{port}: {error.strerror or error}{hint}") from None
+    sock.listen(2048)  # uvicorn's backlog: connections queue from now on, while the model loads
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the model and adapters, then serve until Ctrl-C."""
+    """Bind the address, load the model and adapters, then serve until Ctrl-C."""
     require("fastapi", "serve", "lorakit serve")  # the server's routes are FastAPI's
     uvicorn = require("uvicorn", "serve", "lorakit serve")
+    with bind(args.host, args.port) as sock:
+        return serve(args, sock, uvicorn)
+
+
+def serve(args: argparse.Namespace, sock: socket.socket, uvicorn) -> int:
+    """Load the model and adapters, then serve on the bound `sock` until Ctrl-C."""
     from lorakit.adapters.multi import add_adapter
     from lorakit.data.prompting import read_record
     from lorakit.infer.api import ServerConfig
@@ -70,13 +97,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = ServerConfig(base_name=args.base_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                        context_length=context_length(model, args.context_length), window_ms=args.batch_window_ms,
                        max_batch=args.max_batch)
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {args.model} as {cfg.base_name!r} with adapters {list(parse_adapters(args.adapter))} "
-          f"on http://{args.host}:{args.port}/v1", flush=True)
+          f"on http://{host}:{sock.getsockname()[1]}/v1", flush=True)  # the address is bound: this is true
     request_log = logging.getLogger("lorakit.serve")  # one line per request (infer/server.py)
     request_log.setLevel(logging.INFO)
     if not request_log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         request_log.addHandler(handler)
-    uvicorn.run(create_app(model, tokenizer, cfg, formats), host=args.host, port=args.port, log_level="warning")
+    config = uvicorn.Config(create_app(model, tokenizer, cfg, formats), log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

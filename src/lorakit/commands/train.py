@@ -16,6 +16,8 @@ examples:
   lorakit train configs/bloomz-awesome-prompts.yaml --train.lr 3e-4 --method.r 8
   lorakit train my.yaml data.source=rows.jsonl method=full   # switch method, drop the file's method keys
   lorakit train runs/my --resume                  # continue a run from its latest checkpoint
+  lorakit train runs/my --resume --train.epochs 3 # extend it (the lr schedule becomes a 3-epoch run's)
+  lorakit train my.yaml --learning_rate 3e-4 --lora_r 8   # names from transformers/peft/TRL/axolotl work too
   lorakit train my.yaml --nproc 2                 # 2 processes on this machine (torchrun, DDP/FSDP2)
 """
 
@@ -26,10 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         Fine-tune a causal LM from a YAML config. Every config field below can be overridden
         as --section.key VALUE or section.key=VALUE; lists and mappings take YAML text,
         e.g. --method.targets '[q_proj, v_proj]' or data.columns='{prompt: act}'.
-        method=NAME (or --method NAME) switches the method and drops the file's method keys.""")
+        method=NAME (or --method NAME) switches the method and drops the file's method keys.
+        The names transformers, peft, TRL, axolotl and torchtune use (learning_rate, num_train_epochs,
+        per_device_train_batch_size, lora_r, lora_alpha, target_modules, max_seq_length, ...) are
+        accepted as aliases, top-level or in their section, with a note naming lorakit's key.""")
     parser.epilog = EXAMPLES
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run folder's latest checkpoint (the config must match the run's)")
+                        help="continue the run folder's latest checkpoint, or start it again from step 0 when it "
+                             "stopped before its first (the config must match the run's, except train.epochs "
+                             "and train.max_steps: a longer or shorter run follows the lr schedule of its new "
+                             "length from the resumed step on)")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="train with N processes on this machine: re-launches this command through torchrun "
                              "(DDP for adapters, FSDP2 for method full; one GPU per process, or gloo on CPU)")

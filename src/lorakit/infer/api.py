@@ -56,14 +56,22 @@ class ServerConfig(Config):
 
 
 async def read_json(request: Request, cfg: ServerConfig) -> dict:
-    """The request body as a JSON object, or 413 / 400."""
+    """The request body as a JSON object, or 413 / 400.
+
+    The body is read as it streams in and reading stops at the first chunk past the limit, so a body
+    without a Content-Length (chunked) never holds more than the limit plus one chunk in memory."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
         raise APIError(413, f"request body of {declared} bytes is over the limit of {cfg.max_body_bytes}",
                        code="request_too_large")
-    body = await request.body()
-    if len(body) > cfg.max_body_bytes:
-        raise APIError(413, f"request body is over the limit of {cfg.max_body_bytes} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cfg.max_body_bytes:
+            raise APIError(413, f"request body is over the limit of {cfg.max_body_bytes} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

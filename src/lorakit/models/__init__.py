@@ -6,13 +6,19 @@ network. Weights are read with safetensors only, and remote code runs only when 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import struct
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import datasets
 import torch
+from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
@@ -96,12 +102,57 @@ def to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def _load_error(kind: str, name: str, local: bool, error: Exception) -> LorakitError:
+HUB_PROBE_TIMEOUT_S = 3.0  # a hub that has not answered a HEAD request by then is treated as offline
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub at `endpoint` cannot be reached (None when it answers, with any HTTP status).
+
+    One HEAD request with a short timeout, asked once per process: without it, an offline machine (or a
+    hub that accepts connections and never answers) costs a minute of retries per file before the same
+    error."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as error:  # URLError, timeouts, refused or unresolvable hosts
+        reason = getattr(error, "reason", error)
+        return f"the hub at {endpoint} did not answer within {HUB_PROBE_TIMEOUT_S:g} s ({reason})"
+    return None
+
+
+def _hub_files_only(local: bool) -> tuple[bool, str | None]:
+    """(local_files_only, why the hub is offline) for a load: a local folder, HF_HUB_OFFLINE, or an
+    unreachable hub reads only files on disk (the hub cache included), so a cached model still loads."""
+    if local or hub_constants.HF_HUB_OFFLINE:
+        return True, None
+    reason = hub_unreachable(hub_constants.ENDPOINT)
+    return reason is not None, reason
+
+
+@contextlib.contextmanager
+def _offline_hub(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode (HF_HUB_OFFLINE) while loading from an unreachable hub: transformers
+    does not pass local_files_only to every file it looks for (e.g. adapter_config.json)."""
+    if not offline:
+        yield
+        return
+    before = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+
+
+def _load_error(kind: str, name: str, local: bool, error: Exception, offline: str | None = None) -> LorakitError:
     if local:
         return LorakitError(f"could not load the {kind} from {name}: {error}")
+    cause = f"{offline}, and it is not in the local cache" if offline else str(error)
     return LorakitError(
         f"could not load the {kind} {name!r}: it is not a local folder, and loading it from the "
-        f"Hugging Face hub failed (no network, or no such repository?): {error}")
+        f"Hugging Face hub failed (no network, or no such repository?): {cause}")
 
 
 def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype | None = None,
@@ -110,13 +161,15 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype | None = No
     """Load a causal LM ("embedded", a local folder or a hub id) from safetensors weights."""
     where, local = resolve(name_or_path)
     torch_dtype = to_dtype(dtype)
+    files_only, offline = _hub_files_only(local)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch_dtype if torch_dtype is not None else "auto",
-            use_safetensors=True, local_files_only=local,
-            trust_remote_code=trust_remote_code, revision=revision)
+        with _offline_hub(offline is not None):
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch_dtype if torch_dtype is not None else "auto",
+                use_safetensors=True, local_files_only=files_only,
+                trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, EnvironmentError) as error:
-        raise _load_error("model", str(name_or_path), local, error) from error
+        raise _load_error("model", str(name_or_path), local, error, offline) from error
     if device is not None:
         model = model.to(device)
     return model
@@ -125,11 +178,13 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype | None = No
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, revision: str | None = None):
     """Load the tokenizer that belongs to a model ("embedded", a local folder or a hub id)."""
     where, local = resolve(name_or_path)
+    files_only, offline = _hub_files_only(local)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            where, local_files_only=local, trust_remote_code=trust_remote_code, revision=revision)
+        with _offline_hub(offline is not None):
+            tokenizer = AutoTokenizer.from_pretrained(
+                where, local_files_only=files_only, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, EnvironmentError) as error:
-        raise _load_error("tokenizer", str(name_or_path), local, error) from error
+        raise _load_error("tokenizer", str(name_or_path), local, error, offline) from error
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; it is never trained on
     return tokenizer

@@ -10,8 +10,11 @@ Layout of `run_dir/checkpoints/`:
     latest                         the name of the newest complete checkpoint ("step-N")
 
 A checkpoint is written into `step-N.tmp-XXXX` and renamed to `step-N` only when complete;
-`latest` is replaced with os.replace afterwards. A crash at any point leaves the previous
-checkpoint and pointer as they were.
+`latest` is replaced with os.replace afterwards; an old checkpoint is renamed to `step-N.old-XXXX`
+before it is deleted. So a `step-N` folder is always complete, and a kill at any point leaves the
+previous checkpoint, the pointer and a resumable run (`resolve_resume`). A write that fails (disk
+full, file too large) is one `CheckpointWriteError` naming the file and the checkpoint still intact.
+Files and folders get the permissions the umask asks for (`lorakit.permissions`).
 """
 from __future__ import annotations
 
@@ -27,12 +30,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.permissions import share
 
 LATEST = "latest"
+FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^step-\d+\.(tmp|old)-")
 
@@ -140,6 +146,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]
 
 # ---- files ---------------------------------------------------------------------------------
 
+class CheckpointWriteError(LorakitError):
+    """A checkpoint that could not be written (disk full, file too large, ...); the previous one is intact."""
+
+
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value))
 
@@ -152,31 +162,74 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _reason(error: BaseException) -> str:
+    """An OS error's own words ("No space left on device", "File too large")."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error)  # safetensors: "Error while serializing: I/O error: File too large (os error 27)"
+    return re.sub(r" \(os error \d+\)$", "", text.rpartition("I/O error: ")[2] or text)
+
+
+class _FileFailed(Exception):
+    """Which checkpoint file the disk refused, and its error."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        super().__init__(name)
+        self.name, self.error = name, error
+
+
 def _write_files(folder: Path, ckpt: Checkpoint) -> None:
-    save_file(ckpt.weights, str(folder / "trainable.safetensors"))
-    save_file(ckpt.optimizer_tensors, str(folder / "optimizer.safetensors"))
-    _write_json(folder / "optimizer.json", ckpt.optimizer_meta)
-    save_file(ckpt.rng_tensors, str(folder / "rng.safetensors"))
-    _write_json(folder / "state.json", ckpt.state)
-    for path in folder.iterdir():
-        _fsync(path)
+    """The checkpoint's files in `folder`, each synced to disk; _FileFailed names the one that failed."""
+    writers = {
+        "trainable.safetensors": lambda path: save_file(ckpt.weights, str(path)),
+        "optimizer.safetensors": lambda path: save_file(ckpt.optimizer_tensors, str(path)),
+        "optimizer.json": lambda path: _write_json(path, ckpt.optimizer_meta),
+        "rng.safetensors": lambda path: save_file(ckpt.rng_tensors, str(path)),
+        "state.json": lambda path: _write_json(path, ckpt.state),
+    }
+    for name, write in writers.items():
+        try:
+            write(folder / name)
+            _fsync(folder / name)
+        except (OSError, SafetensorError) as error:
+            raise _FileFailed(name, error) from error
+    share(folder, *(folder / name for name in writers))  # mkdtemp and save_file make 0700/0600
+
+
+def _write_failed(root: Path, step: int, name: str, error: BaseException) -> CheckpointWriteError:
+    intact = read_pointer(root)
+    kept = (f"the previous checkpoint {intact} is intact (continue from it with --resume once there is room)"
+            if intact is not None and complete(intact) else "no earlier checkpoint exists")
+    return CheckpointWriteError(f"could not write checkpoint {root / f'step-{step}'}: {name}: {_reason(error)}; "
+                                f"{kept}")
 
 
 def write_checkpoint(root: Path, step: int, ckpt: Checkpoint, keep: int = 0) -> Path:
-    """Write `ckpt` as root/step-<step> atomically, point `latest` at it, prune to `keep` newest."""
+    """Write `ckpt` as root/step-<step> atomically, point `latest` at it, prune to `keep` newest.
+
+    Raises CheckpointWriteError when the disk refuses a file; nothing of the new checkpoint stays."""
     root.mkdir(parents=True, exist_ok=True)
     remove_leftovers(root)
     final = root / f"step-{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f"step-{step}.tmp-", dir=root))
     try:
-        _write_files(staging, ckpt)
+        staging = Path(tempfile.mkdtemp(prefix=f"step-{step}.tmp-", dir=root))
+    except OSError as error:
+        raise _write_failed(root, step, "its folder", error) from error
+    try:
+        try:
+            _write_files(staging, ckpt)
+        except _FileFailed as failed:
+            raise _write_failed(root, step, failed.name, failed.error) from failed.error
         if final.exists():  # a re-run of the same step after resuming from an older checkpoint
             final.rename(Path(tempfile.mkdtemp(prefix=f"step-{step}.old-", dir=root)) / "old")
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _write_pointer(root, final.name)
+    try:
+        _write_pointer(root, final.name)
+    except OSError as error:
+        raise _write_failed(root, step, LATEST, error) from error
     prune(root, keep)
     remove_leftovers(root)
     return final
@@ -184,11 +237,16 @@ def write_checkpoint(root: Path, step: int, ckpt: Checkpoint, keep: int = 0) -> 
 
 def _write_pointer(root: Path, name: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f"{LATEST}.tmp-", dir=root)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(name + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, root / LATEST)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(name + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        share(tmp)  # mkstemp makes 0600
+        os.replace(tmp, root / LATEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -199,21 +257,33 @@ def step_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def complete(folder: Path) -> bool:
+    """Whether `folder` holds every file of a checkpoint."""
+    return all((folder / name).is_file() for name in FILES)
+
+
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints (0 keeps all); never the one `latest` names."""
+    """Delete all but the `keep` newest checkpoints (0 keeps all); never the one `latest` names.
+
+    Each is renamed to a leftover name first, so a kill mid-delete leaves no partial `step-N`."""
     if keep <= 0:
         return
     latest = read_pointer(root)
     for path in step_dirs(root)[:-keep]:
         if path != latest:
-            shutil.rmtree(path)
+            doomed = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=root)) / "old"
+            path.rename(doomed)
+            shutil.rmtree(doomed.parent)
 
 
 def remove_leftovers(root: Path) -> None:
-    """Delete half-written (step-N.tmp-*) and replaced (step-N.old-*) folders of earlier crashes."""
+    """Delete half-written (step-N.tmp-*) and replaced (step-N.old-*) folders and pointer files of
+    earlier crashes."""
     for path in root.iterdir():
         if _LEFTOVER.match(path.name):
             shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(f"{LATEST}.tmp-"):
+            path.unlink(missing_ok=True)
 
 
 def read_pointer(root: Path) -> Path | None:
@@ -237,20 +307,44 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     )
 
 
-def resolve_resume(run_dir: Path, resume: bool | str | Path) -> Path | None:
-    """The checkpoint folder to resume from: None (fresh), True (run_dir's latest) or a path.
+def newest(root: Path) -> Path | None:
+    """The checkpoint to continue under a checkpoints folder `root`: the one `latest` names, else (a kill
+    between a checkpoint's rename and its pointer, or a lost pointer) the newest complete step-N folder."""
+    named = read_pointer(root)
+    if named is not None and complete(named):
+        return named
+    done = [folder for folder in step_dirs(root) if complete(folder)]
+    return done[-1] if done else None
 
-    A path may name a step-N folder, a checkpoints folder, or a run folder.
+
+_ATOMIC_LEFTOVER = re.compile(r"^\..+\.tmp-")  # what a kill mid-write leaves of a file written atomically
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds anything of a run, so a fresh run must not start there: absent, empty, or
+    holding only the temporary file of a config.yaml whose atomic write was killed, it does not."""
+    return run_dir.is_dir() and any(not _ATOMIC_LEFTOVER.match(path.name) for path in run_dir.iterdir())
+
+
+def resolve_resume(run_dir: Path, resume: bool | str | Path) -> Path | None:
+    """The checkpoint folder to resume from: None (fresh), True (run_dir's newest) or a path.
+
+    A path may name a step-N folder, a checkpoints folder, or a run folder. With True, a run that
+    stopped before its first checkpoint was complete has nothing to continue: None (the caller starts
+    again from step 0 and says so). A path that holds no checkpoint is an error.
     """
     if resume is False or resume is None:
         return None
     start = run_dir if resume is True else Path(resume)
+    if resume is not True and not start.exists():
+        raise LorakitError(f"resume: {start} does not exist")
+    if complete(start):
+        return start
     for root in (start, start / "checkpoints"):
-        if (root / "state.json").is_file():
-            return root
-        latest = read_pointer(root)
-        if latest is not None:
-            if not (latest / "state.json").is_file():
-                raise LorakitError(f"resume: {root / LATEST} names {latest.name}, which is missing or incomplete")
-            return latest
-    raise LorakitError(f"resume: no checkpoint found in {start} (looked for state.json and checkpoints/latest)")
+        found = newest(root)
+        if found is not None:
+            return found
+    if resume is True:
+        return None
+    raise LorakitError(f"resume: no checkpoint found in {start} (looked for a step-N folder, checkpoints/latest "
+                       "and checkpoints/step-N)")

@@ -74,7 +74,13 @@ class TrainConfig(Config):
         0, "Validation loss every N optimizer steps (and always after the last step); 0 means only after the "
            "last step.", ge=0)
     save_every: int = setting(
-        0, "Write a resumable checkpoint every N optimizer steps; 0 disables checkpoints.", ge=0)
+        0, "Also write a resumable checkpoint every N optimizer steps; 0: by time only (save_every_minutes).", ge=0)
+    save_every_minutes: float = setting(
+        10.0, "Write a resumable checkpoint once this many minutes of training have passed since the last one, so "
+              "a killed run loses at most this much (the interval stretches to 20x the last write's duration, so "
+              "writing never takes over 5% of the run); 0 disables. A run that has written any checkpoint also "
+              "writes one after its last step, so it can be extended (--resume --train.epochs N); a run shorter "
+              "than the interval writes none.", ge=0)
     keep_checkpoints: int = setting(
         2, "Newest checkpoints kept under run_dir/checkpoints; 0 keeps them all.", ge=0)
     seed: int = setting(0, "Seed for python, numpy and torch random number generators.")
@@ -106,6 +112,12 @@ class TrainConfig(Config):
         if self.warmup_steps:
             return min(self.warmup_steps, total_steps)
         return min(int(round(self.warmup_ratio * total_steps)), total_steps)
+
+
+# fields a resumed run may change: they change when the run stops and how it is checkpointed or shown, never
+# the arithmetic of the steps it shares with the run it continues (the schedule rule: train/loop.py `_Trainer.load`)
+RESUMABLE_CHANGES = ("epochs", "max_steps", "save_every", "save_every_minutes", "keep_checkpoints", "progress",
+                     "distributed", "dist_timeout_s")
 
 
 def field_help() -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,8 @@ class LoopState:
     best_eval_loss: float | None = None
     best_eval_step: int | None = None
     total_steps: int = 0
+    batches_per_step: int = 0  # micro-batches of one optimizer step over all ranks (grad_accum x world)
+    epoch_batches: list[int] = field(default_factory=list)  # micro-batches of each planned epoch
 
 
 def plan_steps(cfg: TrainConfig, train_batches: Callable[[int], list[Batch]], world: int = 1
@@ -85,13 +87,15 @@ def train(
 
     train_batches(epoch) returns that epoch's micro-batches (dicts with input_ids, labels already
     shifted with -100 where untrained, attention_mask, ...), deterministic per epoch. `resume` is
-    False (fresh run), True (continue from run_dir's latest checkpoint) or a checkpoint path.
-    `on_checkpoint(folder)` is called after each checkpoint is complete.
+    False (fresh run), True (continue from run_dir's latest checkpoint; when the run stopped before its
+    first one, start again from step 0 and say so) or a checkpoint path. A resumed run may change its
+    length (cfg.epochs, cfg.max_steps; see `_Trainer._check_length`). `on_checkpoint(folder)` is called
+    after each checkpoint is complete.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     source = ckpt.resolve_resume(run_dir, resume)
-    if source is None and ckpt.step_dirs(run_dir / "checkpoints"):
+    if source is None and not resume and ckpt.step_dirs(run_dir / "checkpoints"):
         raise LorakitError(f"{run_dir} already holds checkpoints: pass resume to continue that run, "
                            "or choose a new run folder")
     seed_everything(cfg.seed)
@@ -101,9 +105,13 @@ def train(
         call = parallel.wrap(model, call)
         trainer = _Trainer(model, call, cfg, train_batches, eval_batches, run_dir, total_steps, on_checkpoint,
                            parallel)
+        trainer.state.epoch_batches = per_epoch
         try:
             if source is not None:
                 trainer.load(source)
+            elif resume:
+                trainer.notes.append(f"resume: {run_dir} holds no complete checkpoint (the run stopped before its "
+                                     "first one was written): training starts again from step 0")
             trainer.run(per_epoch, first_epoch)
         except RuntimeError as error:
             if parallel.world == 1:
@@ -129,7 +137,7 @@ class _Trainer:
         self.optimizer = build_optimizer(self.named, cfg)
         device = self.params[0].device
         self.model_loss = make_loss_sum(call, device, PRECISIONS[cfg.precision], chunked=cfg.chunked_loss)
-        self.state = LoopState(total_steps=total_steps)
+        self.state = LoopState(total_steps=total_steps, batches_per_step=cfg.grad_accum * self.parallel.world)
         # ranks must agree on every split, so out-of-memory halving is a single-process feature
         self.halving = Halving(enabled=cfg.auto_batch_halving and self.parallel.world == 1)
         self.warmup = cfg.resolve_warmup(total_steps)
@@ -139,21 +147,50 @@ class _Trainer:
         self.started = time.perf_counter()
         self.metrics: MetricsLog | None = None
         self.progress: Progress | None = None
+        self.notes: list[str] = []  # shown once the progress display exists
+        self.checkpointed = False  # whether this run has a checkpoint (written, or resumed from)
+        self.last_save = self.started  # clock of the last checkpoint (time-based checkpoints count from it)
+        self.save_interval_s = cfg.save_every_minutes * 60.0
 
     # ---- resume ------------------------------------------------------------------------
     def load(self, folder: Path) -> None:
         """Continue from checkpoint `folder`: weights, optimizer, RNG, data position, counters."""
         saved = ckpt.read_checkpoint(folder)
         state = LoopState(**saved.state["loop"])
-        if state.total_steps != self.state.total_steps:
-            raise LorakitError(f"resume: {folder} belongs to a run of {state.total_steps} steps, this config "
-                               f"plans {self.state.total_steps} (epochs, max_steps, grad_accum or data changed)")
+        self._check_length(state, folder)
         self.parallel.load(self.model, self.optimizer, self.names, saved, folder)
         ckpt.restore_rng(saved.state["rng"], saved.rng_tensors)
-        self.state = state
+        state.total_steps, state.epoch_batches = self.state.total_steps, self.state.epoch_batches
+        state.batches_per_step = self.state.batches_per_step
+        self.state, self.checkpointed = state, True
         self.halving.parts = self.state.halving_parts
         self.pending_loss.fill_(self.state.pending_loss_sum if self.parallel.is_main else 0.0)  # summed on rank 0
         self.pending_trained.fill_(self.state.pending_trained)
+
+    def _check_length(self, saved: LoopState, folder: Path) -> None:
+        """A resumed run may change its length (epochs, max_steps), not its steps: the same micro-batches per
+        step and per epoch. The learning-rate schedule is then that of a run planned with the new length from
+        the start (schedules are functions of step and total), followed from the resumed step on."""
+        old, new, step = saved.total_steps, self.state.total_steps, saved.step
+        if old == new:
+            return
+        if not saved.epoch_batches:
+            raise LorakitError(f"resume: {folder} belongs to a run of {old} steps, this config plans {new}; a "
+                               "checkpoint written before lorakit recorded a run's plan resumes with its own length")
+        shared = min(len(saved.epoch_batches), len(self.state.epoch_batches))
+        if (saved.batches_per_step != self.state.batches_per_step
+                or saved.epoch_batches[:shared] != self.state.epoch_batches[:shared]):
+            raise LorakitError(f"resume: {folder} belongs to a run of {old} steps, this config plans {new}, and "
+                               "its steps differ (grad_accum, micro_batch_size or the data changed); only "
+                               "epochs and max_steps may change")
+        if step > new:
+            raise LorakitError(f"resume: {folder} is at step {step}, past the {new} steps this config plans "
+                               f"(epochs {self.cfg.epochs}, max_steps {self.cfg.max_steps})")
+        schedule = self.cfg.schedule
+        before = lr_factor(step, old, self.cfg.resolve_warmup(old), schedule) * self.cfg.lr
+        after = lr_factor(step, new, self.warmup, schedule) * self.cfg.lr
+        self.notes.append(f"resume: the run's length changes from {old} to {new} steps; from step {step + 1} on it "
+                          f"follows the {schedule} schedule of a {new}-step run (lr {before:.3g} -> {after:.3g})")
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, per_epoch: list[int], first_epoch: list[Batch]) -> None:
@@ -163,6 +200,8 @@ class _Trainer:
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE, resume_step=resume_step) if main else \
             distributed.MemoryLog()
         self.progress = make_progress(self.cfg.progress if main else "none", self.state.total_steps, self.state.step)
+        for note in self.notes:
+            self.progress.message(note)
         try:
             while self.state.step < self.state.total_steps:
                 epoch = self.state.epoch
@@ -222,7 +261,7 @@ class _Trainer:
             eval_loss = self._evaluate()
         if last or eval_loss is not None or step % self.cfg.log_every == 0:
             self._record(lr, epoch, eval_loss)
-        if self.cfg.save_every and step % self.cfg.save_every == 0:
+        if self._checkpoint_due(last):
             self._save()
 
     def _evaluate(self) -> float:
@@ -265,7 +304,23 @@ class _Trainer:
         state.pending_inputs, state.elapsed_at_record = 0, now
 
     # ---- checkpoints -----------------------------------------------------------------------
+    def _checkpoint_due(self, last: bool) -> bool:
+        """Every save_every steps; after the last step when the run has a checkpoint (so it can be extended
+        from its end; a run without one writes its outputs next); and every save_every_minutes."""
+        cfg, step = self.cfg, self.state.step
+        if cfg.save_every and step % cfg.save_every == 0:
+            return True
+        if last or not cfg.save_every_minutes:
+            return last and self.checkpointed
+        if self.parallel.world == 1:
+            return time.perf_counter() - self.last_save >= self.save_interval_s
+        if step % cfg.log_every:  # ranks agree on rank 0's clock, at logging steps (the host syncs there anyway)
+            return False
+        due = self.parallel.is_main and time.perf_counter() - self.last_save >= self.save_interval_s
+        return bool(self.parallel.total(torch.tensor(float(due), device=self.pending_loss.device)).item())
+
     def _save(self) -> None:
+        started = time.perf_counter()
         state = self.state
         self.parallel.collect(self.pending_loss)
         state.pending_loss_sum = float(self.pending_loss.item())
@@ -284,6 +339,9 @@ class _Trainer:
             folder = ckpt.write_checkpoint(folder.parent, state.step, checkpoint, keep=self.cfg.keep_checkpoints)
             self.progress.message(f"step {state.step}: checkpoint {folder}")
         self.parallel.barrier()  # no rank runs ahead of a checkpoint being written
+        self.checkpointed, self.last_save = True, time.perf_counter()
+        # writing stays under 5% of the time: a slow disk or a large model stretches the time-based interval
+        self.save_interval_s = max(self.cfg.save_every_minutes * 60.0, 20 * (self.last_save - started))
         if self.on_checkpoint is not None:
             self.on_checkpoint(folder)
 
