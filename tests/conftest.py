@@ -6,11 +6,21 @@ Import them with `from conftest import tiny_llama`; keyword overrides go to the 
 """
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 from train_fixtures import TEST_THREADS
 from transformers import (BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
+
+# Every auto setting takes its conservative value (fp32, unpacked, not compiled) for the whole suite, child
+# processes included: the tests' numbers do not depend on the machine (lorakit/train/auto.py). The rules
+# themselves are tested in test_auto_defaults.py, which lifts this where it needs to.
+os.environ["LORAKIT_AUTO"] = "off"
+# tokenized-data cache (data/cache.py): one fresh folder per test session, never the user's ~/.cache
+os.environ["LORAKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-test-cache-")
 
 VOCAB = 128  # every tiny model shares this vocabulary size
 

@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -25,15 +26,19 @@ from lorakit.adapters import apply, parameter_report, save_adapter
 from lorakit.adapters.param_lora import experts_note
 from lorakit.config import (RESUME_FREE_KEYS, RunConfig, apply_overrides, build_config, config_to_dict, find_recipe, method_name,
                             read_yaml, save_config)
-from lorakit.data import check_packing, load_rows, make_batches, preview_example, tokenize_rows
+from lorakit.data import check_packing, load_rows, make_batches, preview_example
+from lorakit.data.cache import cached_tokenize
+from lorakit.data.packing import pack_each_batch
 from lorakit.data.prompting import PromptFormat, RunRecord, special_tokens
 from lorakit.data.tokenize import resolve_format, truncation_warnings
 from lorakit.errors import ConfigError, DataError
 from lorakit.models import (EMBEDDED_DATASETS, fingerprint, load_model, load_tokenizer, portable_name,
                             quiet_progress_bars)
 from lorakit.train import distributed, train
+from lorakit.train.auto import resolve_packing
 from lorakit.train.base_dropout import describe
 from lorakit.train.checkpoint import CheckpointWriteError, holds_a_run, read_pointer
+from lorakit.train.config import AUTO
 from lorakit.train.metrics import METRICS_FILE, read_metrics
 from lorakit.train.setup import seed_everything
 
@@ -41,6 +46,7 @@ CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.md"
 
 Log = Callable[[str], None]
+Layout = Callable[..., Any]  # make_batches' signature without `pack`: examples -> an epoch's micro-batches
 
 
 @dataclass
@@ -110,8 +116,12 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> Path:
 
 
 def pick_device(device: str | None) -> str:
-    """The configured device, or cuda when available, else cpu."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The configured device, else the first available of cuda, mps (Apple GPUs) and cpu."""
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def run_tokenizer(cfg: RunConfig) -> Any:
@@ -157,10 +167,10 @@ def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list,
     """(train examples, validation examples, train stats, the prompt format), after the pre-flight preview."""
     train_rows, val_rows = load_rows(resolve_embedded_data(cfg.data))
     prompt = PromptFormat.of_run(cfg.data, resolve_format(train_rows, cfg.data).name, tokenizer)
-    train_examples, stats = tokenize_rows(train_rows, tokenizer, cfg.data)
+    train_examples, stats = cached_tokenize(train_rows, tokenizer, cfg.data, log=log)
     if not train_examples:
         raise DataError(f"no training examples are left after tokenization ({stats_line(stats)})")
-    val_examples, val_stats = tokenize_rows(val_rows, tokenizer, cfg.data)
+    val_examples, val_stats = cached_tokenize(val_rows, tokenizer, cfg.data, log=log)
     log("pre-flight: one training example, trained tokens in [[...]]:")
     log(preview_example(train_examples[0], tokenizer))
     log(f"data: {stats_line(stats)}; {len(val_examples)} validation examples")
@@ -176,27 +186,52 @@ def record_run(folder: Path, cfg: RunConfig, prompt: PromptFormat, tokenizer: An
                      special_tokens(tokenizer)).write(folder)
 
 
-def batch_maker(examples: list, cfg: RunConfig, pad_id: int) -> Callable[[int], list[dict]]:
+def packing_effect(examples: list, cfg: RunConfig) -> str:
+    """What packing each micro-batch saves over padding it: computed positions in epoch 0."""
+    def positions(layout: Layout) -> int:  # rows are padded to their micro-batch's longest
+        batches = layout(examples, cfg.train.micro_batch_size, max_length=cfg.data.max_length, pad_id=0,
+                         seed=cfg.train.seed, epoch=0)
+        return sum(len(rows) * max(rows) for rows in batches.row_lengths())
+
+    return (f"each micro-batch keeps its {cfg.train.micro_batch_size} examples, packed: "
+            f"{positions(pack_each_batch):,} positions an epoch instead of "
+            f"{positions(functools.partial(make_batches, pack=False)):,} padded")
+
+
+def resolve_run_packing(cfg: RunConfig, model: Any, examples: list, log: Log) -> Layout:
+    """How the run lays out its micro-batches: padded; packed rows (data.packing true, checked by the leak
+    probe: an error when it fails); or, for auto where the probe passes, the unpacked micro-batches each
+    packed (`pack_each_batch`: the same steps as unpacked, without the padding). auto's line is logged."""
+    if cfg.data.packing is True:
+        check_packing(model, max_length=cfg.data.max_length)
+        return functools.partial(make_batches, pack=True)
+    choice = resolve_packing(cfg.data.packing, model, cfg.data.max_length,  # prompt tuning: the probe refuses it
+                             effect=packing_effect(examples, cfg) if cfg.data.packing == AUTO else "")
+    if choice.line:
+        log(choice.line)
+    return pack_each_batch if choice.value else functools.partial(make_batches, pack=False)
+
+
+def batch_maker(examples: list, cfg: RunConfig, pad_id: int, layout: Layout) -> Callable[[int], list[dict]]:
     """train_batches(epoch) for the loop; the latest epoch's batches are kept, not rebuilt."""
     memo: dict[int, list[dict]] = {}
 
     def train_batches(epoch: int) -> list[dict]:
         if epoch not in memo:
             memo.clear()
-            memo[epoch] = make_batches(examples, cfg.train.micro_batch_size, pack=cfg.data.packing,
-                                       max_length=cfg.data.max_length, pad_id=pad_id,
-                                       seed=cfg.train.seed, epoch=epoch)
+            memo[epoch] = layout(examples, cfg.train.micro_batch_size, max_length=cfg.data.max_length,
+                                 pad_id=pad_id, seed=cfg.train.seed, epoch=epoch)
         return memo[epoch]
 
     return train_batches
 
 
-def eval_batches_of(examples: list, cfg: RunConfig, pad_id: int) -> list[dict] | None:
+def eval_batches_of(examples: list, cfg: RunConfig, pad_id: int, layout: Layout) -> list[dict] | None:
     """Validation batches in a fixed order (None when there are no validation examples)."""
     if not examples:
         return None
-    return make_batches(examples, cfg.train.micro_batch_size, pack=cfg.data.packing, max_length=cfg.data.max_length,
-                        pad_id=pad_id, seed=cfg.train.seed, epoch=0, shuffle=False)
+    return layout(examples, cfg.train.micro_batch_size, max_length=cfg.data.max_length, pad_id=pad_id,
+                  seed=cfg.train.seed, epoch=0, shuffle=False)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -214,8 +249,9 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def write_report(result: RunResult, cfg: RunConfig, wall_s: float) -> Path:
-    """report.md: what trained, how fast, how well, and where the outputs are."""
+def write_report(result: RunResult, cfg: RunConfig, wall_s: float, choices: Sequence[str] = ()) -> Path:
+    """report.md: what trained, how fast, how well, and where the outputs are; `choices`: the lines of the
+    settings auto chose."""
     s, stats = result.summary, result.data_stats
     share = 100.0 * s.trainable_params / max(1, s.total_params)
     eval_line = (f"{_fmt(s.best_eval_loss)} (step {s.best_eval_step})" if s.best_eval_loss is not None
@@ -231,6 +267,7 @@ def write_report(result: RunResult, cfg: RunConfig, wall_s: float) -> Path:
         f"{s.tokens_per_s:,.0f} tokens/s",
         f"- final training loss: {_fmt(s.final_loss)}; best eval loss: {eval_line}",
         f"- output: `{result.output.name}/`" + (f" (resumed from `{s.resumed_from}`)" if s.resumed_from else ""),
+        *(f"- {line}" for line in choices),
         "",
         "![loss curve](loss_curve.png)",
         "",
@@ -250,17 +287,26 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     run_dir = check_run_dir(cfg, resume) if main else cfg.run_dir
     tokenizer = run_tokenizer(cfg)  # data first (read, templated, tokenized): a data mistake costs seconds,
     train_examples, val_examples, stats, prompt = tokenize_data(cfg, tokenizer, log)  # not a model load
+    data_ready = time.perf_counter()
     model, tokenizer = load_adapted_model(cfg, log, tokenizer)
-    if cfg.data.packing:
-        check_packing(model, max_length=cfg.data.max_length)
+    model_ready = time.perf_counter()
+    choices: list[str] = []  # the lines of the settings auto chose, for the log and report.md
+
+    def say(line: str) -> None:
+        choices.append(line)
+        log(line)
+
+    layout = resolve_run_packing(cfg, model, train_examples, say)  # config.yaml keeps data.packing as given
     pad_id = pad_id_of(tokenizer)
-    train_batches = batch_maker(train_examples, cfg, pad_id)
-    eval_batches = eval_batches_of(val_examples, cfg, pad_id)
+    train_batches = batch_maker(train_examples, cfg, pad_id, layout)
+    eval_batches = eval_batches_of(val_examples, cfg, pad_id, layout)
     if main:
         save_config(cfg, run_dir / CONFIG_FILE)  # only now: a run that fails to start leaves no folder
     log(f"run folder: {run_dir}")
+    log(f"time to first step: {time.perf_counter() - started:.1f} s (data {data_ready - started:.1f} s, model "
+        f"{model_ready - data_ready:.1f} s; compiling, when on, comes with the first steps)")
     summary = train(model, cfg.train, train_batches=train_batches, eval_batches=eval_batches,
-                    run_dir=run_dir, resume=resume)
+                    run_dir=run_dir, resume=resume, log=say)
     state = distributed.gathered_weights(model)  # None unless FSDP2 sharded it (then method full)
     output = run_dir / cfg.method.output  # "adapter", or "model" for full fine-tuning
     if main:
@@ -274,7 +320,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     result = RunResult(run_dir=run_dir, output=output, model=model, tokenizer=tokenizer, summary=summary,
                        data_stats=stats, report=run_dir / REPORT_FILE)
     if main:
-        write_report(result, cfg, time.perf_counter() - started)
+        write_report(result, cfg, time.perf_counter() - started, choices)
     return result
 
 

@@ -71,7 +71,8 @@ def measure(job: dict) -> dict:
     peaks: list[int] = []
     handle = register_optimizer_step_post_hook(lambda *args: peaks.append(_status_kb("VmHWM")))
     cfg = TrainConfig(lr=1e-4, max_steps=job["steps"], micro_batch_size=job["batch_size"], progress="none",
-                      gradient_checkpointing=job.get("gradient_checkpointing", False), schedule="constant")
+                      gradient_checkpointing=job.get("gradient_checkpointing", False), schedule="constant",
+                      precision="fp32", compile=False)  # what the calculator's fp32 estimate assumes, on any CPU
     with tempfile.TemporaryDirectory() as run_dir:
         train(model, cfg, train_batches=lambda epoch: batches, run_dir=Path(run_dir))
     handle.remove()

@@ -80,9 +80,14 @@ class DataConfig(Config):
         False, "Train on every token, prompts included (turns the output-only loss mask off).")
     skip_bad_rows: bool = setting(
         False, "Skip (and count) rows that do not fit the format instead of failing on the first one.")
-    packing: bool = setting(
-        False, "Pack several examples into each row of `max_length` tokens, each example attending "
-               "only to itself (block-diagonal causal mask, restarted position ids).")
+    packing: bool | Literal["auto"] = setting(
+        "auto", "Pack examples into rows of at most `max_length` tokens, each example attending only to itself "
+                "(block-diagonal causal mask, restarted position ids). true: the whole epoch packed best-fit, "
+                "micro_batch_size rows per micro-batch (fewer, fuller steps), after a leak probe on the model (an "
+                "error if it fails). auto (the default): where the leak probe shows the model exact at "
+                "`max_length`, each micro-batch keeps the examples it has unpacked (the same steps) and packs "
+                "them into rows instead of padding them; else unpacked, with a one-line note (always for prompt "
+                "tuning and under LORAKIT_AUTO=off). false: padded. The run prints what auto chose.")
     cache_dir: str | None = setting(
         None, "Cache folder for Hugging Face datasets (default: the datasets library's own).")
 

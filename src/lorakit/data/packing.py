@@ -1,6 +1,8 @@
-"""Packed rows on a model: the leak probe (`check_packing`) and BLOOM's ALiBi per example.
+"""Packed rows on a model: the leak probe (`packing_problem`, `check_packing`) and BLOOM's ALiBi per example.
 
-(Packing itself, best-fit rows and the block-diagonal causal mask, is layout: data/batching.py.)
+(Packing itself, best-fit rows and the block-diagonal causal mask, is layout: data/batching.py. The one
+layout here, `pack_each_batch`, is what data.packing auto trains on: the unpacked micro-batches, each laid
+out as packed rows, so a run packs without changing which examples make a step.)
 
 Why a mask: restarted position_ids alone do not isolate packed examples. transformers 5.x
 derives a packed mask from position_ids only when no attention_mask and no cache is passed;
@@ -28,13 +30,15 @@ examples leak, so a transformers version that builds BLOOM's bias differently is
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from lorakit.data.batching import collate_packed
+from lorakit.data.batching import LazyBatches, collate_packed, epoch_order, pack_lengths
+from lorakit.data.tokenize import Example
 from lorakit.errors import DataError
 
 ALIBI_BUILDER = "build_alibi_tensor"  # BloomModel's method: (2D mask, num_heads, dtype) -> (B*H, 1, T) bias
@@ -105,6 +109,30 @@ def packed_forward(model: nn.Module) -> Iterator[str]:
                 setattr(module, ALIBI_BUILDER, before)
 
 
+def pack_each_batch(examples: list[Example], batch_size: int, *, max_length: int, pad_id: int, seed: int,
+                    epoch: int, shuffle: bool = True) -> LazyBatches:
+    """The micro-batches of `make_batches(..., pack=False)`, each laid out as packed rows (best-fit, rows of
+    at most `max_length` tokens) instead of padded ones.
+
+    Each micro-batch holds the same examples as unpacked, so a step's loss (summed over the same trained
+    tokens, normalised by their count) is the unpacked step's up to rounding, and a run keeps its number of
+    steps; only padding goes. `make_batches(pack=True)` packs the whole epoch instead: fewer, fuller
+    micro-batches (micro_batch_size then counts rows), a different run.
+    """
+    too_long = next((i for i, ex in enumerate(examples) if not 0 < len(ex["input_ids"]) <= max_length), None)
+    if too_long is not None:
+        raise DataError(f"example {too_long} has {len(examples[too_long]['input_ids'])} tokens; examples must have "
+                        f"1 to max_length={max_length} tokens (tokenize_rows truncates them)")
+    order = epoch_order(len(examples), seed, epoch, shuffle)
+    groups = []
+    for start in range(0, len(order), batch_size):
+        batch = [examples[i] for i in order[start:start + batch_size]]
+        rows = pack_lengths([len(ex["input_ids"]) for ex in batch], max_length)
+        groups.append([[batch[j] for j in row] for row in rows])
+    return LazyBatches(groups, lambda group: collate_packed(group, pad_id),
+                       lambda row: sum(len(ex["input_ids"]) for ex in row))
+
+
 def probe_inputs(vocab_size: int, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, slice]:
     """(one packed row of two random examples, the second example alone, its slice in the row): what
     the leak probe here and the per-example attention probe (train/varlen.py) compare."""
@@ -132,6 +160,26 @@ def sliding_window(config: Any) -> int | None:
 def check_packing(model: Any, max_length: int | None = None, tolerance: float | None = None) -> None:
     """Raise DataError unless packed batches are leak-free on `model` (inside `packed_forward`).
 
+    The probe is `packing_problem`'s; the error is its reason and what to set instead.
+    """
+    found = packing_problem(model, max_length, tolerance)
+    if found is not None:
+        raise DataError(f"{found.reason}; {found.remedy}") from found.error
+
+
+@dataclass(frozen=True)
+class PackingProblem:
+    """Why packed rows are not exact on a model, what to set instead, and what the model raised (if it did)."""
+
+    reason: str
+    remedy: str = "set data.packing: false"
+    error: Exception | None = None
+
+
+def packing_problem(model: Any, max_length: int | None = None, tolerance: float | None = None
+                    ) -> PackingProblem | None:
+    """Why packed rows are not exact on `model` (reason, remedy), or None when the leak probe passes.
+
     Runs one packed row of two random examples and compares the second example's logits with
     the same example run alone; any difference beyond rounding means attention or positions
     crossed the example boundary. Cheap: 11 tokens, no gradient; the model's mode is kept.
@@ -142,9 +190,9 @@ def check_packing(model: Any, max_length: int | None = None, tolerance: float | 
     window = sliding_window(model.config)
     longest = max_length or getattr(model.config, "max_position_embeddings", None)
     if window is not None and (longest is None or longest > window):
-        raise DataError(f"packing is not exact for model type {model_type!r}: it uses sliding-window attention "
-                        f"(window {window}) shorter than data.max_length ({longest}), which a packed row's mask "
-                        f"cannot express; set data.max_length <= {window} or data.packing: false")
+        return PackingProblem(f"packing is not exact for model type {model_type!r}: it uses sliding-window "
+                              f"attention (window {window}) shorter than data.max_length ({longest}), which a packed "
+                              "row's mask cannot express", f"set data.max_length <= {window} or data.packing: false")
     parameter = next(model.parameters())
     packed, alone, second = probe_inputs(model.get_input_embeddings().num_embeddings, parameter.device)
     was_training = model.training
@@ -156,8 +204,8 @@ def check_packing(model: Any, max_length: int | None = None, tolerance: float | 
                 packed_logits = model(**packed).logits[0, second].float()  # (n, V)
                 alone_logits = model(input_ids=alone).logits[0].float()  # (n, V)
         except Exception as error:
-            raise DataError(f"packing is not supported for model type {model_type!r}{how}: the model failed on a "
-                            f"packed batch ({type(error).__name__}: {error}); set data.packing: false") from error
+            return PackingProblem(f"packing is not supported for model type {model_type!r}{how}: the model failed "
+                                  f"on a packed batch ({type(error).__name__}: {error})", error=error)
         finally:
             model.train(was_training)
     if tolerance is None:
@@ -165,7 +213,7 @@ def check_packing(model: Any, max_length: int | None = None, tolerance: float | 
     scale = max(1.0, alone_logits.abs().max().item())
     difference = (packed_logits - alone_logits).abs().max().item()
     if difference > tolerance * scale:
-        raise DataError(f"packing is not leak-free for model type {model_type!r} (attention "
-                        f"implementation {getattr(model.config, '_attn_implementation', '?')!r}{how}): a packed "
-                        f"example's logits differ by {difference:.3g} from the example run alone; "
-                        "set data.packing: false")
+        return PackingProblem(f"packing is not leak-free for model type {model_type!r} (attention implementation "
+                              f"{getattr(model.config, '_attn_implementation', '?')!r}{how}): a packed example's "
+                              f"logits differ by {difference:.3g} from the example run alone")
+    return None

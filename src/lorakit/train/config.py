@@ -14,6 +14,7 @@ BaseDropout = Literal["off", "keep"]  # what happens to the base model's own dro
 DISTRIBUTED_MODES = get_args(Distributed)
 BASE_DROPOUT_MODES = get_args(BaseDropout)
 PRECISION_MODES = ("fp32", "bf16-autocast", "bf16")  # the keys of lorakit.train.precision.PRECISIONS (torch-side)
+AUTO = "auto"  # a setting lorakit resolves at the start of a run (train/auto.py), printing what it chose and why
 
 
 @dataclass
@@ -51,9 +52,13 @@ class TrainConfig(Config):
     max_grad_norm: float | None = setting(
         1.0, "Clip the global gradient norm to this value; empty or 0 disables clipping.", ge=0)
     precision: str = setting(
-        "fp32", "Numerics: fp32 (as loaded, trainable weights in fp32); bf16-autocast (fp32 weights, bf16 "
-                "matmuls); bf16 (frozen base weights stored in bf16, trainable weights fp32, bf16 matmuls).",
-        choices=PRECISION_MODES)
+        AUTO, "Numerics: fp32 (as loaded, trainable weights in fp32); bf16-autocast (fp32 weights, bf16 "
+              "matmuls); bf16 (frozen base weights stored in bf16, trainable weights fp32, bf16 matmuls); auto "
+              "(the default): bf16 where the device runs bf16 natively (a CUDA GPU with bf16, a CPU with "
+              "AVX512-BF16 or AMX-BF16), bf16-autocast there when every weight trains, the compute dtype of a "
+              "4-bit (QLoRA) base, else fp32 (always fp32 under LORAKIT_AUTO=off). The run prints what auto "
+              "chose and why.",
+        choices=(AUTO, *PRECISION_MODES))
     gradient_checkpointing: bool = setting(
         False, "Recompute layer activations in the backward pass to save memory (Hugging Face models; "
                "non-reentrant, so frozen embeddings work with adapters).")
@@ -62,9 +67,11 @@ class TrainConfig(Config):
                "(set to 0 for the run; the default, because inherited dropout is a regulariser nobody chose and "
                "makes packed and unpacked runs differ) or keep. Adapter dropout (lora.dropout) is separate. The "
                "run prints which is in force.")
-    compile: bool = setting(
-        False, "Compile each decoder layer with torch.compile (dynamic shapes; the whole model when no layer "
-               "list is found).")
+    compile: bool | Literal["auto"] = setting(
+        AUTO, "Compile each decoder layer with torch.compile (dynamic shapes; the whole model when no layer "
+              "list is found). auto (the default): on when the run is long enough to pay back the compile time "
+              "(planned tokens, train/auto.py) on a CPU with a C++ compiler or a CUDA GPU with Triton, else off "
+              "(always off under LORAKIT_AUTO=off); the run prints what auto chose.")
     chunked_loss: bool = setting(
         True, "Take the loss from the backbone's hidden states in chunks over trained positions only, never "
               "building full-vocabulary logits (models with a plain linear head; others use the plain path). "

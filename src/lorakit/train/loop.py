@@ -9,6 +9,7 @@ device until a logging step.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,8 @@ from lorakit.adapters.report import trainable_parameters
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
-from lorakit.train.config import TrainConfig
+from lorakit.train.auto import resolve_train
+from lorakit.train.config import AUTO, TrainConfig
 from lorakit.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, TrainSummary,
                                    plot_loss_curve, write_summary)
 from lorakit.train.precision import PRECISIONS
@@ -54,6 +56,7 @@ class LoopState:
     total_steps: int = 0
     batches_per_step: int = 0  # micro-batches of one optimizer step over all ranks (grad_accum x world)
     epoch_batches: list[int] = field(default_factory=list)  # micro-batches of each planned epoch
+    precision: str = ""  # the precision the run trains in (train.precision auto, resolved at its start, is kept)
 
 
 def plan_steps(cfg: TrainConfig, train_batches: Callable[[int], list[Batch]], world: int = 1
@@ -82,6 +85,7 @@ def train(
     run_dir: Path | str,
     resume: bool | str | Path = False,
     on_checkpoint: Callable[[Path], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainSummary:
     """Train the parameters of `model` that have requires_grad=True; write metrics, curve, summary.
 
@@ -90,7 +94,8 @@ def train(
     False (fresh run), True (continue from run_dir's latest checkpoint; when the run stopped before its
     first one, start again from step 0 and say so) or a checkpoint path. A resumed run may change its
     length (cfg.epochs, cfg.max_steps; see `_Trainer._check_length`). `on_checkpoint(folder)` is called
-    after each checkpoint is complete.
+    after each checkpoint is complete. Auto precision and compile are resolved from the model and the run's
+    plan (train/auto.py); each choice's line goes to `log` (default: print), on the main process.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,11 +106,15 @@ def train(
     seed_everything(cfg.seed)
     parallel = distributed.choose(cfg.distributed, model, cfg.dist_timeout_s)  # single unless under torchrun
     total_steps, per_epoch, first_epoch = plan_steps(cfg, train_batches, parallel.world)
+    cfg, choices = _resolve_auto(cfg, model, source, total_steps, first_epoch)
     with prepared(model, cfg) as call:
         call = parallel.wrap(model, call)
         trainer = _Trainer(model, call, cfg, train_batches, eval_batches, run_dir, total_steps, on_checkpoint,
                            parallel)
         trainer.state.epoch_batches = per_epoch
+        if parallel.is_main:  # rank 0 speaks for all ranks
+            for line in choices:
+                (log or print)(line)
         try:
             if source is not None:
                 trainer.load(source)
@@ -118,6 +127,23 @@ def train(
                 raise
             raise distributed.lost_rank_error(parallel, error, run_dir) from error
         return trainer.finish(source)
+
+
+def _resolve_auto(cfg: TrainConfig, model: nn.Module, source: Path | None, total_steps: int,
+                  first_epoch: list[Batch]) -> tuple[TrainConfig, list[str]]:
+    """`cfg` with auto precision and compile resolved for this run (the rules: train/auto.py), and their lines.
+
+    Compile weighs the steps still to run, each of grad_accum micro-batches the size of epoch 0's average
+    (positions, padding included, as the model computes them); a resumed run keeps the precision it started with.
+    """
+    if cfg.precision != AUTO and cfg.compile != AUTO:
+        return cfg, []
+    saved = json.loads((source / "state.json").read_text())["loop"] if source is not None else {}
+    positions = [len(rows) * max(rows) for rows in first_epoch.row_lengths()] if hasattr(
+        first_epoch, "row_lengths") else [batch["input_ids"].numel() for batch in first_epoch]
+    tokens_per_step = cfg.grad_accum * sum(positions) / max(1, len(positions))
+    return resolve_train(cfg, model, steps=total_steps - saved.get("step", 0), tokens_per_step=tokens_per_step,
+                         kept_precision=saved.get("precision") or None)
 
 
 class _Trainer:
@@ -137,7 +163,8 @@ class _Trainer:
         self.optimizer = build_optimizer(self.named, cfg)
         device = self.params[0].device
         self.model_loss = make_loss_sum(call, device, PRECISIONS[cfg.precision], chunked=cfg.chunked_loss)
-        self.state = LoopState(total_steps=total_steps, batches_per_step=cfg.grad_accum * self.parallel.world)
+        self.state = LoopState(total_steps=total_steps, batches_per_step=cfg.grad_accum * self.parallel.world,
+                               precision=cfg.precision)
         # ranks must agree on every split, so out-of-memory halving is a single-process feature
         self.halving = Halving(enabled=cfg.auto_batch_halving and self.parallel.world == 1)
         self.warmup = cfg.resolve_warmup(total_steps)
@@ -161,7 +188,7 @@ class _Trainer:
         self.parallel.load(self.model, self.optimizer, self.names, saved, folder)
         ckpt.restore_rng(saved.state["rng"], saved.rng_tensors)
         state.total_steps, state.epoch_batches = self.state.total_steps, self.state.epoch_batches
-        state.batches_per_step = self.state.batches_per_step
+        state.batches_per_step, state.precision = self.state.batches_per_step, self.cfg.precision
         self.state, self.checkpointed = state, True
         self.halving.parts = self.state.halving_parts
         self.pending_loss.fill_(self.state.pending_loss_sum if self.parallel.is_main else 0.0)  # summed on rank 0

@@ -11,6 +11,7 @@ from torch import nn
 
 from lorakit.data.packing import packed_forward
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.train.auto import resolve_train
 from lorakit.train.base_dropout import switched_off as base_dropout_policy
 from lorakit.train.config import TrainConfig
 from lorakit.train.precision import PRECISIONS
@@ -131,8 +132,10 @@ def prepared(model: nn.Module, cfg: TrainConfig) -> Iterator[nn.Module]:
     dropout (train.base_dropout, train/base_dropout.py), checkpointing, the KV-cache switch, the
     attention implementation (per-example attention for packed rows where it applies,
     train/varlen.py), BLOOM's packed ALiBi (data/packing.py `packed_forward`) and train/eval mode
-    are restored.
+    are restored. An auto precision or compile (train/auto.py) is resolved here when the caller has not:
+    the run's length is not known here, so compile auto stays off.
     """
+    cfg, _ = resolve_train(cfg, model)  # `train` passes a resolved cfg; a direct call gets the auto rules, unplanned
     was_training = model.training
     precision = PRECISIONS[cfg.precision]
     precision.prepare(model)

@@ -1,0 +1,211 @@
+"""What the `auto` settings resolve to: train.precision, data.packing and train.compile.
+
+Each rule turns a fast path on only where it holds for the hardware and the model in hand, and
+each choice comes with the one line the run prints at its start: the value, why, and the setting
+that overrides it. Explicit values (fp32, true, false, ...) are used as given, without a line.
+
+    precision  bf16 (frozen base weights in bf16, trainable weights fp32, bf16 matmuls) on a device
+               that runs bf16 natively: a CUDA GPU with native bf16, an x86-64 CPU with AVX512-BF16
+               or AMX-BF16 (AVX-512 alone converts bf16 but multiplies it no faster than fp32).
+               bf16-autocast there when every parameter trains (nothing is frozen to store in bf16).
+               A 4-bit (QLoRA) base: its compute dtype (method.compute_dtype) decides. Else fp32
+               (mps and other devices too: bf16 training is not verified on them).
+    packing    on when the leak probe (data/packing.py `packing_problem`) shows the model exact on
+               packed rows at the run's max_length (the model as adapted: prompt tuning's hook
+               refuses packed rows, so the probe refuses it); off, saying why, otherwise. On means
+               each micro-batch keeps the examples it has unpacked and lays them out as packed rows
+               (`pack_each_batch`): the run's steps stay the unpacked run's, without the padding.
+    compile    on when the run is long enough to pay back the compile time (`COMPILE_BREAK_EVEN_TOKENS`)
+               on a CPU with a C++ compiler or a CUDA GPU with Triton; off otherwise.
+
+`LORAKIT_AUTO=off` in the environment gives every auto setting its conservative value (fp32,
+unpacked, not compiled): the test suite sets it, so its numbers do not depend on the machine, and
+it bisects a difference between two machines down to the auto settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.data.packing import packing_problem
+from lorakit.errors import ConfigError
+from lorakit.train.config import AUTO, TrainConfig
+
+AUTO_ENV = "LORAKIT_AUTO"
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matrix arithmetic
+# Compiling pays for itself once the run's tokens save more time than the compile takes. Measured once on the
+# embedded model (quickstart recipe: LoRA r16 all-linear, bf16, packed rows of 64 tokens, about 940 positions a
+# step) on this project's CPU (2-vCPU Xeon with AVX512-BF16, one thread, shared and noisy), cold inductor cache:
+# compiling the training graph took 69 s and 75 s (two runs), the evaluation graph 17 s more at the first
+# validation. Four alternating 60-step runs, median step eager vs compiled: 0.134/0.114, 0.114/0.102,
+# 0.180/0.168, 0.192/0.104 s; typically 0.015 s a step, 1.6e-5 s a token, saved. Break-even: (72 + 17) s /
+# 1.6e-5 s = 5.6 million tokens; the threshold rounds it up. Larger models save more a token for about the same
+# compile time (the layers share one compiled graph), so they pay back sooner: the rule errs towards off.
+COMPILE_BREAK_EVEN_TOKENS = 6_000_000
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What an auto setting resolved to, and the line that says so."""
+
+    value: Any
+    line: str
+
+
+def auto_enabled() -> bool:
+    """False when LORAKIT_AUTO=off (every auto setting then takes its conservative value)."""
+    raw = os.environ.get(AUTO_ENV, "").strip().lower()
+    if raw in ("", "on"):
+        return True
+    if raw == "off":
+        return False
+    raise ConfigError(f"{AUTO_ENV}={os.environ[AUTO_ENV]!r}: must be 'on' or 'off' (off: every auto setting "
+                      "takes its conservative value: fp32, unpacked, not compiled)")
+
+
+def _switched_off(name: str, value: Any, shown: str, override: str) -> Choice:
+    return Choice(value, f"{name}: {shown} (auto: {AUTO_ENV}=off; {override})")
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where the file is missing or has none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """(whether `device` runs bf16 matmuls natively, why, in words)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"this GPU ({name}) runs bf16 natively"
+        return False, f"this GPU ({name}) has no native bf16"
+    if device.type == "cpu":
+        found = [flag for flag in CPU_BF16_FLAGS if flag in cpu_flags()]
+        if found:
+            return True, f"this CPU runs bf16 natively ({', '.join(found)})"
+        return False, "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag)"
+    return False, f"bf16 training is not verified on {device.type}"
+
+
+def four_bit_compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype a 4-bit (bitsandbytes Params4bit) base weight is dequantised to, or None without one."""
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is not None and isinstance(getattr(state, "dtype", None), torch.dtype):
+            return state.dtype
+    return None
+
+
+def resolve_precision(setting: str, model: nn.Module, kept: str | None = None) -> Choice:
+    """train.precision for `model` on its device (the rule: the module docstring); `kept`: the precision a
+    resumed run started with (a run keeps its numerics when it resumes, wherever auto would now land)."""
+    if setting != AUTO:
+        return Choice(setting, "")
+    if kept:
+        return Choice(kept, f"precision: {kept} (auto: kept from the start of the run this one resumes)")
+    if not auto_enabled():
+        return _switched_off("precision", "fp32", "fp32", "train.precision=bf16 for bf16")
+    four_bit = four_bit_compute_dtype(model)
+    if four_bit is not None:
+        mode = "bf16" if four_bit == torch.bfloat16 else "fp32"
+        other = "fp32" if mode == "bf16" else "bf16"
+        return Choice(mode, f"precision: {mode} (auto: the 4-bit base computes in {mode}, its method.compute_dtype; "
+                            f"train.precision={other} to override)")
+    first = next(model.parameters(), None)
+    native, why = native_bf16(first.device if first is not None else torch.device("cpu"))
+    if not native:
+        return Choice("fp32", f"precision: fp32 (auto: {why}; train.precision=bf16 to use bf16 anyway)")
+    if all(p.requires_grad for p in model.parameters()):
+        return Choice("bf16-autocast", f"precision: bf16-autocast (auto: {why}; every weight trains, so weights "
+                                       "stay fp32 and matmuls run in bf16; train.precision=fp32 to keep fp32)")
+    return Choice("bf16", f"precision: bf16 (auto: {why}; train.precision=fp32 to keep fp32)")
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def resolve_packing(setting: bool | str, model: nn.Module, max_length: int, effect: str = "") -> Choice:
+    """data.packing for `model` at `max_length`; `effect`: what packing does to the run, in words, for the line.
+
+    The probe runs the model as adapted, so a method that refuses packed rows (prompt tuning's hook raises
+    on a 4-D mask) is refused by it. An explicit true is checked by the caller with `check_packing` (an
+    error, not a note, when it fails).
+    """
+    if setting != AUTO:
+        return Choice(bool(setting), "")
+    if not auto_enabled():
+        return _switched_off("packing", False, "off", "data.packing=true to pack")
+    found = packing_problem(model, max_length)
+    if found is not None:
+        return Choice(False, f"packing: off (auto: {found.reason})")
+    effect = f"; {effect}" if effect else ""
+    return Choice(True, f"packing: on (auto: the leak probe shows this model exact on packed rows of "
+                        f"{max_length} tokens{effect}; data.packing=false to turn it off)")
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """Why torch.compile's default backend cannot build kernels for `device` here, or None when it can."""
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX") or "g++"
+        return None if shutil.which(compiler) or shutil.which("clang++") else f"no C++ compiler ({compiler}) found"
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") is not None else "Triton is not installed"
+    return f"compiling is not verified on {device.type}"
+
+
+def resolve_compile(setting: bool | str, device: torch.device, steps: int | None, tokens_per_step: float | None
+                    ) -> Choice:
+    """train.compile for a run of `steps` optimizer steps of `tokens_per_step` positions (None: not known)."""
+    if setting != AUTO:
+        return Choice(bool(setting), "")
+    if not auto_enabled():
+        return _switched_off("compile", False, "off", "train.compile=true to compile")
+    missing = compiler_missing(device)
+    if missing:
+        return Choice(False, f"compile: off (auto: {missing})")
+    if steps is None or tokens_per_step is None:
+        return Choice(False, "compile: off (auto: the run's length is not known here; train.compile=true to force it)")
+    tokens = int(steps * tokens_per_step)
+    if tokens < COMPILE_BREAK_EVEN_TOKENS:
+        return Choice(False, f"compile: off (auto: a {steps}-step run of {tokens:,} tokens does not pay back "
+                             f"compiling, about {COMPILE_BREAK_EVEN_TOKENS:,} do; train.compile=true to force it)")
+    return Choice(True, f"compile: on (auto: a {steps}-step run of {tokens:,} tokens pays back compiling, about "
+                        f"{COMPILE_BREAK_EVEN_TOKENS:,} do; train.compile=false to skip it)")
+
+
+# ----------------------------------------------------------------------------- the training settings together
+
+
+def resolve_train(cfg: TrainConfig, model: nn.Module, steps: int | None = None, tokens_per_step: float | None = None,
+                  kept_precision: str | None = None) -> tuple[TrainConfig, list[str]]:
+    """(`cfg` with precision and compile resolved, the lines to print); `steps`, `tokens_per_step`: the run's
+    plan (unknown: compile auto stays off); `kept_precision`: see `resolve_precision`."""
+    if cfg.precision != AUTO and cfg.compile != AUTO:
+        return cfg, []
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    precision = resolve_precision(cfg.precision, model, kept_precision)
+    compiled = resolve_compile(cfg.compile, device, steps, tokens_per_step)
+    return (dataclasses.replace(cfg, precision=precision.value, compile=compiled.value),
+            [choice.line for choice in (precision, compiled) if choice.line])
