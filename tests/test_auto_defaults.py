@@ -23,7 +23,7 @@ from lorakit import finetune, run
 from lorakit.adapters import PromptTuning, apply
 from lorakit.config import load_config
 from lorakit.data import DataConfig, load_rows, make_batches, tokenize_rows
-from lorakit.data.packing import pack_each_batch
+from lorakit.data.batching import pack_each_batch
 from lorakit.errors import ConfigError
 from lorakit.models import EMBEDDED_DATASETS
 from lorakit.train import TrainConfig, auto, train

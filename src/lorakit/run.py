@@ -28,7 +28,7 @@ from lorakit.config import (RESUME_FREE_KEYS, RunConfig, apply_overrides, build_
                             read_yaml, save_config)
 from lorakit.data import check_packing, load_rows, make_batches, preview_example
 from lorakit.data.cache import cached_tokenize
-from lorakit.data.packing import pack_each_batch
+from lorakit.data.batching import pack_each_batch
 from lorakit.data.prompting import PromptFormat, RunRecord, special_tokens
 from lorakit.data.tokenize import resolve_format, truncation_warnings
 from lorakit.errors import ConfigError, DataError

@@ -170,7 +170,33 @@ def make_batches(examples: list[Example], batch_size: int, *, pack: bool, max_le
                            lambda ex: len(ex["input_ids"]))
     bins = pack_lengths([len(examples[i]["input_ids"]) for i in order], max_length)
     rows = [[examples[order[j]] for j in row] for row in bins]
-    groups = [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+    return _packed([rows[k:k + batch_size] for k in range(0, len(rows), batch_size)], pad_id)
+
+
+def pack_each_batch(examples: list[Example], batch_size: int, *, max_length: int, pad_id: int, seed: int,
+                    epoch: int, shuffle: bool = True) -> LazyBatches:
+    """The micro-batches of `make_batches(..., pack=False)`, each laid out as packed rows (best-fit, rows of
+    at most `max_length` tokens) instead of padded ones: what data.packing auto trains on.
+
+    Each micro-batch holds the same examples as unpacked, so a step's loss (summed over the same trained
+    tokens, normalised by their count) is the unpacked step's up to rounding, and a run keeps its number of
+    steps; only padding goes. `make_batches(pack=True)` packs the whole epoch instead: fewer, fuller
+    micro-batches (micro_batch_size then counts rows), a different run.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    _check_lengths(examples, max_length)
+    order = epoch_order(len(examples), seed, epoch, shuffle)
+    groups = []
+    for start in range(0, len(order), batch_size):
+        batch = [examples[i] for i in order[start:start + batch_size]]
+        groups.append([[batch[j] for j in row] for row in pack_lengths([len(ex["input_ids"]) for ex in batch],
+                                                                        max_length)])
+    return _packed(groups, pad_id)
+
+
+def _packed(groups: list[list[list[Example]]], pad_id: int) -> LazyBatches:
+    """Batches of packed rows of examples, collated on access."""
     return LazyBatches(groups, lambda group: collate_packed(group, pad_id),
                        lambda row: sum(len(ex["input_ids"]) for ex in row))
 

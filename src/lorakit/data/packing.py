@@ -1,8 +1,8 @@
 """Packed rows on a model: the leak probe (`packing_problem`, `check_packing`) and BLOOM's ALiBi per example.
 
-(Packing itself, best-fit rows and the block-diagonal causal mask, is layout: data/batching.py. The one
-layout here, `pack_each_batch`, is what data.packing auto trains on: the unpacked micro-batches, each laid
-out as packed rows, so a run packs without changing which examples make a step.)
+(Packing itself, best-fit rows and the block-diagonal causal mask, is layout: data/batching.py, with both
+layouts: `make_batches(pack=True)` packs the epoch, `pack_each_batch` (data.packing auto) lays each unpacked
+micro-batch out as packed rows, so a run packs without changing which examples make a step.)
 
 Why a mask: restarted position_ids alone do not isolate packed examples. transformers 5.x
 derives a packed mask from position_ids only when no attention_mask and no cache is passed;
@@ -37,8 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from lorakit.data.batching import LazyBatches, collate_packed, epoch_order, pack_lengths
-from lorakit.data.tokenize import Example
+from lorakit.data.batching import collate_packed
 from lorakit.errors import DataError
 
 ALIBI_BUILDER = "build_alibi_tensor"  # BloomModel's method: (2D mask, num_heads, dtype) -> (B*H, 1, T) bias
@@ -107,30 +106,6 @@ def packed_forward(model: nn.Module) -> Iterator[str]:
                 delattr(module, ALIBI_BUILDER)
             else:
                 setattr(module, ALIBI_BUILDER, before)
-
-
-def pack_each_batch(examples: list[Example], batch_size: int, *, max_length: int, pad_id: int, seed: int,
-                    epoch: int, shuffle: bool = True) -> LazyBatches:
-    """The micro-batches of `make_batches(..., pack=False)`, each laid out as packed rows (best-fit, rows of
-    at most `max_length` tokens) instead of padded ones.
-
-    Each micro-batch holds the same examples as unpacked, so a step's loss (summed over the same trained
-    tokens, normalised by their count) is the unpacked step's up to rounding, and a run keeps its number of
-    steps; only padding goes. `make_batches(pack=True)` packs the whole epoch instead: fewer, fuller
-    micro-batches (micro_batch_size then counts rows), a different run.
-    """
-    too_long = next((i for i, ex in enumerate(examples) if not 0 < len(ex["input_ids"]) <= max_length), None)
-    if too_long is not None:
-        raise DataError(f"example {too_long} has {len(examples[too_long]['input_ids'])} tokens; examples must have "
-                        f"1 to max_length={max_length} tokens (tokenize_rows truncates them)")
-    order = epoch_order(len(examples), seed, epoch, shuffle)
-    groups = []
-    for start in range(0, len(order), batch_size):
-        batch = [examples[i] for i in order[start:start + batch_size]]
-        rows = pack_lengths([len(ex["input_ids"]) for ex in batch], max_length)
-        groups.append([[batch[j] for j in row] for row in rows])
-    return LazyBatches(groups, lambda group: collate_packed(group, pad_id),
-                       lambda row: sum(len(ex["input_ids"]) for ex in row))
 
 
 def probe_inputs(vocab_size: int, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, slice]:

@@ -14,7 +14,7 @@ that overrides it. Explicit values (fp32, true, false, ...) are used as given, w
                packed rows at the run's max_length (the model as adapted: prompt tuning's hook
                refuses packed rows, so the probe refuses it); off, saying why, otherwise. On means
                each micro-batch keeps the examples it has unpacked and lays them out as packed rows
-               (`pack_each_batch`): the run's steps stay the unpacked run's, without the padding.
+               (`data.batching.pack_each_batch`): the run's steps stay the unpacked run's, without the padding.
     compile    on when the run is long enough to pay back the compile time (`COMPILE_BREAK_EVEN_TOKENS`)
                on a CPU with a C++ compiler or a CUDA GPU with Triton; off otherwise.
 
