@@ -306,3 +306,18 @@ def test_chat_requests_to_an_adapter_get_its_recorded_prompt_format(tmp_path):
         assert raw.usage.prompt_tokens == len(tokenizer(question)["input_ids"])  # completions: raw text
         assert http.post("/admin/adapters", json={"name": "again", "path": str(folder)}).status_code == 200
         assert _chat(client, model="again", max_tokens=1).usage.prompt_tokens == tuned.usage.prompt_tokens
+
+
+def test_a_full_fine_tuning_model_served_as_the_base_gets_its_recorded_format():
+    """`lorakit serve --model RUN/model` (a full fine-tuning run): the base's chat requests get the run's format."""
+    from lorakit.data.config import DataConfig
+    from lorakit.data.prompting import PromptFormat
+
+    tokenizer = load_tokenizer("embedded")
+    alpaca = PromptFormat.of_run(DataConfig(format="alpaca"), "alpaca", tokenizer)
+    app = create_app(load_model("embedded").eval(), tokenizer, ServerConfig(context_length=256, window_ms=1),
+                     {None: alpaca})
+    with TestClient(app) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=http)
+        reply = _chat(client, max_tokens=1)
+    assert reply.usage.prompt_tokens == len(alpaca.prompt_ids(tokenizer, CHAT[0]["content"]))

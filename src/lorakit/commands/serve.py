@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import socket
+from pathlib import Path
 
 from lorakit.commands.compare import parse_adapters
 from lorakit.errors import LorakitError
@@ -84,13 +85,18 @@ def serve(args: argparse.Namespace, sock: socket.socket, uvicorn) -> int:
 
     quiet_progress_bars()
     model, tokenizer = load_model(args.model, dtype=args.dtype).eval(), load_tokenizer(args.model)
-    formats = {}
+    formats = {}  # adapter name (None: the base) -> the prompt format its chat requests get
+    base_record = read_record(args.model) if Path(args.model).is_dir() else None
+    if base_record is not None:  # a full fine-tuning run's model folder: the format it was trained with
+        formats[None] = base_record.prompt
+        print(f"model {args.model}: chat requests to {args.base_name!r} get its recorded prompt format, "
+              f"{base_record.prompt.describe(tokenizer)}")
     for name, folder in parse_adapters(args.adapter).items():
         add_adapter(model, name, folder)
         record = read_record(folder)
         if record is not None:
             formats[name] = record.prompt
-            print(f"adapter {name!r}: chat requests get its recorded prompt format, {record.prompt.describe()}")
+            print(f"adapter {name!r}: chat requests get its recorded prompt format, {record.prompt.describe(tokenizer)}")
         else:
             print(f"adapter {name!r}: no lorakit_run.json (trained before lorakit recorded prompt formats); "
                   "chat requests get the tokenizer's chat template")

@@ -71,9 +71,10 @@ class RequestLog:
                 write()
 
 
-def create_app(model, tokenizer, cfg: ServerConfig, formats: dict[str, PromptFormat] | None = None) -> FastAPI:
-    """The FastAPI app serving `model` (plus the named adapters added to it); `formats`: adapter name -> the
-    prompt format it was trained with (its lorakit_run.json), applied to that adapter's chat requests."""
+def create_app(model, tokenizer, cfg: ServerConfig, formats: dict[str | None, PromptFormat] | None = None) -> FastAPI:
+    """The FastAPI app serving `model` (plus the named adapters added to it); `formats`: adapter name (None: the
+    base, e.g. a full fine-tuning run's model) -> the prompt format it was trained with (its lorakit_run.json),
+    applied to its chat requests."""
     formats = dict(formats or {})
     stops = stop_token_ids(tokenizer, model).union(*(f.stop_ids(tokenizer) for f in formats.values()))
     batcher = Batcher(model, tokenizer, stops, window_s=cfg.window_ms / 1000, max_batch=cfg.max_batch)
