@@ -20,6 +20,7 @@ a hub id or an absolute path, and a cheap fingerprint of the base's weight files
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,11 +111,7 @@ class PromptFormat:
         end-of-turn markers such as <|im_end|>); EOS itself for formats that append it."""
         if self.format != "chat":
             return tokenizer.eos_token
-        rendered = FORMATS["chat"].render({"messages": [{"role": "user", "content": "q"},
-                                                        {"role": "assistant", "content": PLACEHOLDER}]},
-                                          tokenizer, self.data_config())
-        trained = next(text for text, is_trained in rendered.segments if is_trained)
-        return trained[trained.find(PLACEHOLDER) + len(PLACEHOLDER):].strip() or None
+        return _chat_end_of_turn(self, tokenizer)
 
     def stop_ids(self, tokenizer: Any) -> set[int]:
         """Token ids that end an answer: EOS and the end-of-turn marker when it is one token."""
@@ -125,6 +122,15 @@ class PromptFormat:
             if len(encoded) == 1:
                 ids.add(encoded[0])
         return ids
+
+
+@functools.lru_cache(maxsize=16)  # split() asks once per scored row: render the template once per format
+def _chat_end_of_turn(prompt_format: PromptFormat, tokenizer: Any) -> str | None:
+    rendered = FORMATS["chat"].render({"messages": [{"role": "user", "content": "q"},
+                                                    {"role": "assistant", "content": PLACEHOLDER}]},
+                                      tokenizer, prompt_format.data_config())
+    trained = next(text for text, is_trained in rendered.segments if is_trained)
+    return trained[trained.find(PLACEHOLDER) + len(PLACEHOLDER):].strip() or None
 
 
 def _question_row(format_name: str, question: str) -> dict[str, str] | None:
