@@ -206,11 +206,32 @@ def test_packing_each_micro_batch_keeps_its_examples_and_the_unpacked_run(tmp_pa
 def test_compile_auto_is_off_for_a_short_run_and_on_for_a_long_one(auto_on):
     short = auto.resolve_compile("auto", CPU, steps=12, tokens_per_step=900)
     assert short == auto.Choice(False, "compile: off (auto: a 12-step run of 10,800 tokens does not pay back "
-                                       "compiling, about 6,000,000 do; train.compile=true to force it)")
+                                       "compiling, about 6,000,000 do for this model; train.compile=true to force it)")
     long = auto.resolve_compile("auto", CPU, steps=10000, tokens_per_step=900)
     assert long == auto.Choice(True, "compile: on (auto: a 10000-step run of 9,000,000 tokens pays back compiling, "
-                                     "about 6,000,000 do; train.compile=false to skip it)")
+                                     "about 6,000,000 do for this model; train.compile=false to skip it)")
     assert auto.resolve_compile("auto", CPU, steps=None, tokens_per_step=None).value is False  # length unknown
+
+
+class _Shaped(torch.nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+
+def test_compile_break_even_falls_with_the_width_and_depth_of_the_layers(auto_on):
+    from transformers import GPT2Config, LlamaConfig
+
+    embedded = _Shaped(LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4))
+    smollm = _Shaped(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30))
+    assert auto.layer_units(embedded) == 4 * 640 and auto.layer_units(smollm) == 30 * 2112
+    assert auto.layer_units(_Shaped(GPT2Config(n_embd=64, n_layer=2))) == 2 * (64 + 256)  # n_inner None: 4 x
+    assert auto.compile_break_even(embedded) == 5_700_000  # 90 s / (6.25e-9 s x 2,560), two digits, rounded up
+    assert auto.compile_break_even(smollm) == 230_000
+    assert auto.compile_break_even(torch.nn.Linear(2, 2)) == auto.COMPILE_BREAK_EVEN_TOKENS  # no config: the default
+    long_for_smollm = auto.resolve_compile("auto", CPU, steps=250, tokens_per_step=1160,
+                                           break_even=auto.compile_break_even(smollm))
+    assert long_for_smollm.value is True and "about 230,000 do for this model" in long_for_smollm.line
 
 
 def test_compile_auto_is_off_without_a_compiler(monkeypatch):
@@ -242,7 +263,7 @@ def test_compile_auto_on_a_long_run_compiles_in_the_loop(tmp_path, monkeypatch, 
     assert compiled == [model]
     assert lines[0].startswith("precision: fp32 (auto: this CPU has no native bf16")
     assert lines[1].startswith("compile: on (auto: a 4-step run of ")
-    assert "pays back compiling, about 100 do" in lines[1]
+    assert "pays back compiling, about 100 do for this model" in lines[1]
     monkeypatch.setattr(auto, "COMPILE_BREAK_EVEN_TOKENS", 10**6)
     run_for("short", TinyLM(seed=1))
     assert compiled == [model] and lines[3].startswith("compile: off (auto: a 4-step run of ")

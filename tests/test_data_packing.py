@@ -1,6 +1,8 @@
 """Batches: shifted labels, padding, packing layout, and packed == unpacked per-token losses."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from conftest import tiny_gpt2, tiny_llama
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lorakit.data import DataConfig, check_packing, make_batches, pack_lengths, tokenize_rows
+from lorakit.data.batching import pack_balanced
 from lorakit.errors import DataError
 
 IGNORE = -100
@@ -194,3 +197,25 @@ def test_check_packing_detects_a_model_that_ignores_the_mask():
     with pytest.raises(DataError, match="packing is not leak-free for model type 'llama'"):
         check_packing(model)
     assert model.training  # the probe restores the model's mode
+
+
+def test_pack_balanced_uses_best_fit_rows_and_pads_less():
+    """auto's layout packs a micro-batch into as few rows as best-fit, balanced: 8 examples of 1,160 tokens in
+    rows of 1,024 go into two rows of 595 and 565 instead of 1,015 and 145 (padded to 1,015)."""
+    lengths = [145, 200, 90, 300, 100, 180, 60, 85]
+    fitted = pack_lengths(lengths, 1024)
+    balanced = pack_balanced(lengths, 1024)
+    assert len(fitted) == len(balanced) == 2
+    assert sorted(sum(lengths[i] for i in row) for row in balanced) == [565, 595]
+    assert max(sum(lengths[i] for i in row) for row in fitted) == 1015
+    assert balanced == [[0, 2, 3, 6], [1, 4, 5, 7]]  # indices keep their order within a row
+    assert pack_balanced([10, 20], 64) == [[0, 1]]  # one row: nothing to balance
+    rng = random.Random(0)
+    for _ in range(300):  # every index once, rows within max_length, never wider than best-fit's
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 12))]
+        limit = rng.choice([300, 512, 1024])
+        rows = pack_balanced(lengths, limit)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        assert len(rows) == len(pack_lengths(lengths, limit))
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        assert width <= limit and width <= max(sum(lengths[i] for i in row) for row in pack_lengths(lengths, limit))

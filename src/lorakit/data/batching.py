@@ -44,6 +44,24 @@ def pack_lengths(lengths: list[int], max_length: int) -> list[list[int]]:
     return rows
 
 
+def pack_balanced(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Indices of `lengths` in as few rows as `pack_lengths` needs, spread so the longest row (the width every
+    row of a batch is padded to) is as short as longest-first placement makes it; `pack_lengths`' rows when
+    that is no shorter. Indices within a row keep their given order. Deterministic.
+    """
+    fitted = pack_lengths(lengths, max_length)
+    if len(fitted) == 1:
+        return fitted
+    loads, rows = [0] * len(fitted), [[] for _ in fitted]
+    for j in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):  # longest first, to the emptiest row
+        r = min(range(len(rows)), key=lambda r: (loads[r], r))
+        rows[r].append(j)
+        loads[r] += lengths[j]
+    if max(loads) > max_length or max(loads) >= max(sum(lengths[j] for j in row) for row in fitted):
+        return fitted
+    return [sorted(row) for row in rows]
+
+
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) segment ids -> (B, 1, T, T) additive float mask: 0 where t may attend to s.
 
@@ -175,8 +193,9 @@ def make_batches(examples: list[Example], batch_size: int, *, pack: bool, max_le
 
 def pack_each_batch(examples: list[Example], batch_size: int, *, max_length: int, pad_id: int, seed: int,
                     epoch: int, shuffle: bool = True) -> LazyBatches:
-    """The micro-batches of `make_batches(..., pack=False)`, each laid out as packed rows (best-fit, rows of
-    at most `max_length` tokens) instead of padded ones: what data.packing auto trains on.
+    """The micro-batches of `make_batches(..., pack=False)`, each laid out as packed rows (as few rows of at
+    most `max_length` tokens as fit it, balanced so little is padded: `pack_balanced`) instead of padded
+    ones: what data.packing auto trains on.
 
     Each micro-batch holds the same examples as unpacked, so a step's loss (summed over the same trained
     tokens, normalised by their count) is the unpacked step's up to rounding, and a run keeps its number of
@@ -190,8 +209,8 @@ def pack_each_batch(examples: list[Example], batch_size: int, *, max_length: int
     groups = []
     for start in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[start:start + batch_size]]
-        groups.append([[batch[j] for j in row] for row in pack_lengths([len(ex["input_ids"]) for ex in batch],
-                                                                        max_length)])
+        groups.append([[batch[j] for j in row] for row in pack_balanced([len(ex["input_ids"]) for ex in batch],
+                                                                         max_length)])
     return _packed(groups, pad_id)
 
 

@@ -15,8 +15,9 @@ that overrides it. Explicit values (fp32, true, false, ...) are used as given, w
                refuses packed rows, so the probe refuses it); off, saying why, otherwise. On means
                each micro-batch keeps the examples it has unpacked and lays them out as packed rows
                (`data.batching.pack_each_batch`): the run's steps stay the unpacked run's, without the padding.
-    compile    on when the run is long enough to pay back the compile time (`COMPILE_BREAK_EVEN_TOKENS`)
-               on a CPU with a C++ compiler or a CUDA GPU with Triton; off otherwise.
+    compile    on when the run is long enough to pay back the compile time (`compile_break_even`: fewer tokens
+               for a wider, deeper model, whose every token saves more) on a CPU with a C++ compiler or a
+               CUDA GPU with Triton; off otherwise.
 
 `LORAKIT_AUTO=off` in the environment gives every auto setting its conservative value (fp32,
 unpacked, not compiled): the test suite sets it, so its numbers do not depend on the machine, and
@@ -41,15 +42,20 @@ from lorakit.train.config import AUTO, TrainConfig
 
 AUTO_ENV = "LORAKIT_AUTO"
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matrix arithmetic
-# Compiling pays for itself once the run's tokens save more time than the compile takes. Measured once on the
-# embedded model (quickstart recipe: LoRA r16 all-linear, bf16, packed rows of 64 tokens, about 940 positions a
-# step) on this project's CPU (2-vCPU Xeon with AVX512-BF16, one thread, shared and noisy), cold inductor cache:
-# compiling the training graph took 69 s and 75 s (two runs), the evaluation graph 17 s more at the first
-# validation. Four alternating 60-step runs, median step eager vs compiled: 0.134/0.114, 0.114/0.102,
-# 0.180/0.168, 0.192/0.104 s; typically 0.015 s a step, 1.6e-5 s a token, saved. Break-even: (72 + 17) s /
-# 1.6e-5 s = 5.6 million tokens; the threshold rounds it up. Larger models save more a token for about the same
-# compile time (the layers share one compiled graph), so they pay back sooner: the rule errs towards off.
-COMPILE_BREAK_EVEN_TOKENS = 6_000_000
+# Compiling pays for itself once the run's tokens save more time than the compile takes. What compiling saves is
+# mostly elementwise work (norms, rotary, activations, casts fused into fewer kernels), which grows with the width
+# of every layer's activations: the rule counts it as layers x (hidden + intermediate) "units" a token.
+# Measured on the embedded model (4 x (128 + 512) = 2,560 units; quickstart recipe: LoRA r16 all-linear, bf16,
+# packed rows of 64 tokens, about 940 positions a step) on this project's CPU (2-vCPU Xeon with AVX512-BF16, one
+# thread, shared and noisy), cold inductor cache: compiling the training graph took 69 s and 75 s (two runs), the
+# evaluation graph 17 s more at the first validation. Four alternating 60-step runs, median step eager vs
+# compiled: 0.134/0.114, 0.114/0.102, 0.180/0.168, 0.192/0.104 s; typically 1.6e-5 s a token saved, 6.25e-9 s a
+# unit. On the benchmarks' SmolLM2-135M shape (30 x (576 + 1536) = 63,360 units) that predicts 4.0e-4 s a token;
+# benchmarks/train_speed.py measured 6.6e-4 (lorakit-chunked vs lorakit, one thread, benchmarks/RESULTS.md), so
+# the rule errs towards off. Break-even: COMPILE_SECONDS / (saved a token); the embedded model's is 5.6 million.
+COMPILE_SECONDS = 90.0  # training graph (~72 s) and evaluation graph (~17 s)
+SAVED_SECONDS_PER_UNIT = 6.25e-9  # a token, a unit of layers x (hidden + intermediate)
+COMPILE_BREAK_EVEN_TOKENS = 6_000_000  # a model whose layer shape is not in its config: the embedded model's, rounded up
 
 
 @dataclass(frozen=True)
@@ -174,9 +180,33 @@ def compiler_missing(device: torch.device) -> str | None:
     return f"compiling is not verified on {device.type}"
 
 
-def resolve_compile(setting: bool | str, device: torch.device, steps: int | None, tokens_per_step: float | None
-                    ) -> Choice:
-    """train.compile for a run of `steps` optimizer steps of `tokens_per_step` positions (None: not known)."""
+def layer_units(model: nn.Module) -> int | None:
+    """layers x (hidden + intermediate) from the model's config (Llama-style or GPT-2-style names), or None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not (isinstance(layers, int) and isinstance(hidden, int)):
+        return None
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return layers * (hidden + int(inner))
+
+
+def compile_break_even(model: nn.Module) -> int:
+    """Tokens a run must train for compiling to pay back its time on `model` (rule and figures: above)."""
+    units = layer_units(model)
+    if not units:
+        return COMPILE_BREAK_EVEN_TOKENS
+    tokens = COMPILE_SECONDS / (SAVED_SECONDS_PER_UNIT * units)
+    step = 10 ** max(0, len(str(int(tokens))) - 2)  # rounded up to two significant digits
+    return int(-(-tokens // step) * step)
+
+
+def resolve_compile(setting: bool | str, device: torch.device, steps: int | None, tokens_per_step: float | None,
+                    break_even: int | None = None) -> Choice:
+    """train.compile for a run of `steps` optimizer steps of `tokens_per_step` positions (None: not known);
+    `break_even`: the tokens that pay back compiling for the model (`compile_break_even`; None: the default)."""
     if setting != AUTO:
         return Choice(bool(setting), "")
     if not auto_enabled():
@@ -186,12 +216,13 @@ def resolve_compile(setting: bool | str, device: torch.device, steps: int | None
         return Choice(False, f"compile: off (auto: {missing})")
     if steps is None or tokens_per_step is None:
         return Choice(False, "compile: off (auto: the run's length is not known here; train.compile=true to force it)")
+    needed = COMPILE_BREAK_EVEN_TOKENS if break_even is None else break_even
     tokens = int(steps * tokens_per_step)
-    if tokens < COMPILE_BREAK_EVEN_TOKENS:
+    if tokens < needed:
         return Choice(False, f"compile: off (auto: a {steps}-step run of {tokens:,} tokens does not pay back "
-                             f"compiling, about {COMPILE_BREAK_EVEN_TOKENS:,} do; train.compile=true to force it)")
+                             f"compiling, about {needed:,} do for this model; train.compile=true to force it)")
     return Choice(True, f"compile: on (auto: a {steps}-step run of {tokens:,} tokens pays back compiling, about "
-                        f"{COMPILE_BREAK_EVEN_TOKENS:,} do; train.compile=false to skip it)")
+                        f"{needed:,} do for this model; train.compile=false to skip it)")
 
 
 # ----------------------------------------------------------------------------- the training settings together
@@ -206,6 +237,6 @@ def resolve_train(cfg: TrainConfig, model: nn.Module, steps: int | None = None, 
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     precision = resolve_precision(cfg.precision, model, kept_precision)
-    compiled = resolve_compile(cfg.compile, device, steps, tokens_per_step)
+    compiled = resolve_compile(cfg.compile, device, steps, tokens_per_step, compile_break_even(model))
     return (dataclasses.replace(cfg, precision=precision.value, compile=compiled.value),
             [choice.line for choice in (precision, compiled) if choice.line])
