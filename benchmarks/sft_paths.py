@@ -48,6 +48,7 @@ class Job:
     varlen: bool = True  # lorakit only: per-example attention for packed rows (False: the dense block mask)
     torch_dropout: bool = False  # lorakit only: LoRA dropout through nn.Dropout instead of lorakit's CPU mask
     ranks: int = 1  # lorakit only: this process is one of `ranks` DDP ranks (torch.distributed env set by the caller)
+    user_rows: list[dict[str, str]] | None = None  # lorakit-default only: the whole dataset of the user's run
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -120,6 +121,13 @@ class StepClock:
         sync(self.device)
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
+        if self.on_tick is not None:
+            self.on_tick()
+        if self.stop_after and len(self.wall) >= self.stop_after:
+            raise _Enough
+
+    stop_after = 0  # > 0: end the run (raise _Enough) at this many steps
+    on_tick: Callable[[], None] | None = None  # also called at every tick
 
 
 def measured_seconds(ticks: list[float], warmup: int) -> float:
@@ -306,7 +314,88 @@ def _step_real_tokens(epochs: list[Any], job: Job, accum: int) -> list[int]:
     return [sum(lengths[k * accum:(k + 1) * accum]) for k in range(job.steps)]
 
 
-PIPELINES: dict[str, Callable[[Job, Path], dict[str, Any]]] = {"trainer": run_trainer, "lorakit": run_lorakit}
+class _Enough(BaseException):
+    """Raised from the step clock once the timed steps are done (not an Exception: nothing in the run catches it)."""
+
+
+def user_config(job: Job, model_dir: Path, data_file: Path, out_dir: Path) -> dict[str, Any]:
+    """The config a user writes for this workload: model, data, LoRA recipe, optimizer; no speed settings."""
+    return {"model": {"name_or_path": str(model_dir)},
+            "data": {"source": str(data_file), "format": "prompt_completion", "prompt_template": PROMPT_TEMPLATE},
+            "method": {"name": "lora", "r": LORA["r"], "alpha": LORA["alpha"], "dropout": job.lora_dropout,
+                       "targets": LORA["targets"]},
+            "train": {"lr": job.lr, "epochs": 1, "micro_batch_size": job.size.micro_batch * job.size.grad_accum,
+                      "schedule": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                      "seed": job.seed, "progress": "none"},
+            "output_dir": str(out_dir), "name": "run"}
+
+
+def run_lorakit_default(job: Job, workdir: Path) -> dict[str, Any]:
+    """Train as a user does: the model saved to a folder, the rows to a JSON-lines file, `user_config` through
+    `lorakit.finetune` (what `lorakit train CONFIG` runs), every auto setting as it resolves on this machine.
+
+    The run is the user's whole dataset (`job.user_rows`, one epoch: the auto rules see its real length); the
+    clock stops it after `job.steps` optimizer steps, the same steps the other pipelines run.
+    """
+    import json
+    import os
+
+    from lorakit.run import finetune
+    from lorakit.train import read_metrics
+
+    model_dir, data_file = workdir / "base-model", workdir / "train.jsonl"
+    job.model.save_pretrained(model_dir)
+    job.tokenizer.save_pretrained(model_dir)
+    rows = job.user_rows or job.rows
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.environ["LORAKIT_CACHE_DIR"] = str(workdir / "cache")  # a cold tokenization cache, as on a first run
+    lines: list[str] = []
+    real, positions, marks = [0], [0], []  # real (non-pad) tokens and positions through the backbone so far; real
+    # tokens at every step's end
+    pad_id = job.tokenizer.pad_token_id
+    backbone = type(job.model.model)
+    plain_forward = backbone.forward
+
+    def counting_forward(self, input_ids=None, *args, **kwargs):
+        if input_ids is not None:
+            real[0] += int((input_ids != pad_id).sum())
+            positions[0] += input_ids.numel()
+        return plain_forward(self, input_ids, *args, **kwargs)
+
+    meter = MemoryMeter(job.device)
+    meter.start()
+    started = time.perf_counter()
+    backbone.forward = counting_forward  # this child process only
+    try:
+        with StepClock(job.device) as clock:
+            clock.stop_after = job.steps + 1  # the (steps + 1)th step's tick: the first `steps` are recorded
+            clock.on_tick = lambda: marks.append(real[0])
+            try:
+                finetune(user_config(job, model_dir, data_file, workdir / "runs"), log=lines.append)
+            except _Enough:
+                pass
+    finally:
+        backbone.forward = plain_forward
+    peak = meter.peak_mb()
+    records = read_metrics(workdir / "runs" / "run" / "metrics.jsonl")[:job.steps]
+    if len(records) < job.steps:
+        raise RuntimeError(f"the user's run ended after {len(records)} of {job.steps} steps:\n" + "\n".join(lines))
+    clock.wall, clock.cpu = clock.wall[:job.steps], clock.cpu[:job.steps]
+    cumulative = [0] + [r["trained_tokens"] for r in records]
+    step_tokens = [b - a for a, b in zip(cumulative, cumulative[1:])]
+    step_real = [b - a for a, b in zip([0] + marks, marks)][:job.steps]
+    result = summarise(job, clock, step_tokens, [r["loss"] for r in records])
+    choices = [line for line in lines if line.startswith(("precision:", "packing:", "compile:"))]
+    first_step = next((line for line in lines if line.startswith("time to first step")), "")
+    return {**result, "peak_mb": peak, "baseline_mb": meter.baseline_mb, "peak_delta_mb": peak - meter.baseline_mb,
+            "micro_batch_rows": job.size.micro_batch * job.size.grad_accum, "grad_accum": 1,
+            "step_real_tokens": step_real, "padding_fraction": 1 - real[0] / max(1, positions[0]), "auto_choices": choices,
+            "time_to_first_step_line": first_step, "seconds_to_first_step": clock.wall[0] - started,
+            "user_rows": len(rows), "examples_digest": "user-run"}
+
+
+PIPELINES: dict[str, Callable[[Job, Path], dict[str, Any]]] = {"trainer": run_trainer, "lorakit": run_lorakit,
+                                                               "lorakit-default": run_lorakit_default}
 
 
 def run_pipeline(name: str, job: Job) -> dict[str, Any]:
