@@ -160,7 +160,25 @@ def environment(runs: list[dict[str, Any]]) -> dict[str, str]:
     """Versions and hardware the numbers were measured with."""
     libraries = {name: version(name) for name in ("torch", "transformers", "peft", "lorakit")}
     return {"python": platform.python_version(), **libraries, "machine": platform.machine(),
-            "cpus": str(os.cpu_count()), "gpu": runs[0]["gpu"]}
+            "cpus": str(os.cpu_count()), "gpu": runs[0]["gpu"], **cpu_description()}
+
+
+# the CPU flags that decide the speed of this workload: bf16 matrix units, AVX-512, AVX2
+MATMUL_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
+
+
+def cpu_description() -> dict[str, str]:
+    """The CPU's model name, its family for the goals (AMX / AVX512-BF16 / other) and its matmul-relevant flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return {"cpu_model": platform.processor() or "unknown", "cpu_family": "unknown", "cpu_flags": ""}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    family = "amx" if "amx_bf16" in flags else "avx512-bf16" if "avx512_bf16" in flags else "no native bf16"
+    return {"cpu_model": fields.get("model name", "unknown"), "cpu_family": family,
+            "cpu_flags": " ".join(flag for flag in MATMUL_FLAGS if flag in flags)}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -75,8 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="generation: timed runs of each side (the median counts)")
     parser.add_argument("--multi-repeats", type=int, default=3,
                         help="generation: timed repeats of the multi-adapter comparison (0 skips it)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the pipelines this many times, interleaved (round k starts at pipeline k mod n, "
+                             "so no pipeline always runs first); each round's ratios to the first pipeline are "
+                             "reported, and the rounds that reach --goal")
+    parser.add_argument("--goal", type=float, default=4.0,
+                        help="with --rounds: the real tokens/s ratio to the first pipeline counted as met")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     if not args.pipelines and not args.inference:
         parser.error("nothing to run: give --pipelines or keep --inference")
     if args.steps <= args.warmup or args.warmup < 1:
@@ -238,6 +246,27 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def round_ratios(rounds: list[list[dict[str, Any]]], goal: float) -> dict[str, dict[str, Any]]:
+    """Per pipeline after the first: its real tokens/s (wall) over the first pipeline's, round by round, and how
+    many rounds reach `goal`."""
+    ratios = {}
+    for k, pipeline in enumerate(run["pipeline"] for run in rounds[0][1:]):
+        values = [runs[k + 1]["real_tokens_per_s"] / runs[0]["real_tokens_per_s"] for runs in rounds]
+        ratios[pipeline] = {"ratios": values, "min": min(values), "median": sorted(values)[len(values) // 2],
+                            "rounds_met": sum(value >= goal for value in values), "rounds": len(values)}
+    return ratios
+
+
+def round_table(ratios: dict[str, dict[str, Any]], goal: float) -> str:
+    """One line per pipeline: its ratio in every round and the rounds that reach the goal."""
+    lines = [f"real tokens/s (wall) over the first pipeline, round by round (goal {goal:g}x):"]
+    for pipeline, found in ratios.items():
+        values = " ".join(f"{value:.2f}x" for value in found["ratios"])
+        lines.append(f"  {pipeline:24} {values}   min {found['min']:.2f}x, {found['rounds_met']} of "
+                     f"{found['rounds']} rounds >= {goal:g}x")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     preload()
@@ -245,25 +274,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from speed_paths import best_rate
 
-    runs, rates = [], []
+    rounds: list[list[dict[str, Any]]] = []
+    rates = []
     if args.pipelines:  # the matmul peak, before and after the runs; the best counts
         rates.append(_in_child(matmul_child, (args,), "speed-matmul"))
-    for pipeline in args.pipelines:
-        print(f"{pipeline} ...", file=sys.stderr, flush=True)
-        runs.append(run_child(args, pipeline))
+    n = len(args.pipelines)
+    for index in range(args.rounds if n else 0):
+        order = [args.pipelines[(index + k) % n] for k in range(n)]  # rotated, so no pipeline always runs first
+        done = {}
+        for pipeline in order:
+            print(f"{pipeline} ...{f' (round {index + 1} of {args.rounds})' if args.rounds > 1 else ''}",
+                  file=sys.stderr, flush=True)
+            done[pipeline] = run_child(args, pipeline)
+        rounds.append([done[pipeline] for pipeline in args.pipelines])  # reported in the order given
     result = {"benchmark": "lora-sft training speed: Trainer+peft, TRL SFTTrainer, lorakit; generation speed",
               "command": " ".join(["python", "benchmarks/train_speed.py", *(argv if argv is not None else sys.argv[1:])]),
               "settings": {"steps": args.steps, "warmup": args.warmup, "lr": args.lr, "lora_dropout": args.lora_dropout,
-                           "seed": args.seed, "compile": args.compile, "user_rows": args.user_rows, **describe(args.size),
+                           "seed": args.seed, "compile": args.compile, "user_rows": args.user_rows,
+                           "threads": args.threads, "rounds": args.rounds, **describe(args.size),
                            "lora": {**LORA, "dropout": args.lora_dropout}},
               "environment": {"torch": torch.__version__, **_versions("transformers", "peft", "trl")}}
-    if runs:
+    if rounds:
         rates.append(_in_child(matmul_child, (args,), "speed-matmul"))
         roofline = best_rate(rates)
-        runs = [{**run, **derived(run, args.warmup, roofline)} for run in runs]
+        rounds = [[{**run, **derived(run, args.warmup, roofline)} for run in runs] for runs in rounds]
+        runs = rounds[0]
         result.update(environment={**environment(runs), "trl": _version("trl")}, roofline=roofline, runs=runs,
-                      sanity={"same_examples": len({r["examples_digest"] for r in runs if r["pipeline"] != "lorakit-default"}) <= 1})
-        print(table(result))
+                      sanity={"same_examples": all(len({r["examples_digest"] for r in runs
+                                                        if r["pipeline"] != "lorakit-default"}) <= 1
+                                                   for runs in rounds)})
+        for index, runs in enumerate(rounds):
+            if args.rounds > 1:
+                print(f"round {index + 1} of {args.rounds}")
+            print(table({**result, "runs": runs}))
+        if args.rounds > 1:
+            result["rounds"] = rounds
+            result["round_ratios"] = round_ratios(rounds, args.goal)
+            print(round_table(result["round_ratios"], args.goal))
     if args.inference:
         from infer_paths import measure
         from infer_paths import table as inference_table

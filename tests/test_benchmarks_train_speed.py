@@ -35,3 +35,17 @@ def test_the_user_pipeline_stops_after_the_timed_steps_of_a_longer_run(tmp_path:
     assert user["time_to_first_step_line"].startswith("time to first step: ")
     assert result["sanity"]["same_examples"] is True  # the user's run has its own dataset: not compared
     assert "lorakit-default" in done.stdout and "real tokens/s (wall)" in done.stdout
+
+
+def test_round_ratios_count_the_rounds_that_reach_the_goal() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from train_speed import round_ratios, round_table
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    rounds = [[{"pipeline": "trainer", "real_tokens_per_s": 100.0}, {"pipeline": "lorakit", "real_tokens_per_s": r}]
+              for r in (450.0, 390.0, 410.0)]
+    found = round_ratios(rounds, goal=4.0)["lorakit"]
+    assert found["ratios"] == [4.5, 3.9, 4.1] and found["min"] == 3.9 and found["median"] == 4.1
+    assert (found["rounds_met"], found["rounds"]) == (2, 3)
+    assert "4.50x 3.90x 4.10x   min 3.90x, 2 of 3 rounds >= 4x" in round_table({"lorakit": found}, 4.0)
