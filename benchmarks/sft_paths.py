@@ -195,6 +195,7 @@ def run_trainer(job: Job, workdir: Path) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     disable_progress_bars()
+    started = time.perf_counter()
     dataset = Dataset.from_list(job.rows).map(tutorial_tokenize(job.tokenizer), remove_columns=["prompt", "completion"])
     model = job.model.to(torch.bfloat16) if job.precision == "bf16" else job.model
     model.config.use_cache = False  # the tutorials' "silence the warnings" line
@@ -230,7 +231,7 @@ def run_trainer(job: Job, workdir: Path) -> dict[str, Any]:
             "micro_batch_rows": job.size.micro_batch, "grad_accum": accum,
             "step_real_tokens": [sum(collator.real[k * accum:(k + 1) * accum]) for k in range(job.steps)],
             "padding_fraction": 1 - sum(collator.real) / sum(collator.positions),
-            "examples_digest": examples_digest(examples)}
+            "seconds_to_first_step": clock.wall[0] - started, "examples_digest": examples_digest(examples)}
 
 
 # ----------------------------------------------------------------------------- lorakit
@@ -249,6 +250,7 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     from lorakit.train import TrainConfig, distributed, read_metrics, train, varlen
 
     varlen.ENABLED = job.varlen  # this child process only
+    started = time.perf_counter()
     data_cfg = DataConfig(format="prompt_completion", prompt_template=PROMPT_TEMPLATE,
                           max_length=job.size.max_length, packing=job.pack)
     examples, _ = tokenize_rows(job.rows, job.tokenizer, data_cfg)
@@ -305,7 +307,8 @@ def run_lorakit(job: Job, workdir: Path) -> dict[str, Any]:
     return {**result, "peak_mb": peak, "baseline_mb": meter.baseline_mb, "peak_delta_mb": peak - meter.baseline_mb,
             "micro_batch_rows": rows, "grad_accum": accum, "ranks": job.ranks, "step_real_tokens": step_real,
             "padding_fraction": 1 - real / sum(b["input_ids"].numel() for b in epoch0),
-            "batching_seconds": sum(batching_seconds), "examples_digest": examples_digest(examples)}
+            "batching_seconds": sum(batching_seconds), "seconds_to_first_step": clock.wall[0] - started,
+            "examples_digest": examples_digest(examples)}
 
 
 def _step_real_tokens(epochs: list[Any], job: Job, accum: int) -> list[int]:

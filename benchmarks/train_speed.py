@@ -228,11 +228,12 @@ def table(result: dict[str, Any]) -> str:
             ("padding fraction", "padding_fraction", "{:.1%}", False),
             ("first loss", "first_loss", "{:.3f}", False),
             ("final loss (last 3)", "final_loss", "{:.3f}", False),
-            ("bf16 roofline share", "roofline_fraction", "{:.1%}", False)]
+            ("bf16 roofline share", "roofline_fraction", "{:.1%}", False),
+            ("s to end of step 1", "seconds_to_first_step", "{:.1f}", False)]
     width = max(16, *(len(r["pipeline"]) + 2 for r in runs))
     lines = [f"{'':24}" + "".join(f"{r['pipeline']:>{width}}" for r in runs)]
     for label, key, fmt, with_ratio in rows:
-        cells = "".join(f"{fmt.format(r[key]):>{width}}" for r in runs)
+        cells = "".join(f"{fmt.format(r[key]) if key in r else '-':>{width}}" for r in runs)
         lines.append(f"{label:24}{cells}")
         if with_ratio:
             ratios = "".join(f"{r[key] / base[key]:>{width - 1}.2f}x" for r in runs)
