@@ -145,7 +145,7 @@ def test_auto_detection_follows_the_registry_order():
     assert detect_format(["instruction", "input", "output"]).name == "alpaca"
     assert detect_format(["prompt", "completion", "id"]).name == "prompt_completion"
     assert detect_format(["text"]).name == "text"
-    assert list(FORMATS) == ["chat", "alpaca", "prompt_completion", "text"]
+    assert list(FORMATS) == ["chat", "alpaca", "prompt_completion", "text", "preference"]
     with pytest.raises(DataError, match=r"cannot detect the row format from columns \(act, prompt\)"):
         one([{"act": "a", "prompt": "b"}])
 

@@ -52,7 +52,10 @@ class DataConfig(Config):
     format: str = setting(
         "auto", "Row format: 'auto' (detect from the columns), 'prompt_completion', 'alpaca' "
                 "(instruction, input, output), 'chat' (a `messages` list of {role, content}, or ShareGPT's "
-                "`conversations` of {from, value}) or 'text' (plain text, every token trained).", choices=format_names)
+                "`conversations` of {from, value}), 'text' (plain text, every token trained) or 'preference' (a prompt "
+                "with a chosen and a rejected answer, as text or chat messages; or chosen and rejected "
+                "conversations that share their prompt; for the preference objectives, train.objective dpo, "
+                "ipo, simpo, orpo). auto looks among the formats of the run's objective.", choices=format_names)
     columns: dict[str, str] = setting(
         doc="Column mapping {format field: dataset column}, applied before the format reads a row; "
             "e.g. {prompt: act, completion: prompt} for fka/awesome-chatgpt-prompts.", factory=dict)
@@ -72,7 +75,9 @@ class DataConfig(Config):
     truncation: Truncation = setting(
         "prompt", "How examples longer than `max_length` are shortened: 'prompt' cuts context from the "
                   "left (keeping BOS and the final answer whole; an answer that alone is too long is cut "
-                  "at its end), 'end' cuts the end, 'drop' drops the example. All are counted.")
+                  "at its end), 'end' cuts the end, 'drop' drops the example. All are counted. A preference "
+                  "pair is cut as one: both sides keep the same prompt tokens, as many as fit beside the "
+                  "longer answer; 'drop' drops the pair when either side is too long.")
     drop_untrained: bool = setting(
         False, "Drop (and count) examples left with no trained token after truncation, instead of "
                "failing with an error that names the row.")

@@ -8,6 +8,12 @@ exact (no BPE merge across it) and the loss mask follows the segments.
 Add a format with `register_format(RowFormat(...))`; auto-detection tries the registered
 formats in order and picks the first whose `signature` columns (or one of its `also` sets) are
 all present.
+
+Preference rows (prompt, chosen, rejected: data/pairs.py) are a format of their own kind: it has a
+`render_pair` that renders both sides. Detection looks among the formats of the kind the objective
+trains on (SFT rows for train.objective sft, preference rows for the preference objectives), so rows
+holding both (a `messages` column beside chosen/rejected, as some preference datasets have) suit
+either, and rows of only the other kind are one clear error that says which objective trains them.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lorakit.data.chat import render_chat
+from lorakit.data.pairs import RenderedPair, render_chosen, render_preference
 from lorakit.data.rows import Rendered, RowError
 from lorakit.errors import DataError
 
@@ -24,6 +31,10 @@ if TYPE_CHECKING:
 
 
 Renderer = Callable[[dict[str, Any], Any, "DataConfig"], Rendered]
+PairRenderer = Callable[[dict[str, Any], Any, "DataConfig"], RenderedPair]
+
+# The objectives that train on preference rows (train.objective; named here for messages only).
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,12 @@ class RowFormat:
     render: Renderer = field(repr=False)
     description: str = ""
     also: tuple[tuple[str, ...], ...] = ()  # other column sets that select it (the renderer reads them)
+    render_pair: PairRenderer | None = field(default=None, repr=False)  # preference rows: both sides
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the rows are preference rows (a prompt with a chosen and a rejected answer)."""
+        return self.render_pair is not None
 
     def matches(self, columns: set[str]) -> bool:
         """Whether rows with these columns are in this format."""
@@ -88,13 +105,44 @@ def apply_columns(row: Any, columns: dict[str, str]) -> dict[str, Any]:
     return mapped
 
 
-def detect_format(columns: Iterable[str]) -> RowFormat:
-    """The first registered format whose signature columns (or one of its `also` sets) are all present."""
+def _objectives(pairs: bool) -> str:
+    names = PREFERENCE_OBJECTIVES if pairs else ("sft",)
+    return "train.objective " + (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0])
+
+
+def wrong_kind(fmt: RowFormat, pairs: bool) -> DataError:
+    """The one-line error for rows of a format the objective does not train on."""
+    if fmt.pairs:
+        return DataError(f"the rows are preference rows ({fmt.columns_text()}), which {_objectives(True)} "
+                         "trains on, not sft: set train.objective, or give SFT rows (e.g. prompt+completion, "
+                         "messages)")
+    return DataError(f"{_objectives(True)} trains on preference rows (prompt+chosen+rejected, or chosen+rejected "
+                     f"sharing their prompt; map other column names with data.columns), not {fmt.name} rows, "
+                     f"which {_objectives(False)} trains on")
+
+
+def check_kind(fmt: RowFormat, pairs: bool) -> RowFormat:
+    """`fmt` (set in data.format), when it is of the kind the objective trains on (`pairs`: a preference
+    objective); else the error, naming the setting."""
+    if fmt.pairs == pairs:
+        return fmt
+    wanted = ("preference (or auto)" if pairs else "an SFT format such as prompt_completion or messages (or auto)")
+    raise DataError(f"data.format is {fmt.name}, but {_objectives(pairs)} trains on "
+                    f"{'preference' if pairs else 'SFT'} rows: set data.format to {wanted}, or "
+                    f"train.objective to {'sft' if pairs else 'dpo, ipo, simpo or orpo'}")
+
+
+def detect_format(columns: Iterable[str], pairs: bool = False) -> RowFormat:
+    """The first registered format of the wanted kind (`pairs`: preference rows, else SFT rows) whose
+    signature columns (or one of its `also` sets) are all present."""
     present = set(columns)
     for fmt in FORMATS.values():
-        if fmt.matches(present):
+        if fmt.pairs == pairs and fmt.matches(present):
             return fmt
-    expected = "; ".join(f"{f.columns_text()} ({f.name})" for f in FORMATS.values())
+    for fmt in FORMATS.values():
+        if fmt.matches(present):
+            raise wrong_kind(fmt, pairs)
+    expected = "; ".join(f"{f.columns_text()} ({f.name})" for f in FORMATS.values() if f.pairs == pairs)
     raise DataError(f"cannot detect the row format from columns ({', '.join(sorted(present)) or 'none'}); "
                     f"expected one of: {expected}. Set data.format, or map columns with data.columns")
 
@@ -143,3 +191,7 @@ register_format(RowFormat("alpaca", ("instruction", "output"), render_alpaca,
 register_format(RowFormat("prompt_completion", ("prompt", "completion"), render_prompt_completion,
                           "prompt (not trained) and completion (trained)"))
 register_format(RowFormat("text", ("text",), render_text, "plain text, every token trained"))
+register_format(RowFormat("preference", ("prompt", "chosen", "rejected"), render_chosen,
+                          "a prompt with a chosen and a rejected answer, as text or chat messages (or chosen and "
+                          "rejected conversations sharing their prompt); for the preference objectives",
+                          also=(("chosen", "rejected"),), render_pair=render_preference))

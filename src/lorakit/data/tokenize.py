@@ -7,11 +7,11 @@ Shifting for next-token prediction happens later, in `make_batches`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lorakit.data.config import DataConfig
-from lorakit.data.formats import FORMATS, RowFormat, apply_columns, detect_format
+from lorakit.data.formats import FORMATS, RowFormat, apply_columns, check_kind, detect_format
 from lorakit.data.rows import Rendered, RowError, place_of
 from lorakit.errors import DataError
 from lorakit.labels import IGNORE_INDEX
@@ -24,13 +24,13 @@ class TokenizeStats:
     """What tokenization did to the rows; report it so nothing is lost silently."""
 
     n_rows: int = 0  # rows given
-    n_examples: int = 0  # examples produced
+    n_examples: int = 0  # examples produced (preference rows: pairs)
     n_skipped_bad_rows: int = 0  # rows that did not fit the format (skip_bad_rows)
     n_truncated: int = 0  # examples shortened to max_length (kept)
     n_answers_cut: int = 0  # of those, examples whose final answer alone was too long and was cut
     n_dropped: int = 0  # examples dropped: too long with truncation 'drop', or untrained
-    n_trained_tokens: int = 0  # tokens with a label, over all examples
-    n_tokens: int = 0  # tokens over all examples
+    n_trained_tokens: int = 0  # tokens with a label, over all examples (pairs: both sides)
+    n_tokens: int = 0  # tokens over all examples (pairs: both sides, each with the prompt)
 
     def summary(self) -> str:
         """One line for logs and run reports."""
@@ -123,30 +123,60 @@ def truncate(ids: list[int], labels: list[int], answer_start: int, keep_front: i
             labels[:keep_front] + labels[answer_start:answer_start + tail], "answer_cut")
 
 
-def resolve_format(rows: list[Any], cfg: DataConfig) -> RowFormat:
-    """cfg.format, or the format detected from the columns (after mapping) of the rows."""
+def resolve_format(rows: list[Any], cfg: DataConfig, pairs: bool = False) -> RowFormat:
+    """cfg.format, or the format detected from the columns (after mapping) of the rows; `pairs`: the run trains
+    on preference rows (a preference objective), else on SFT rows. Rows of the other kind are a DataError."""
     if cfg.format != "auto":
-        return FORMATS[cfg.format]
+        return check_kind(FORMATS[cfg.format], pairs)
     columns: dict[str, None] = {}
     for row in rows:
         if isinstance(row, dict):
             columns.update(dict.fromkeys(row))
     if cfg.columns:
         columns = {k: None for k in columns if k not in cfg.columns.values()} | dict.fromkeys(cfg.columns)
-    return detect_format(columns)
+    return detect_format(columns, pairs)
 
 
-def _check_tokenizer(tokenizer: Any) -> None:
+def check_tokenizer(tokenizer: Any) -> None:
+    """A DataError unless the tokenizer has the EOS that answers end with."""
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise DataError("the tokenizer has no eos_token: set one (tokenizer.eos_token = ...) so that "
                         "answers end with a trained end-of-sequence token")
 
 
-def _keep_front(ids: list[int], bos: list[int], tokenizer: Any) -> int:
+def keep_front(ids: list[int], bos: list[int], tokenizer: Any) -> int:
+    """How many leading tokens of `ids` (its BOS) truncation 'prompt' keeps."""
     if bos and ids[:len(bos)] == bos:
         return len(bos)
     bos_id = getattr(tokenizer, "bos_token_id", None)
     return 1 if ids and bos_id is not None and ids[0] == bos_id else 0
+
+
+def rendered_rows(rows: list[Any], render: Callable[[dict[str, Any], Any, DataConfig], Any], tokenizer: Any,
+                  cfg: DataConfig, stats: TokenizeStats) -> Iterator[tuple[int, Any]]:
+    """(index, rendered row) of each row, its columns mapped; a row that does not fit its format is a DataError
+    naming the row, or (cfg.skip_bad_rows) skipped and counted in `stats`."""
+    for k, row in enumerate(rows):
+        try:
+            rendered = render(apply_columns(row, cfg.columns), tokenizer, cfg)
+        except RowError as error:
+            if cfg.skip_bad_rows:
+                stats.n_skipped_bad_rows += 1
+                continue
+            raise DataError(f"{place_of(rows, k)}: {error}") from None
+        yield k, rendered
+
+
+def n_trained(labels: list[int]) -> int:
+    """The trained tokens of an example (labels[0] is never a target: nothing predicts it)."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
+def untrained_error(place: str, fmt: RowFormat, cfg: DataConfig, what: str = "") -> DataError:
+    """The error for an example left with no trained token (`what`: which side of a pair, if any)."""
+    return DataError(f"{place}: no trained token left{what} (max_length={cfg.max_length}, {fmt.name} format, "
+                     f"truncation '{cfg.truncation}'); raise data.max_length, use truncation 'prompt', or set "
+                     "data.drop_untrained")
 
 
 def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> tuple[list[Example], TokenizeStats]:
@@ -156,41 +186,33 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
     else 'row N' (1-based) in the order given (data/rows.py). Bad rows are skipped and counted when
     cfg.skip_bad_rows is on. An example with no trained token (after truncation) is an error
     naming the row unless cfg.drop_untrained is on; so is a list of rows that yields nothing.
+    Preference rows are an error: they are tokenized in pairs (data/preference.py).
     """
     if not rows:
         return [], TokenizeStats()
-    _check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer)
     fmt = resolve_format(rows, cfg)
     bos = bos_prefix(tokenizer)
     encode_segment = segment_encoder(tokenizer)
     stats = TokenizeStats(n_rows=len(rows))
     examples: list[Example] = []
-    for k, row in enumerate(rows):
-        try:
-            rendered = fmt.render(apply_columns(row, cfg.columns), tokenizer, cfg)
-        except RowError as error:
-            if cfg.skip_bad_rows:
-                stats.n_skipped_bad_rows += 1
-                continue
-            raise DataError(f"{place_of(rows, k)}: {error}") from None
+    for k, rendered in rendered_rows(rows, fmt.render, tokenizer, cfg, stats):
         ids, labels, answer_start = encode(rendered, encode_segment, bos, tokenizer.eos_token_id,
                                            cfg.train_on_prompt)
-        ids, labels, outcome = truncate(ids, labels, answer_start, _keep_front(ids, bos, tokenizer),
+        ids, labels, outcome = truncate(ids, labels, answer_start, keep_front(ids, bos, tokenizer),
                                         cfg.max_length, cfg.truncation)
         stats.n_truncated += outcome in ("truncated", "answer_cut")
         stats.n_answers_cut += outcome == "answer_cut"
-        n_trained = sum(label != IGNORE_INDEX for label in labels[1:])  # labels[0] is never a target
-        if outcome != "dropped" and n_trained == 0:
+        trained = n_trained(labels)
+        if outcome != "dropped" and trained == 0:
             if not cfg.drop_untrained:
-                raise DataError(f"{place_of(rows, k)}: no trained token left (max_length={cfg.max_length}, "
-                                f"{fmt.name} format, truncation '{cfg.truncation}'); raise "
-                                "data.max_length, use truncation 'prompt', or set data.drop_untrained")
+                raise untrained_error(place_of(rows, k), fmt, cfg)
             outcome = "dropped"
         if outcome == "dropped":
             stats.n_dropped += 1
             continue
         examples.append({"input_ids": ids, "labels": labels})
-        stats.n_trained_tokens += n_trained
+        stats.n_trained_tokens += trained
         stats.n_tokens += len(ids)
     stats.n_examples = len(examples)
     if not examples:
