@@ -62,6 +62,11 @@ class ModelConfig(Config):
         None, "Device to train on (cpu, cuda, cuda:1, ...); null picks cuda when available, else cpu.")
     trust_remote_code: bool = setting(
         False, "Run modelling code shipped with a hub model. Off unless you turn it on: it executes that code.")
+    init_adapter: str | None = setting(
+        None, "An adapter folder (an earlier run's adapter/, PEFT or lorakit format) whose weights the run's adapter "
+              "starts from instead of its fresh init, e.g. the SFT adapter a DPO run trains further; the method "
+              "section must describe that adapter (the run says what differs). A dpo or ipo run's reference is then "
+              "the base plus this adapter (train.reference auto: copy). null: a fresh adapter.")
 
 
 @dataclass
@@ -91,8 +96,8 @@ SECTION_ORDER = ("name", "output_dir", "model", "method", "data", "train")
 # fields that change its length, checkpoints or display, never its shared steps (train.config.RESUMABLE_CHANGES)
 RESUME_FREE_KEYS = frozenset({"name", "output_dir", "model.device", *(f"train.{key}" for key in RESUMABLE_CHANGES)})
 
-# The names transformers (TrainingArguments), peft (LoraConfig), TRL (SFTConfig, ModelConfig), axolotl and
-# torchtune give lorakit's settings -> lorakit's key. Accepted top-level (flat configs) or in the key's own
+# The names transformers (TrainingArguments), peft (LoraConfig), TRL (SFTConfig, ModelConfig, DPOConfig, CPOConfig),
+# LLaMA-Factory, axolotl and torchtune give lorakit's settings -> lorakit's key. Accepted top-level (flat configs) or in the key's own
 # section (train.learning_rate), in YAML and on the command line; each use prints a note naming the key.
 ALIASES: dict[str, str] = {
     # train
@@ -123,6 +128,10 @@ ALIASES: dict[str, str] = {
     # model
     "model_name_or_path": "model.name_or_path", "base_model": "model.name_or_path",
     "torch_dtype": "model.dtype", "model_revision": "model.revision", "trust_remote_code": "model.trust_remote_code",
+    "adapter_name_or_path": "model.init_adapter", "lora_model_dir": "model.init_adapter",
+    # preference tuning (TRL's DPOConfig / CPOConfig)
+    "loss_type": "train.objective", "beta": "train.beta", "label_smoothing": "train.label_smoothing",
+    "simpo_gamma": "train.simpo_gamma",
     # top level
     "run_name": "name",
 }

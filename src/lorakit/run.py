@@ -1,5 +1,10 @@
 """One training run, start to finish: config -> tokenizer -> data -> model -> method -> loop -> run folder.
 
+SFT and the preference objectives (train.objective dpo, ipo, simpo, orpo) take the same path: a preference run
+reads prompt/chosen/rejected rows into pairs (data/preference.py), lays them out as pair batches (chosen and
+rejected rows of each pair in one micro-batch, padded, never packed), and the loop computes the objective's loss
+(train/preference.py). model.init_adapter starts the run's adapter from a saved one (e.g. DPO on top of SFT).
+
 `run_training(cfg)` is what `lorakit train` calls. The run folder (cfg.run_dir) ends up with:
 
     config.yaml        the resolved config (feed it back to `lorakit train` to repeat the run)
@@ -22,13 +27,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from safetensors import SafetensorError
 
-from lorakit.adapters import apply, parameter_report, save_adapter
+from lorakit.adapters import apply, apply_from_folder, parameter_report, save_adapter
 from lorakit.adapters.param_lora import experts_note
 from lorakit.config import (RESUME_FREE_KEYS, RunConfig, apply_overrides, build_config, config_to_dict, find_recipe, method_name,
                             read_yaml, save_config)
 from lorakit.data import check_packing, load_rows, make_batches, preview_example
 from lorakit.data.cache import cached_tokenize
 from lorakit.data.batching import pack_each_batch
+from lorakit.data.preference import make_pair_batches, preview_pair, prompt_format_name, tokenize_preference_rows
 from lorakit.data.prompting import PromptFormat, RunRecord, special_tokens
 from lorakit.data.tokenize import resolve_format, truncation_warnings
 from lorakit.errors import ConfigError, DataError
@@ -138,7 +144,11 @@ def load_adapted_model(cfg: RunConfig, log: Log, tokenizer: Any = None) -> tuple
     seed_everything(cfg.train.seed)  # adapter init (e.g. LoRA's A) is random: same seed, same run
     model = load_model(model_cfg.name_or_path, dtype=model_cfg.dtype, device=device,
                        trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
-    model = apply(model, cfg.method).to(device)  # new adapter weights join the base on its device
+    start = model_cfg.init_adapter
+    # new adapter weights join the base on its device
+    model = (apply_from_folder(model, cfg.method, start) if start else apply(model, cfg.method)).to(device)
+    if start:
+        log(f"model.init_adapter: the {method_name(cfg.method)} adapter starts from the weights in {start}")
     log(parameter_report(model))
     for line in (experts_note(model), describe(model, cfg.train.base_dropout)):
         if line:
@@ -146,9 +156,10 @@ def load_adapted_model(cfg: RunConfig, log: Log, tokenizer: Any = None) -> tuple
     return model, tokenizer
 
 
-def stats_line(stats: Any) -> str:
-    """One line of tokenization counts (the truncation/skip report of the pre-flight check)."""
-    return (f"{stats.n_examples} examples from {stats.n_rows} rows: {stats.n_truncated} truncated "
+def stats_line(stats: Any, unit: str = "examples") -> str:
+    """One line of tokenization counts (the truncation/skip report of the pre-flight check); `unit`: what the
+    rows became (examples, or pairs)."""
+    return (f"{stats.n_examples} {unit} from {stats.n_rows} rows: {stats.n_truncated} truncated "
             f"({stats.n_answers_cut} with the answer cut), {stats.n_dropped} dropped, "
             f"{stats.n_skipped_bad_rows} bad rows skipped; {stats.n_trained_tokens} of "
             f"{stats.n_tokens} tokens trained")
@@ -164,8 +175,11 @@ def resolve_embedded_data(data_cfg: Any) -> Any:
 
 
 def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list, Any, PromptFormat]:
-    """(train examples, validation examples, train stats, the prompt format), after the pre-flight preview."""
+    """(train examples, validation examples, train stats, the prompt format), after the pre-flight preview; for a
+    preference objective the examples are pairs."""
     train_rows, val_rows = load_rows(resolve_embedded_data(cfg.data))
+    if cfg.train.preference:
+        return tokenize_pairs(cfg, tokenizer, log, train_rows, val_rows)
     prompt = PromptFormat.of_run(cfg.data, resolve_format(train_rows, cfg.data).name, tokenizer)
     train_examples, stats = cached_tokenize(train_rows, tokenizer, cfg.data, log=log)
     if not train_examples:
@@ -177,6 +191,26 @@ def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list,
     for line in [*truncation_warnings(stats, cfg.data), *truncation_warnings(val_stats, cfg.data, "validation rows")]:
         log(line)
     return train_examples, val_examples, stats, prompt
+
+
+def tokenize_pairs(cfg: RunConfig, tokenizer: Any, log: Log, train_rows: list, val_rows: list
+                   ) -> tuple[list, list, Any, PromptFormat]:
+    """`tokenize_data` for a preference objective: rows -> pairs (chosen and rejected sharing one prompt)."""
+    resolve_format(train_rows, cfg.data, pairs=True)  # SFT rows under a preference objective: the one error
+    prompt = PromptFormat.of_run(cfg.data, prompt_format_name(train_rows, cfg.data), tokenizer)
+    began = time.perf_counter()
+    train_pairs, stats = tokenize_preference_rows(train_rows, tokenizer, cfg.data)
+    if not train_pairs:
+        raise DataError(f"no training pairs are left after tokenization ({stats_line(stats, 'pairs')})")
+    val_pairs, val_stats = tokenize_preference_rows(val_rows, tokenizer, cfg.data)
+    log(f"data: tokenized {len(train_rows) + len(val_rows):,} preference rows in {time.perf_counter() - began:.1f} s "
+        "(preference rows are not cached)")
+    log("pre-flight: one training pair, trained tokens in [[...]]:")
+    log(preview_pair(train_pairs[0], tokenizer))
+    log(f"data: {stats_line(stats, 'pairs')}; {len(val_pairs)} validation pairs")
+    for line in [*truncation_warnings(stats, cfg.data), *truncation_warnings(val_stats, cfg.data, "validation rows")]:
+        log(line)
+    return train_pairs, val_pairs, stats, prompt
 
 
 def record_run(folder: Path, cfg: RunConfig, prompt: PromptFormat, tokenizer: Any) -> Path:
@@ -201,7 +235,16 @@ def packing_effect(examples: list, cfg: RunConfig) -> str:
 def resolve_run_packing(cfg: RunConfig, model: Any, examples: list, log: Log) -> Layout:
     """How the run lays out its micro-batches: padded; packed rows (data.packing true, checked by the leak
     probe: an error when it fails); or, for auto where the probe passes, the unpacked micro-batches each
-    packed (`pack_each_batch`: the same steps as unpacked, without the padding). auto's line is logged."""
+    packed (`pack_each_batch`: the same steps as unpacked, without the padding). auto's line is logged.
+    Preference pairs: pair batches (data/preference.py `make_pair_batches`), padded."""
+    if cfg.train.preference:
+        if cfg.data.packing is True:
+            raise ConfigError("data.packing: true does not apply to preference pairs (each micro-batch holds its "
+                              "pairs' chosen and rejected rows, padded); set data.packing: false or auto")
+        if cfg.data.packing == AUTO:
+            log("data.packing auto: off for preference pairs (each micro-batch holds its pairs' chosen and "
+                "rejected rows, padded)")
+        return make_pair_batches
     if cfg.data.packing is True:
         check_packing(model, max_length=cfg.data.max_length)
         return functools.partial(make_batches, pack=True)
@@ -261,11 +304,12 @@ def write_report(result: RunResult, cfg: RunConfig, wall_s: float, choices: Sequ
         "",
         f"- model: `{cfg.model.name_or_path}`, method: `{method_name(cfg.method)}`",
         f"- trainable parameters: {s.trainable_params:,} of {s.total_params:,} ({share:.4f}%)",
-        f"- data: {stats_line(stats)}",
+        f"- data: {stats_line(stats, 'pairs' if cfg.train.preference else 'examples')}",
         f"- steps: {s.steps} ({s.epochs:.2f} epochs), trained tokens: {s.trained_tokens:,}",
         f"- training time: {s.wall_time_s:.1f} s ({wall_s:.1f} s for the whole command), "
         f"{s.tokens_per_s:,.0f} tokens/s",
         f"- final training loss: {_fmt(s.final_loss)}; best eval loss: {eval_line}",
+        *preference_lines(result, cfg),
         f"- output: `{result.output.name}/`" + (f" (resumed from `{s.resumed_from}`)" if s.resumed_from else ""),
         *(f"- {line}" for line in choices),
         "",
@@ -277,6 +321,23 @@ def write_report(result: RunResult, cfg: RunConfig, wall_s: float, choices: Sequ
     path = result.run_dir / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def preference_lines(result: RunResult, cfg: RunConfig) -> list[str]:
+    """report.md's lines on a preference objective: its settings and the first and last logged reward numbers."""
+    if not cfg.train.preference:
+        return []
+    logged = [r for r in result.metrics if "rewards/accuracies" in r]
+    lines = [f"- objective: {cfg.train.objective}, beta {cfg.train.beta}; losses are means per pair"]
+    for name, record in (("first", logged[0]), ("last", logged[-1])) if logged else ():
+        lines.append(f"- {name} logged step ({record['step']}): reward accuracy {record['rewards/accuracies']:.3f}, "
+                     f"margin {record['rewards/margins']:.4f} (chosen {record['rewards/chosen']:.4f}, rejected "
+                     f"{record['rewards/rejected']:.4f})")
+    evals = [r for r in logged if "eval_rewards/accuracies" in r]
+    if evals:
+        lines.append(f"- validation pairs at step {evals[-1]['step']}: reward accuracy "
+                     f"{evals[-1]['eval_rewards/accuracies']:.3f}, margin {evals[-1]['eval_rewards/margins']:.4f}")
+    return lines
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> RunResult:

@@ -23,7 +23,7 @@ _EXPORTS = {
     "METHODS": _CONFIG, "register_method": "lorakit.adapters.registry",
     "Full": _CONFIG, "LoRA": _CONFIG, "DoRA": _CONFIG, "QLoRA": _CONFIG, "PromptTuning": _CONFIG,
     "Bottleneck": _CONFIG, "MoLE": _CONFIG,
-    "apply": _DISPATCH, "count": _DISPATCH, "load_adapter": _DISPATCH, "merge": _DISPATCH,
+    "adapters_disabled": _DISPATCH, "apply": _DISPATCH, "apply_from_folder": _DISPATCH, "count": _DISPATCH, "load_adapter": _DISPATCH, "merge": _DISPATCH,
     "save_adapter": _DISPATCH, "unload": _DISPATCH, "unmerge": _DISPATCH,
     "find_targets": "lorakit.adapters.match",
     "parameter_report": "lorakit.adapters.report", "trainable_parameters": "lorakit.adapters.report",

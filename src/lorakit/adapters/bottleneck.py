@@ -102,6 +102,7 @@ class BottleneckAdapter(nn.Module):
         self.down = nn.Linear(d, size)  # weight (size, d)
         self.up = nn.Linear(size, d)  # weight (d, size)
         self.activation = activation
+        self.adapter_enabled = True  # False inside adapters.dispatch.adapters_disabled: y passes unchanged
         with torch.no_grad():
             nn.init.normal_(self.down.weight, std=init_scale)
             for tensor in (self.down.bias, self.up.weight, self.up.bias):
@@ -120,6 +121,8 @@ class BottleneckAdapter(nn.Module):
 def _adapt_output(sublayer: nn.Module, args, output):
     """Forward hook: pass the sub-block's hidden states (first element of a tuple) through its adapter."""
     adapter = getattr(sublayer, CHILD)
+    if not adapter.adapter_enabled:
+        return output
     if isinstance(output, tuple):
         return (adapter(output[0]),) + output[1:]
     return adapter(output)

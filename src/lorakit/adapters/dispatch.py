@@ -9,18 +9,23 @@ loader says what is wrong with it.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import json
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
 from lorakit.adapters import ops, peft_format
 from lorakit.adapters.config import Full, LoRA
 from lorakit.adapters.registry import METHODS, implementation, method_for_folder, own_folder_types
-from lorakit.adapters.state import get_state
+from lorakit.adapters.state import get_state, set_parameter
 from lorakit.errors import AdapterError, ConfigError
+
+SWITCH = "adapter_enabled"  # the attribute every module that changes the base's output honours in its forward
 
 
 def _checked(method_cfg: Any) -> Any:
@@ -103,3 +108,104 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove the adapter without merging: the plain base model as before `apply`."""
     method, module = _method_of(model)
     return module.unload(method, model)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block `model` computes exactly its base model (the model before `apply`), with no second copy.
+
+    Every module that changes the base's output has an `adapter_enabled` switch its forward honours (LoRA, DoRA
+    and QLoRA layers, LoRA on parameters, MoLE layers, prompt tuning's virtual tokens, bottleneck adapters): each
+    is switched off, so each layer runs its base arithmetic alone and the logits equal the base model's bit for
+    bit. modules_to_save use their original parameters and biases trained by a bias mode their base values for
+    the block. This is the reference model of preference tuning (train/preference.py). Full fine-tuning has no
+    adapter to switch off; a merged adapter (merge(keep_layers=True)) must be unmerged first.
+    """
+    state = get_state(model)
+    if state is None:
+        raise AdapterError(f"{type(model).__name__} carries no lorakit adapter to switch off")
+    if isinstance(state.method, Full):
+        raise AdapterError("full fine-tuning has no adapter to switch off: its base is the weights before training "
+                           "(keep a copy, or precompute what is needed from it)")
+    switches = [module for module in model.modules() if isinstance(module.__dict__.get(SWITCH), bool)]
+    merged = [module for module in switches if getattr(module, "merged", False)]
+    if merged:
+        raise AdapterError("the adapter is merged into the base weights (merge(keep_layers=True)); unmerge it "
+                           "before switching it off")
+    swapped = {path: model.get_parameter(path) for path in [*state.originals, *state.bias_backup]}
+    try:
+        for module in switches:
+            setattr(module, SWITCH, False)
+        for path, original in state.originals.items():
+            set_parameter(model, path, ops.like(original, swapped[path]))
+        for path, values in state.bias_backup.items():
+            set_parameter(model, path, nn.Parameter(values.to(swapped[path]), requires_grad=False))
+        yield model
+    finally:
+        for module in switches:
+            setattr(module, SWITCH, True)
+        for path, param in swapped.items():
+            set_parameter(model, path, param)
+
+
+# method settings that only say how a fresh adapter is initialised: a folder may differ from the run's method
+# section in these and still hold the same adapter
+_START_ONLY = frozenset({"targets", "init", "init_from", "init_text", "tokenizer_name_or_path", "init_scale",
+                         "router_init"})
+
+
+def _adapter_shape(model: nn.Module) -> dict[str, Any]:
+    """What an applied adapter is, for comparing two: its method's settings (without the init-only ones) and the
+    name and shape of every trainable tensor (which pins targets, rank, modules_to_save, trained biases, ...)."""
+    method = get_state(model).method
+    settings = {f"method.{f.name}": getattr(method, f.name) for f in dataclasses.fields(method)
+                if f.name not in _START_ONLY}
+    tensors = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    return {**settings, "trainable tensors": tensors}
+
+
+def apply_from_folder(model: nn.Module, method_cfg: Any, folder: str | Path) -> nn.Module:
+    """`apply(model, method_cfg)` with the adapter's weights read from a saved adapter folder instead of initialised:
+    the run continues training that adapter (e.g. DPO on top of an SFT adapter). Returns the model.
+
+    The adapter is first built from `method_cfg` as a fresh run would build it, then removed, and the folder is
+    loaded with its method's own loader (which checks every tensor against the model). Both must be the same
+    adapter: the same method settings (alpha, rslora, dropout, bias, ...; the init settings may differ, and a
+    QLoRA run takes a LoRA folder onto its 4-bit base) and the same trainable tensors by name and shape (targets,
+    rank, modules_to_save, ...); else a ConfigError names each difference. The adapter state records the folder
+    (`started_from`).
+    """
+    folder = Path(folder)
+    if isinstance(_checked(method_cfg), Full):
+        raise ConfigError("model.init_adapter: full fine-tuning starts from a whole model: give that folder as "
+                          "model.name_or_path instead")
+    if not (folder / peft_format.CONFIG_NAME).is_file():
+        raise ConfigError(f"model.init_adapter: {folder} holds no {peft_format.CONFIG_NAME}; give the adapter "
+                          "folder of an earlier run (its adapter/ folder)")
+    apply(model, method_cfg)
+    fresh = _adapter_shape(model)
+    method, module = _method_of(model)
+    module.unload(method, model)
+    loader, raw = _folder_method(folder)
+    implementation(loader).load_folder(model, folder, raw)
+    loaded = _adapter_shape(model)
+    differences = [f"{key} is {fresh[key]!r} in the method section but {loaded[key]!r} there"
+                   for key in fresh.keys() & loaded.keys() if key != "trainable tensors" and fresh[key] != loaded[key]]
+    ours, theirs = fresh["trainable tensors"], loaded["trainable tensors"]
+    if ours != theirs:
+        only_ours, only_theirs = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+        reshaped = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
+        differences.append(
+            "the trainable tensors differ (" + "; ".join(part for part in (
+                f"only the method section's: {only_ours[:3]}" if only_ours else "",
+                f"only the folder's: {only_theirs[:3]}" if only_theirs else "",
+                f"{reshaped[0]} is {ours[reshaped[0]]} here but {theirs[reshaped[0]]} there" if reshaped else "")
+                if part) + ")")
+    if differences:
+        loaded_method, loaded_module = _method_of(model)
+        loaded_module.unload(loaded_method, model)
+        raise ConfigError(f"model.init_adapter: the method section must describe the adapter in {folder}, which "
+                          f"the run trains further: {'; '.join(sorted(differences))}")
+    state = get_state(model)
+    state.method, state.started_from = copy.deepcopy(method_cfg), str(folder)
+    return model

@@ -96,7 +96,7 @@ class DoRALayer(LoRALayer):
         return weight_norm(self.weight, self.delta_weight(), self.kind.fan_in_fan_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or not self.adapter_enabled:
             return self.kind.forward(x, self.weight, self.bias)
         A, B, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
         norm = self.weight_norm()  # once per forward

@@ -188,11 +188,12 @@ class LoRALayer(WrappedLayer):
         self.in_features, self.out_features = d_in, d_out
         self.scaling = scaling(alpha, r, rslora)
         self.merged = False
+        self.adapter_enabled = True  # False inside adapters.dispatch.adapters_disabled: the base layer alone
         self.train(base.training)  # a model in eval mode stays in eval mode (dropout off)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.kind.forward(x, self.weight, self.bias)  # (..., d_out)
-        if self.merged:
+        if self.merged or not self.adapter_enabled:
             return result
         A, B = self.lora_A.weight, self.lora_B.weight
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast x themselves

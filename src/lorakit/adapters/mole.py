@@ -103,6 +103,7 @@ class MoLELayer(WrappedLayer):
         self.top_k, self.aux_loss_weight = cfg.top_k, cfg.aux_loss_weight
         self.scaling = scaling(cfg.alpha, r, cfg.rslora)
         self.last_balance_loss: torch.Tensor | None = None
+        self.adapter_enabled = True  # False inside adapters.dispatch.adapters_disabled: the base layer alone
         self.train(base.training)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +120,8 @@ class MoLELayer(WrappedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.kind.forward(x, self.weight, self.bias)  # (..., d_out)
+        if not self.adapter_enabled:
+            return result
         return (result + self.mixture(x)).to(result.dtype)
 
     def mixture(self, x: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def unload(model: nn.Module) -> nn.Module:
     if state is not None:
         for path, original in state.originals.items():
             current = model.get_parameter(path)
-            set_parameter(model, path, _like(original, current))
+            set_parameter(model, path, like(original, current))
         with torch.no_grad():
             for path, values in state.bias_backup.items():
                 model.get_parameter(path).copy_(values)
@@ -74,7 +74,7 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def _like(original: nn.Parameter, current: torch.Tensor) -> nn.Parameter:
+def like(original: nn.Parameter, current: torch.Tensor) -> nn.Parameter:
     """The original parameter, moved to where the model now lives if it was moved since."""
     if original.device == current.device and original.dtype == current.dtype:
         return original

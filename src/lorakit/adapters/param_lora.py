@@ -137,6 +137,7 @@ class ParamLoRA(StandIn):
             init_lora_A_(self.lora_A[name].weight, init)
             init_lora_B_(self.lora_B[name].weight)
         self.merged = False
+        self.adapter_enabled = True  # False inside adapters.dispatch.adapters_disabled: the owner's own forward
         self.train(base.training)
 
     def delta(self, name: str) -> torch.Tensor:
@@ -151,7 +152,7 @@ class ParamLoRA(StandIn):
         return weight + self.delta(name).to(weight.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.merged:
+        if self.merged or not self.adapter_enabled:
             return self._base(*args, **kwargs)
         swapped = {name: self.adapted(name) for name in self.names}
         return torch.func.functional_call(self._base, swapped, args, kwargs, strict=False)

@@ -139,6 +139,7 @@ class VirtualTokens(nn.Module):
         super().__init__()
         self.embeddings = nn.Parameter(torch.zeros(n, d))  # (n, d)
         self.run = PromptRun()
+        self.adapter_enabled = True  # False inside adapters.dispatch.adapters_disabled: no virtual tokens
 
 
 @dataclass
@@ -166,6 +167,9 @@ def _cached_length(cache: Any) -> int:
 def _prepend_prompt(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook: put the virtual tokens in front of the input (or account for them in the cache)."""
     prompt: VirtualTokens = getattr(model, CHILD)
+    if not prompt.adapter_enabled:  # the plain model: nothing in front, nothing to cut off
+        prompt.run.pending_length = None
+        return args, kwargs
     return prepend_virtual(model, args, kwargs, prompt.run, lambda batch: [prompt.embeddings] * batch)
 
 

@@ -33,6 +33,9 @@ class AdapterState:
     """Parameter path -> the base parameter that a trainable copy replaced (modules_to_save)."""
     bias_backup: dict[str, torch.Tensor] = field(default_factory=dict)
     """Parameter path -> base values of a bias that trains in place (bias modes 'all', 'lora_only')."""
+    started_from: str | None = None
+    """The adapter folder whose trained weights the adapter started from (`dispatch.apply_from_folder`), else
+    None: a freshly initialised adapter, which leaves the model equal to its base."""
 
 
 def get_state(model: nn.Module) -> AdapterState | None:

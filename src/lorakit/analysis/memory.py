@@ -24,6 +24,13 @@ trainable numbers, the base's size) and the model's sizes (`shapes.ModelShape`):
                  recomputes one layer at a time in the backward pass, after the loss tensors
                  are freed: the peak holds the larger of one layer's activations and the loss's.
 Framework overhead (CUDA context, allocator fragmentation, kernels' workspaces) is not counted.
+
+Preference tuning (train.objective dpo or ipo) adds the reference model's memory (`reference_bytes`, one figure
+per train.reference choice): adapters_off none (the same weights with the adapter switched off); copy the
+initial trainable weights once more (the whole model for full fine-tuning; the adapter for one started from a
+trained adapter); precomputed none on the device and about PRECOMPUTED_BYTES_PER_PAIR of host memory per pair,
+for one reference pass over the data before training. A micro-batch of B pairs holds 2B rows (its activations
+are those of batch 2B); the reference pass runs without gradients and saves no activations.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + fp8 absmax per 64 + 
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw-8bit": 2.0, "sgd": 0.0}
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 LOSS_COPIES = 3  # logits, log-softmax output, gradient of the logits
+PRECOMPUTED_BYTES_PER_PAIR = 250  # two rows of train/preference.py's table: a 16-byte key and a float, in a dict
 
 
 @dataclass(frozen=True)
@@ -128,3 +136,11 @@ def estimate(shape: ModelShape, count: MethodCount, setup: TrainingSetup) -> Mem
     """The memory estimate of training `count.method` on the model of `shape` with `setup`."""
     return MemoryEstimate(weights=weight_bytes(count, setup), gradients=gradient_bytes(count, setup),
                           optimizer=optimizer_bytes(count, setup), activations=activation_bytes(shape, count, setup))
+
+
+def reference_bytes(count: MethodCount, setup: TrainingSetup) -> dict[str, float | None]:
+    """Device memory a dpo or ipo run's reference model adds, per train.reference choice (None: not available;
+    see the module docstring). precomputed also keeps PRECOMPUTED_BYTES_PER_PAIR of host memory per pair."""
+    full = count.method.name == "full"
+    copy = count.total * _bytes(setup.weight_dtype) if full else count.trainable * _bytes(setup.trainable_dtype)
+    return {"adapters_off": None if full else 0.0, "copy": copy, "precomputed": 0.0}

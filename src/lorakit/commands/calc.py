@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.adapters import METHODS
-from lorakit.analysis.memory import GB, OPTIMIZER_BYTES, TrainingSetup, estimate
+from lorakit.analysis.memory import (GB, OPTIMIZER_BYTES, PRECOMPUTED_BYTES_PER_PAIR, TrainingSetup, estimate,
+                                    reference_bytes)
 from lorakit.analysis.presets import PRESETS
 from lorakit.analysis.shapes import ModelShape, shape_from_config
 from lorakit.commands.configargs import _add_method_options, _check_duplicates, config_source, split_words
@@ -176,6 +177,23 @@ def memory_table(shape: ModelShape, counts: list[MethodCount], args: argparse.Na
     return "\n".join(lines)
 
 
+def reference_table(counts: list[MethodCount], args: argparse.Namespace) -> str:
+    """GB a preference run's reference model adds (train.objective dpo or ipo), per train.reference choice."""
+    setup = _setups(args)[0]
+    lines = ["preference tuning (train.objective dpo or ipo): the reference model's memory, GB (train.reference)",
+             f"  {'method':<14}{'adapters_off':>14}{'copy':>10}{'precomputed':>13}"]
+    for count in counts:
+        extra = reference_bytes(count, setup)
+        cells = ["n/a" if extra[kind] is None else f"{extra[kind] / GB:.2f}"
+                 for kind in ("adapters_off", "copy", "precomputed")]
+        lines.append(f"  {count.method.name:<14}{cells[0]:>14}{cells[1]:>10}{cells[2]:>13}")
+    lines += ["  (auto: adapters_off for an adapter trained from scratch; copy for full fine-tuning and for an adapter "
+              "started from model.init_adapter, whose copy is the adapter's size; precomputed: one reference pass "
+              f"before training and {PRECOMPUTED_BYTES_PER_PAIR} bytes of host memory per pair; a micro-batch of B "
+              "pairs holds 2B rows: read the table above at batch 2B)"]
+    return "\n".join(lines)
+
+
 def header(model: str, config: Any, total: int) -> str:
     """One line about the model: its architecture, sizes and parameter count."""
     layers, hidden, vocab = (getattr(config, key, None) for key in ("num_hidden_layers", "hidden_size", "vocab_size"))
@@ -201,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"training memory estimate: none ({error})")
     else:
         print(memory_table(shape, counts, args))
+    print("\n" + reference_table(counts, args))
     if args.lecture:
         print("\n" + lecture_text())
     return 0

@@ -15,15 +15,23 @@ DISTRIBUTED_MODES = get_args(Distributed)
 BASE_DROPOUT_MODES = get_args(BaseDropout)
 PRECISION_MODES = ("fp32", "bf16-autocast", "bf16")  # the keys of lorakit.train.precision.PRECISIONS (torch-side)
 AUTO = "auto"  # a setting lorakit resolves at the start of a run (train/auto.py), printing what it chose and why
+# what one optimizer step minimises (train/step.py for sft, train/preference.py for the rest); TRL's loss_type
+# "sigmoid" is read as dpo
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
+PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
+REFERENCE_FREE = ("simpo", "orpo")
+OBJECTIVE_SPELLINGS = {"sigmoid": "dpo"}
+REFERENCES = (AUTO, "adapters_off", "copy", "precomputed")  # train/preference.py `make_reference`
 
 
 @dataclass
 class TrainConfig(Config):
     """Optimisation, schedule, precision and bookkeeping settings for `lorakit.train.train`.
 
-    One optimizer step consumes `grad_accum` micro-batches of `micro_batch_size` rows; the loss
-    of that step is the summed token cross-entropy divided once by the number of trained tokens
-    in all of them, so accumulation never changes the gradient.
+    One optimizer step consumes `grad_accum` micro-batches of `micro_batch_size` rows (pairs, for a
+    preference objective); the loss of that step is the summed token cross-entropy divided once by
+    the number of trained tokens in all of them (the summed pair losses divided by the pairs), so
+    accumulation never changes the gradient.
     """
 
     section: ClassVar[str] = "train"
@@ -34,8 +42,8 @@ class TrainConfig(Config):
         None, "Optional cap on optimizer steps; training stops at whichever of epochs or max_steps comes first. "
               "Empty means no cap.", ge=1)
     micro_batch_size: int = setting(
-        4, "Rows per forward/backward pass. The caller builds batches of this size; the loop only sees the "
-           "batches.", ge=1)
+        4, "Rows per forward/backward pass (pairs, each two rows, for a preference objective). The caller builds "
+           "batches of this size; the loop only sees the batches.", ge=1)
     grad_accum: int = setting(
         1, "Micro-batches accumulated into one optimizer step (effective batch = micro_batch_size x grad_accum).",
         ge=1)
@@ -104,15 +112,65 @@ class TrainConfig(Config):
                 "fully_shard: weights, gradients and optimizer state sharded; full fine-tuning, large bases) "
                 "or auto (fsdp when every parameter trains, else ddp). grad_accum counts micro-batches per "
                 "rank. Ignored in a single process.")
+    objective: str = setting(
+        "sft", "What training minimises: sft (cross-entropy of the trained tokens) or a preference objective over "
+               "pairs of answers (data rows with prompt/chosen/rejected): dpo (Rafailov et al. 2023, the sigmoid "
+               "loss; TRL's loss_type 'sigmoid'), ipo (Azar et al. 2023, squared loss on length-averaged "
+               "log-ratios), simpo (Meng et al. 2024, reference-free, length-averaged, with margin simpo_gamma) or "
+               "orpo (Hong et al. 2024, reference-free: NLL of the chosen answer + orpo_lambda x odds-ratio term). "
+               "A preference objective's loss is the mean over the step's pairs, however they are split into "
+               "micro-batches.",
+        choices=(*OBJECTIVES, *OBJECTIVE_SPELLINGS))
+    beta: float = setting(
+        0.1, "Preference objectives: dpo's and simpo's inverse temperature beta (how far the policy may move from "
+             "the reference: larger keeps it closer), ipo's regulariser (the target margin is 1/(2 beta)); also "
+             "scales the logged rewards, as TRL's.", gt=0)
+    label_smoothing: float = setting(
+        0.0, "dpo and simpo: the assumed share of pairs whose preference label is flipped (conservative DPO, "
+             "Mitchell 2023): loss = -(1-e) log sigmoid(beta d) - e log sigmoid(-beta d). 0: the plain loss.",
+        ge=0, lt=0.5)
+    simpo_gamma: float = setting(
+        0.5, "simpo: the target reward margin gamma (TRL's simpo_gamma); the loss is -log sigmoid(beta (avg "
+             "log p(chosen) - avg log p(rejected)) - gamma).", ge=0)
+    orpo_lambda: float = setting(
+        0.1, "orpo: the weight lambda of the odds-ratio term added to the chosen answer's NLL (TRL's ORPOConfig "
+             "calls it beta).", ge=0)
+    reference: str = setting(
+        AUTO, "Where dpo and ipo take the reference model's log-probs: adapters_off (the same model with its "
+              "adapter switched off: the base, no second copy, no memory), copy (a frozen copy of the initial "
+              "trainable weights run through the same modules: the whole model's size for full fine-tuning, the "
+              "adapter's size when model.init_adapter starts from a trained adapter), precomputed (one pass "
+              "over the training and validation pairs before the first step, kept as two numbers per pair: no "
+              "second copy and no reference forward pass per step) or auto: adapters_off for an adapter "
+              "trained from scratch, copy for full fine-tuning and for an adapter started from model.init_adapter "
+              "(the reference is then the base plus that adapter). The run prints its choice.",
+        choices=REFERENCES)
     dist_timeout_s: float = setting(
         600.0, "Seconds any collective may wait under torchrun before the run fails; a rank that dies or hangs "
                "then ends the others with an error instead of a hang.", gt=0)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective in OBJECTIVE_SPELLINGS:  # TRL's name for the same loss
+            object.__setattr__(self, "objective", OBJECTIVE_SPELLINGS[self.objective])
+
     def problems(self) -> list[tuple[str, str]]:
-        """The one cross-field rule: warmup is given one way."""
+        """Cross-field rules: warmup is given one way; preference settings fit the objective."""
+        found = []
         if self.warmup_steps and self.warmup_ratio:
-            return [("warmup_ratio", "set warmup_steps or warmup_ratio, not both")]
-        return []
+            found.append(("warmup_ratio", "set warmup_steps or warmup_ratio, not both"))
+        objective = OBJECTIVE_SPELLINGS.get(self.objective, self.objective)
+        if self.label_smoothing and objective not in ("dpo", "simpo"):
+            found.append(("label_smoothing", f"applies to objectives dpo and simpo, not {objective}"))
+        if self.reference != AUTO and objective not in ("dpo", "ipo"):
+            found.append(("reference", f"objective {objective} has no reference model (it is reference-free)"
+                          if objective in REFERENCE_FREE else "applies to objectives dpo and ipo"))
+        return found
+
+    @property
+    def preference(self) -> bool:
+        """Whether the objective trains on pairs of answers (dpo, ipo, simpo, orpo) rather than on tokens (sft)."""
+        return self.objective in PREFERENCE_OBJECTIVES
 
     def resolve_warmup(self, total_steps: int) -> int:
         """Warmup length in steps for a run of `total_steps` optimizer steps."""

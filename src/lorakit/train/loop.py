@@ -1,8 +1,11 @@
-"""The one training loop: every method (LoRA, full fine-tuning, ...) trains through `train`.
+"""The one training loop: every method (LoRA, full fine-tuning, ...) and objective (SFT, DPO, ...) trains through `train`.
 
 The loop knows nothing of adapters: it trains whatever parameters have requires_grad=True.
-It hands each optimizer step's micro-batches and scheduled lr to `step.train_step` (forward,
-loss normalised by the step's trained tokens, backward, clip, AdamW step), wrapped in
+A preference objective (train.objective dpo, ipo, simpo, orpo: train/preference.py) is the same
+loop with another loss: its reference is set up here from the model's initial weights, before
+any checkpoint is loaded. It hands each optimizer step's micro-batches and scheduled lr to
+`step.train_step` (forward, loss normalised by the step's trained tokens or pairs, backward,
+clip, AdamW step), wrapped in
 out-of-memory halving in a single process and given the `distributed.Parallel` strategy under
 torchrun; around the steps it evaluates, logs, checkpoints and resumes. Losses stay on the
 device until a logging step.
@@ -24,10 +27,12 @@ from lorakit.errors import LorakitError
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.auto import resolve_train
+from lorakit.train.fastloss import split_head
 from lorakit.train.config import AUTO, TrainConfig
 from lorakit.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, TrainSummary,
                                    plot_loss_curve, write_summary)
 from lorakit.train.precision import PRECISIONS
+from lorakit.train.preference import AttachedBatches, PreferenceObjective, Precomputed, make_reference, objective_lines
 from lorakit.train.progress import Progress, make_progress
 from lorakit.train.schedules import lr_factor
 from lorakit.train.setup import (build_optimizer, prepared, seed_everything,
@@ -50,6 +55,8 @@ class LoopState:
     elapsed_at_record: float = 0.0  # `elapsed` clock at the last metrics record
     pending_loss_sum: float = 0.0  # summed token loss since the last record
     pending_trained: int = 0  # trained tokens since the last record
+    pending_units: int | None = None  # units (trained tokens, or pairs) since the last record; None: = pending_trained
+    pending_metrics: list[float] = field(default_factory=list)  # a preference objective's metric sums since then
     pending_inputs: int = 0  # input positions since the last record
     best_eval_loss: float | None = None
     best_eval_step: int | None = None
@@ -108,9 +115,12 @@ def train(
     total_steps, per_epoch, first_epoch = plan_steps(cfg, train_batches, parallel.world)
     cfg, choices = _resolve_auto(cfg, model, source, total_steps, first_epoch)
     with prepared(model, cfg) as call:
+        objective, train_batches, eval_batches, first_epoch, lines = _objective(
+            cfg, model, parallel, train_batches, eval_batches, first_epoch)  # the model's initial weights
+        choices += lines
         call = parallel.wrap(model, call)
         trainer = _Trainer(model, call, cfg, train_batches, eval_batches, run_dir, total_steps, on_checkpoint,
-                           parallel)
+                           parallel, objective)
         trainer.state.epoch_batches = per_epoch
         if parallel.is_main:  # rank 0 speaks for all ranks
             for line in choices:
@@ -127,6 +137,29 @@ def train(
                 raise
             raise distributed.lost_rank_error(parallel, error, run_dir) from error
         return trainer.finish(source)
+
+
+def _objective(cfg: TrainConfig, model: nn.Module, parallel: distributed.Parallel,
+               train_batches: Callable[[int], list[Batch]], eval_batches: list[Batch] | None, first_epoch: list[Batch]):
+    """A preference objective with its reference taken from the model as it is now (before a checkpoint is loaded),
+    the batches with precomputed reference log-probs attached when train.reference is precomputed, and the lines
+    the run prints; for sft (None, the batches as given, no lines)."""
+    if not cfg.preference:
+        return None, train_batches, eval_batches, first_epoch, []
+    device = next(model.parameters()).device
+    # the policy's pass takes the head at trained positions only where the chunked loss would (not through DDP's
+    # wrapper); the reference does as the policy, so both run the same arithmetic
+    fast = cfg.chunked_loss and parallel.kind != "ddp" and split_head(model) is not None
+    reference = make_reference(cfg, model, lambda: [*first_epoch, *(eval_batches or [])], device,
+                               PRECISIONS[cfg.precision], parallel.rank, parallel.world, sharded=parallel.kind == "fsdp",
+                               fast=fast)
+    if isinstance(reference, Precomputed):
+        given = train_batches
+        train_batches = lambda epoch: AttachedBatches(given(epoch), reference)  # noqa: E731
+        eval_batches = AttachedBatches(eval_batches, reference) if eval_batches else eval_batches
+        first_epoch = AttachedBatches(first_epoch, reference)
+    lines = objective_lines(cfg, reference, fast)
+    return PreferenceObjective(cfg, reference), train_batches, eval_batches, first_epoch, lines
 
 
 def _resolve_auto(cfg: TrainConfig, model: nn.Module, source: Path | None, total_steps: int,
@@ -152,7 +185,7 @@ class _Trainer:
     def __init__(self, model: nn.Module, call: nn.Module, cfg: TrainConfig,
                  train_batches: Callable[[int], list[Batch]], eval_batches: list[Batch] | None,
                  run_dir: Path, total_steps: int, on_checkpoint: Callable[[Path], None] | None,
-                 parallel: distributed.Parallel | None = None) -> None:
+                 parallel: distributed.Parallel | None = None, objective: PreferenceObjective | None = None) -> None:
         self.model, self.cfg, self.run_dir = model, cfg, run_dir
         self.parallel = parallel or distributed.Parallel()
         self.train_batches, self.eval_batches = train_batches, eval_batches
@@ -162,7 +195,9 @@ class _Trainer:
         self.params = [p for _, p in self.named]
         self.optimizer = build_optimizer(self.named, cfg)
         device = self.params[0].device
-        self.model_loss = make_loss_sum(call, device, PRECISIONS[cfg.precision], chunked=cfg.chunked_loss)
+        self.model_loss = make_loss_sum(call, device, PRECISIONS[cfg.precision], chunked=cfg.chunked_loss,
+                                        objective=objective)
+        self.objective = objective
         self.state = LoopState(total_steps=total_steps, batches_per_step=cfg.grad_accum * self.parallel.world,
                                precision=cfg.precision)
         # ranks must agree on every split, so out-of-memory halving is a single-process feature
@@ -170,6 +205,8 @@ class _Trainer:
         self.warmup = cfg.resolve_warmup(total_steps)
         self.pending_loss = torch.zeros((), device=device)
         self.pending_trained = torch.zeros((), dtype=torch.long)
+        self.pending_units = torch.zeros((), dtype=torch.long)
+        self.eval_metrics: dict[str, float] = {}  # a preference objective's metrics of the last evaluation
         self.grad_norm: torch.Tensor | None = None
         self.started = time.perf_counter()
         self.metrics: MetricsLog | None = None
@@ -193,6 +230,10 @@ class _Trainer:
         self.halving.parts = self.state.halving_parts
         self.pending_loss.fill_(self.state.pending_loss_sum if self.parallel.is_main else 0.0)  # summed on rank 0
         self.pending_trained.fill_(self.state.pending_trained)
+        units = self.state.pending_units
+        self.pending_units.fill_(self.state.pending_trained if units is None else units)
+        if self.objective is not None:
+            self.objective.restore(self.state.pending_metrics if self.parallel.is_main else [])
 
     def _check_length(self, saved: LoopState, folder: Path) -> None:
         """A resumed run may change its length (epochs, max_steps), not its steps: the same micro-batches per
@@ -268,6 +309,7 @@ class _Trainer:
         self.pending_loss += done.loss_sum.float()
         count = done.trained_tokens
         self.pending_trained = self.pending_trained.to(count.device) + count  # stays where labels live
+        self.pending_units = self.pending_units.to(done.units.device) + done.units
         self.state.pending_inputs += count_input_tokens(group)
         return lr
 
@@ -298,6 +340,9 @@ class _Trainer:
         finally:
             self.model.train()
         state = self.state
+        sums = self.objective.take(evaluation=True) if self.objective is not None else None
+        if sums is not None:  # every rank evaluates every batch: its own sums are the totals
+            self.eval_metrics = self.objective.means(sums, prefix="eval_")
         if state.best_eval_loss is None or loss < state.best_eval_loss:
             state.best_eval_loss, state.best_eval_step = loss, state.step
         self.progress.message(f"step {state.step}: eval loss {loss:.4f}")
@@ -311,7 +356,7 @@ class _Trainer:
         state, now = self.state, self._elapsed()
         self.parallel.collect(self.pending_loss)
         trained = int(self.pending_trained.item())
-        loss = self.pending_loss.item() / max(1, trained)
+        loss = self.pending_loss.item() / max(1, int(self.pending_units.item()))  # per trained token, or per pair
         state.trained_tokens += trained
         state.input_tokens += state.pending_inputs
         tokens_per_s = state.pending_inputs / max(1e-9, now - state.elapsed_at_record)
@@ -323,12 +368,26 @@ class _Trainer:
         auxiliary = self.model_loss.auxiliary.take()  # e.g. MoLE load balancing; None for most methods
         if auxiliary is not None:
             self.parallel.collect(auxiliary)
-            record["aux_loss"] = auxiliary.item() / max(1, trained)  # weighted, per trained token
+            record["aux_loss"] = auxiliary.item() / max(1, int(self.pending_units.item()))  # weighted, per unit
+        self._preference_record(record, eval_loss is not None)
         self.metrics.write(record)
         self.progress.report(state.step, loss, tokens_per_s, lr)
         self.pending_loss.zero_()
         self.pending_trained.zero_()
+        self.pending_units.zero_()
         state.pending_inputs, state.elapsed_at_record = 0, now
+
+    def _preference_record(self, record: dict, evaluated: bool) -> None:
+        """A preference objective's mean metrics per pair since the last record (and of this step's evaluation),
+        added to `record` and to the progress line."""
+        sums = self.objective.take() if self.objective is not None else None
+        if sums is None:
+            return
+        self.parallel.collect(sums)  # summed on rank 0, which alone writes
+        record.update(self.objective.means(sums))
+        if evaluated:
+            record.update(self.eval_metrics)
+        self.progress.extra = (f"acc {record['rewards/accuracies']:.2f} | margin {record['rewards/margins']:.3f}")
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _checkpoint_due(self, last: bool) -> bool:
@@ -352,6 +411,13 @@ class _Trainer:
         self.parallel.collect(self.pending_loss)
         state.pending_loss_sum = float(self.pending_loss.item())
         state.pending_trained = int(self.pending_trained.item())
+        state.pending_units = int(self.pending_units.item())
+        if self.objective is not None:  # the metric sums of the logging interval, summed on rank 0 as the loss
+            sums = self.objective.take()
+            if sums is not None:
+                self.parallel.collect(sums)
+            state.pending_metrics = sums.tolist() if sums is not None else []
+            self.objective.restore(state.pending_metrics)
         state.halving_parts = self.halving.parts
         saved_elapsed, state.elapsed = state.elapsed, self._elapsed()
         rng_meta, rng_tensors = ckpt.capture_rng()

@@ -35,6 +35,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.started = time.perf_counter()
         self.last: dict[str, float] = {}
+        self.extra = ""  # more numbers of the last logging step, e.g. a preference run's reward accuracy
 
     def eta_seconds(self) -> float | None:
         """Seconds left at this process's pace so far (None before the first step)."""
@@ -63,8 +64,8 @@ class Progress:
         eta = self.eta_seconds()
         parts = [f"step {self.step}/{self.total_steps}"]
         if self.last:
-            parts += [f"loss {self.last['loss']:.4f}", f"lr {self.last['lr']:.2e}",
-                      f"{self.last['tokens_per_s']:,.0f} tok/s"]
+            parts += [f"loss {self.last['loss']:.4f}", *([self.extra] if self.extra else []),
+                      f"lr {self.last['lr']:.2e}", f"{self.last['tokens_per_s']:,.0f} tok/s"]
         parts.append(f"eta {_clock(eta)}" if eta is not None else "eta ?")
         return " | ".join(parts)
 
@@ -145,7 +146,8 @@ class TqdmProgress(Progress):
 
     def report(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
         super().report(step, loss, tokens_per_s, lr)
-        self.bar.set_postfix_str(f"loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s", refresh=False)
+        extra = f" | {self.extra}" if self.extra else ""
+        self.bar.set_postfix_str(f"loss {loss:.4f}{extra} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s", refresh=False)
         self._to(step)
         self.bar.refresh()
 

@@ -1,30 +1,34 @@
-"""One optimizer step, written once for every method: `train_step`, readable top to bottom.
+"""One optimizer step, written once for every method and objective: `train_step`, readable top to bottom.
 
 For each micro-batch: move it to the device, run the forward pass under the precision's
-autocast, sum the token cross-entropy over trained positions, add the gradient of any auxiliary
-losses, divide by the step's trained-token count and backward; then clip, set the lr, step the
-optimizer and zero the gradients. What varies around that step is passed in or wraps it:
+autocast, sum the loss over the batch's units (the token cross-entropy over trained positions for
+SFT; the per-pair loss for a preference objective), add the gradient of any auxiliary losses,
+divide by the step's unit count and backward; then clip, set the lr, step the optimizer and zero
+the gradients. What varies around that step is passed in or wraps it:
 
 - `ModelLoss` (made by `make_loss_sum`): the model as the step runs it. `loss_sum` is
   `model(**inputs)` then `token_loss_sum`, or the chunked loss (train/fastloss.py) that takes the
   backbone's hidden states instead of full logits; `with_boundaries` adds example boundaries to
-  packed rows when the model runs per-example attention (train/varlen.py).
+  packed rows when the model runs per-example attention (train/varlen.py). With an `objective`
+  (train/preference.py: DPO, IPO, SimPO, ORPO) the objective turns the batch into its loss sum
+  and says what a unit is (a pair of answers).
 - `parallel` (train/distributed.py): sums the token count over the ranks and lets DDP or FSDP
   synchronise gradients on a rank's last micro-batch only; a single process passes nothing.
 - `halving_on_oom` wraps the step: after an out-of-memory error it redoes the same step with every
   micro-batch split into halves.
 
-Normalisation rule (the one place it lives): an optimizer step sums the token cross-entropy
-over all its micro-batches and divides by the number of trained tokens (labels != -100)
-counted over all of them *before* any backward pass. Every micro-batch then contributes
-`loss_sum / n_tokens`, so the accumulated gradient equals the gradient of one big batch, no
-matter how the rows were split into micro-batches (or split again after an out-of-memory).
+Normalisation rule (the one place it lives): an optimizer step sums the loss over all its
+micro-batches and divides by the number of units (trained tokens, labels != -100, for SFT; pairs
+for a preference objective) counted over all of them *before* any backward pass. Every
+micro-batch then contributes `loss_sum / n_units`, so the accumulated gradient equals the
+gradient of one big batch, no matter how the rows were split into micro-batches (or split again
+after an out-of-memory; pairs are never cut apart).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +45,19 @@ from lorakit.train.varlen import varlen_inputs
 Batch = dict[str, Any]
 Result = TypeVar("Result")
 SINGLE_PROCESS = Parallel()
+PAIRS = "pairs"  # a preference batch's number of pairs B: rows 0..B-1 chosen, rows B..2B-1 rejected
+REFERENCE_LOGPS = "ref_logps"  # a preference batch's precomputed reference log-probs, one per row (2B,)
+NOT_MODEL_INPUTS = frozenset({"labels", PAIRS, REFERENCE_LOGPS})
 
 
 @dataclass
 class StepResult:
     """What one optimizer step reports to the loop."""
 
-    loss_sum: torch.Tensor  # summed token cross-entropy of this rank's micro-batches, detached
+    loss_sum: torch.Tensor  # summed loss of this rank's micro-batches, detached
     trained_tokens: torch.Tensor  # trained tokens of the whole step, summed over the ranks
     grad_norm: torch.Tensor | None  # total gradient norm before clipping; None without max_grad_norm
+    units: torch.Tensor | None = None  # the step's normaliser summed over the ranks: trained tokens, or pairs
 
 
 def train_step(model: ModelLoss, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, *,
@@ -59,17 +67,18 @@ def train_step(model: ModelLoss, micro_batches: list[Batch], optimizer: torch.op
 
     `params` are the trained parameters, in the order their gradient norm is taken.
     """
-    count = parallel.total(count_trained_tokens(micro_batches))  # trained tokens of the whole step
-    n_tokens = max(1.0, float(count)) if count.device.type == "cpu" else count.clamp(min=1)
-    n_tokens = n_tokens / parallel.world  # DDP and FSDP average gradients over the ranks
+    counts = parallel.total(model.counts(micro_batches))  # (units, trained tokens) of the whole step
+    count = counts[0]
+    n_units = max(1.0, float(count)) if count.device.type == "cpu" else count.clamp(min=1)
+    n_units = n_units / parallel.world  # DDP and FSDP average gradients over the ranks
     step_loss = torch.zeros((), device=model.device)
     for index, batch in enumerate(micro_batches):
         with parallel.gradient_sync(last=index == len(micro_batches) - 1):  # DDP/FSDP: all-reduce after the last
             batch = to_device(model.with_boundaries(batch), model.device)
             with model.precision.autocast(model.device):
-                summed = model.loss_sum(batch)  # model(**inputs) -> summed cross-entropy (or the chunked loss)
-                summed = model.auxiliary.add_gradient(summed, batch)  # e.g. MoLE load balancing: gradient only
-            (summed / n_tokens).backward()
+                summed = model.loss_sum(batch)  # model(**inputs) -> summed cross-entropy (or the objective's sum)
+                summed = model.auxiliary.add_gradient(summed, lambda: model.units(batch))  # e.g. MoLE balancing
+            (summed / n_units).backward()
         step_loss += summed.detach()
     with not_retried():  # an update stopped half way cannot be redone, so an out-of-memory here is raised
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True) if max_grad_norm else None
@@ -77,7 +86,7 @@ def train_step(model: ModelLoss, micro_batches: list[Batch], optimizer: torch.op
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum=step_loss, trained_tokens=count, grad_norm=grad_norm)
+    return StepResult(loss_sum=step_loss, trained_tokens=counts[1], grad_norm=grad_norm, units=count)
 
 
 @dataclass
@@ -132,11 +141,12 @@ def not_retried() -> Iterator[None]:
 @torch.no_grad()
 def evaluate(model: ModelLoss, batches: list[Batch], halving: Halving | None = None,
              on_retry: Callable[[int], None] = lambda max_rows: None) -> float:
-    """Token-weighted mean loss over `batches` (summed cross-entropy / trained tokens)."""
+    """Unit-weighted mean loss over `batches`: summed cross-entropy / trained tokens (SFT), summed pair losses /
+    pairs (a preference objective)."""
     total = halving_on_oom(lambda pieces: sum(model(piece) for piece in pieces), batches,
                            halving or Halving(enabled=False), on_retry)
-    n_tokens = count_trained_tokens(batches)
-    return float(total.item() / max(1, int(n_tokens.item())))
+    n_units = model.counts(batches)[0]
+    return float(total.item() / max(1, int(n_units.item())))
 
 
 @dataclass
@@ -152,6 +162,24 @@ class ModelLoss:
     precision: Precision
     head: HeadSplit | None  # set: the chunked loss runs the backbone and this head instead of `call`
     auxiliary: AuxiliaryLosses  # the loop logs their running sum
+    objective: Objective | None = None  # None: SFT's token cross-entropy; else e.g. DPO (train/preference.py)
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        """What the step's loss is a mean over, in `batch`: trained tokens (SFT), or its objective's units."""
+        if self.objective is not None:
+            return self.objective.units(batch)
+        if PAIRS in batch:
+            raise LorakitError("train.objective is sft, but the batches hold preference pairs (prompt/chosen/"
+                               "rejected rows); set train.objective to dpo, ipo, simpo or orpo")
+        return (batch["labels"] != IGNORE_INDEX).sum()
+
+    def counts(self, batches: list[Batch]) -> torch.Tensor:
+        """(units, trained tokens) over `batches`, as a (2,) tensor (no device sync)."""
+        return torch.stack([sum(self.units(batch) for batch in batches), count_trained_tokens(batches)])
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """The logits (B, T, V) of `call` on `batch` (already on the device)."""
+        return logits_of(self.call(**model_inputs(batch)))
 
     def with_boundaries(self, batch: Batch) -> Batch:
         """Packed rows plus their example boundaries when `call` runs per-example attention (the mask stays
@@ -159,30 +187,53 @@ class ModelLoss:
         return varlen_inputs(batch) if varlen_enabled(self.call) else batch
 
     def loss_sum(self, batch: Batch) -> torch.Tensor:
-        """Summed token cross-entropy of `batch` (already on the device) over its trained positions."""
+        """Summed token cross-entropy of `batch` (already on the device) over its trained positions, or the
+        objective's summed loss."""
+        if self.objective is not None:
+            return self.objective.loss_sum(self, batch)
         if self.head is not None:  # no full-vocabulary logits: the loss is taken in chunks of trained positions
             hidden = self.head.backbone(**model_inputs(batch)).last_hidden_state  # (B, T, C)
             return chunked_loss_sum(hidden, self.head.head, batch["labels"])
-        return token_loss_sum(logits_of(self.call(**model_inputs(batch))), batch["labels"])
+        return token_loss_sum(self.logits(batch), batch["labels"])
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         """The summed loss of `batch`, with the auxiliary losses' gradient added (its value unchanged)."""
         batch = to_device(self.with_boundaries(batch), self.device)
         with self.precision.autocast(self.device):
-            return self.auxiliary.add_gradient(self.loss_sum(batch), batch)
+            return self.auxiliary.add_gradient(self.loss_sum(batch), lambda: self.units(batch))
+
+
+class Objective(Protocol):
+    """What a step minimises besides SFT's token cross-entropy (train/preference.py), as `ModelLoss` runs it."""
+
+    metric_names: tuple[str, ...]  # the per-unit means it logs (e.g. "rewards/accuracies")
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        """The units of `batch` the loss is a mean over (e.g. its pairs), as a 0-dim tensor."""
+
+    def loss_sum(self, model: ModelLoss, batch: Batch) -> torch.Tensor:
+        """The loss of `batch` (on the device) summed over its units; also adds to its metric sums."""
+
+    def take(self, evaluation: bool = False) -> torch.Tensor | None:
+        """The metric sums since the last call, (len(metric_names) + 1,) with the unit count last, then reset;
+        training passes and evaluation passes (no grad) are summed apart. None when nothing ran."""
+
+    def restore(self, sums: list[float]) -> None:
+        """Put back training sums `take()` gave (a resumed run continues its logging interval)."""
 
 
 def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision, *,
-                  chunked: bool = False) -> ModelLoss:
+                  chunked: bool = False, objective: Objective | None = None) -> ModelLoss:
     """`call` (the model, maybe compiled or wrapped) as the step runs it on `device` in `precision`.
 
     chunked=True: when `call` is a causal LM whose head `fastloss.split_head` recognises, the loss is
     taken from its backbone's hidden states in chunks over trained positions only; otherwise, or
-    for other models, the plain path: logits, then `token_loss_sum`.
+    for other models, the plain path: logits, then `token_loss_sum`. An `objective` (a preference
+    loss) uses the same head split to take its rows' log-probs at trained positions only.
     """
     head = split_head(call) if chunked else None
     return ModelLoss(call=call, device=device, precision=precision, head=head,
-                     auxiliary=AuxiliaryLosses(auxiliary_loss_modules(call)))
+                     auxiliary=AuxiliaryLosses(auxiliary_loss_modules(call)), objective=objective)
 
 
 def auxiliary_loss_modules(model: nn.Module) -> list[nn.Module]:
@@ -194,21 +245,22 @@ def auxiliary_loss_modules(model: nn.Module) -> list[nn.Module]:
 class AuxiliaryLosses:
     """Auxiliary losses that modules report after each forward pass (already weighted by them).
 
-    In training, their sum times the micro-batch's trained tokens joins the gradient of the summed
-    loss, so after the division by the step's token count it counts as a token-weighted mean over
-    micro-batches. The value returned stays the cross-entropy, so logged and evaluation losses
+    In training, their sum times the micro-batch's units (trained tokens, or pairs) joins the gradient
+    of the summed loss, so after the division by the step's unit count it counts as a unit-weighted
+    mean over micro-batches. The value returned stays the cross-entropy, so logged and evaluation losses
     compare across methods; `pending` sums the auxiliary part for the metrics log.
     """
 
     modules: list[nn.Module]
     pending: torch.Tensor | None = None
 
-    def add_gradient(self, loss_sum: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """`loss_sum` with the auxiliary losses' gradient added (its value unchanged)."""
+    def add_gradient(self, loss_sum: torch.Tensor, units: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`loss_sum` with the auxiliary losses' gradient added (its value unchanged); `units()`: the micro-batch's
+        unit count (asked only when an auxiliary loss is there)."""
         values = [value for value in (m.auxiliary_loss() for m in self.modules) if value is not None]
         if not values or not torch.is_grad_enabled():
             return loss_sum
-        weighted = sum(values) * (batch["labels"] != IGNORE_INDEX).sum()
+        weighted = sum(values) * units()
         self.pending = weighted.detach() if self.pending is None else self.pending + weighted.detach()
         return loss_sum + (weighted - weighted.detach())  # exactly +0 in value, +d(weighted) in gradient
 
@@ -219,8 +271,9 @@ class AuxiliaryLosses:
 
 
 def model_inputs(batch: Batch) -> Batch:
-    """Everything the model is called with: the batch without its labels."""
-    return {key: value for key, value in batch.items() if key != "labels"}
+    """Everything the model is called with: the batch without its labels (and a preference batch's pair count
+    and reference log-probs)."""
+    return {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -247,20 +300,36 @@ def count_input_tokens(batches: list[Batch]) -> int:
 
 
 def batch_rows(batch: Batch) -> int:
-    """Rows (dim 0) of a batch."""
-    return batch["input_ids"].shape[0]
+    """Rows (dim 0) of a batch; pairs of a preference batch (a pair's two rows are never split apart)."""
+    return int(batch[PAIRS]) if PAIRS in batch else batch["input_ids"].shape[0]
 
 
 def split_batch(batch: Batch, parts: int) -> list[Batch]:
-    """Split every tensor of `batch` along dim 0 into up to `parts` pieces (4-D masks included)."""
+    """Split every tensor of `batch` along dim 0 into up to `parts` pieces (4-D masks included); a preference
+    batch is split by pairs, each piece keeping its pairs' chosen rows first and their rejected rows after."""
     parts = min(parts, batch_rows(batch))
     if parts == 1:
         return [batch]
+    if PAIRS in batch:
+        return _split_pairs(batch, parts)
     pieces: list[Batch] = [{} for _ in range(parts)]
     for key, value in batch.items():
         chunks = torch.tensor_split(value, parts, dim=0) if torch.is_tensor(value) else [value] * parts
         for piece, chunk in zip(pieces, chunks):
             piece[key] = chunk
+    return pieces
+
+
+def _split_pairs(batch: Batch, parts: int) -> list[Batch]:
+    """`split_batch` for a preference batch of B pairs (2B rows: chosen 0..B-1, rejected B..2B-1)."""
+    pairs = int(batch[PAIRS])
+    pieces = []
+    for chosen in torch.tensor_split(torch.arange(pairs), parts):
+        rows = torch.cat([chosen, chosen + pairs])  # this piece's chosen rows, then their rejected rows
+        piece = {key: value.index_select(0, rows.to(value.device)) if torch.is_tensor(value) else value
+                 for key, value in batch.items()}
+        piece[PAIRS] = len(chosen)
+        pieces.append(piece)
     return pieces
 
 
