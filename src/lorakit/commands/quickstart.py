@@ -1,4 +1,5 @@
-"""`lorakit quickstart`: the offline demo (lab/quickstart.py): LoRA-tune the embedded model, base vs tuned."""
+"""`lorakit quickstart`: the offline demo (lab/quickstart.py): LoRA-tune the embedded model, base vs tuned;
+with --dpo, DPO from that adapter next, SFT vs SFT + DPO."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="questions per step")
     parser.add_argument("--seed", type=int, default=0, help="seed of init and data order")
     parser.add_argument("--progress", default="auto", help="auto, bar, plain or none")
+    parser.add_argument("--dpo", action="store_true",
+                        help="then DPO from the SFT adapter on the embedded preference set (right answer chosen, a "
+                             "plausible wrong one rejected) and compare SFT with SFT + DPO on held-out questions: "
+                             "accuracy, margin, forgetting (the run configs/quickstart-dpo.yaml describes)")
+    parser.add_argument("--dpo-epochs", type=int, default=1, help="DPO passes over the preference pairs")
+    parser.add_argument("--dpo-steps", type=int, default=None, help="stop DPO after this many steps")
+    parser.add_argument("--dpo-lr", type=float, default=1e-4, help="DPO peak learning rate")
+    parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO beta (larger keeps closer to the SFT model)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (0: torch's default); the model is tiny, and on a "
                              "busy 2-core machine one thread trained ~5x faster than two")

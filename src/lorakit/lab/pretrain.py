@@ -24,6 +24,7 @@ from lorakit.lab.config import PretrainConfig
 from lorakit.lab.corpus import build_corpus, corpus_sha256
 from lorakit.lab.datasets import build_datasets, read_jsonl
 from lorakit.lab.facts import COUNTRIES
+from lorakit.lab.preference import write_preference_sets
 from lorakit.lab.tokenizer import build_tokenizer
 from lorakit.train import TrainConfig, train
 
@@ -98,7 +99,7 @@ def pretrain(cfg: PretrainConfig, out: Path) -> dict:
     model, summary = train_model(documents, tokenizer, cfg, out / "run")
     model.save_pretrained(out / "model")  # safetensors
     tokenizer.save_pretrained(out / "model")
-    counts = build_datasets(out / "data", documents, seed=cfg.seed)
+    counts = build_datasets(out / "data", documents, seed=cfg.seed) | write_preference_sets(out / "data", cfg.seed)
     recipe = {
         "config": asdict(cfg),
         "corpus": {"documents": len(documents), "characters": sum(map(len, documents)),

@@ -4,6 +4,12 @@ The embedded base model knows facts about countries (it read them in pre-trainin
 never seen a question. LoRA fine-tuning on question/answer pairs about 60% of the countries
 teaches it to answer; the held-out 40% show that it answers from what it already knew.
 Pre-training teaches knowledge, post-training teaches behaviour.
+
+With `--dpo`, preference tuning follows: DPO from the SFT adapter (its reference model: base + that
+adapter) on the embedded preference set (lab/preference.py: the same questions about the same
+training countries, the right answer chosen, a plausible wrong one rejected), then the held-out
+questions again: accuracy, the margin log p(chosen) - log p(rejected), and the general-text loss
+(what it cost in forgetting), SFT against SFT + DPO.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from lorakit.infer.evaluate import evaluate
 from lorakit.lab.config import QUICKSTART_OUT
 from lorakit.lab.datasets import qa_row, read_jsonl
 from lorakit.lab.facts import country
-from lorakit.lab.report import accuracy_by_kind, markdown_report
+from lorakit.lab.preference import margin_scores, measure_preferences
+from lorakit.lab.report import accuracy_by_kind, dpo_markdown, markdown_report
 from lorakit.models import EMBEDDED_DATASETS, load_model, load_tokenizer
 from lorakit.run import free_run_dir, run_training
 from lorakit.train import TrainConfig
@@ -44,6 +51,50 @@ def run_config(args: argparse.Namespace, run_dir: Path):
     return RunConfig(model=ModelConfig(name_or_path="embedded"),
                      method=LoRA(r=args.r, alpha=args.alpha, targets="all-linear"),
                      data=data, train=train, name=run_dir.name, output_dir=str(run_dir.parent))
+
+
+def dpo_config(args: argparse.Namespace, run_dir: Path, sft_adapter: Path) -> RunConfig:
+    """The RunConfig of DPO on the embedded preference set, continuing the SFT adapter (what
+    configs/quickstart-dpo.yaml holds, with the adapter of this quickstart's SFT run)."""
+    data = DataConfig(source=str(EMBEDDED_DATASETS["embedded-pref-train"]), format="preference",
+                      val_source=str(EMBEDDED_DATASETS["embedded-pref-eval"]), max_length=64)
+    train = TrainConfig(objective="dpo", beta=args.dpo_beta, lr=args.dpo_lr, epochs=args.dpo_epochs,
+                        max_steps=args.dpo_steps, micro_batch_size=args.batch_size, schedule="linear",
+                        warmup_steps=5, eval_every=25, seed=args.seed, log_every=5, progress=args.progress)
+    return RunConfig(model=ModelConfig(name_or_path="embedded", init_adapter=str(sft_adapter)),
+                     method=LoRA(r=args.r, alpha=args.alpha, targets="all-linear"),
+                     data=data, train=train, name="dpo", output_dir=str(run_dir))
+
+
+def changed_answers(rows: list[dict], sft: dict, dpo: dict) -> list[dict]:
+    """The held-out questions whose greedy answer DPO changed, with both answers."""
+    return [{"prompt": row["prompt"], "reference": row["chosen"], "sft": before, "dpo": after}
+            for row, before, after in zip(rows, sft["predictions"], dpo["predictions"]) if before.strip() != after.strip()]
+
+
+def dpo_stage(args: argparse.Namespace, sft_adapter: Path, run_dir: Path, tuned: dict, general_rows: list[dict],
+              log=print) -> dict:
+    """DPO from the SFT adapter; the held-out preference rows scored before and after. `tuned`: the SFT model's
+    scores on the same questions (the preference rows ask the SFT evaluation's questions, in its order)."""
+    pref_rows = read_jsonl(EMBEDDED_DATASETS["embedded-pref-eval"])
+    tokenizer = load_tokenizer("embedded")
+    log(f"scoring the SFT model's margins on {len(pref_rows)} held-out preference pairs ...")
+    sft_model = load_adapter(load_model("embedded"), sft_adapter)
+    sft = {"accuracy": tuned["accuracy"], **margin_scores(sft_model, tokenizer, pref_rows),
+           "general_loss": tuned["general_loss"], "predictions": tuned["predictions"]}
+    cfg = dpo_config(args, run_dir, sft_adapter)
+    log(f"DPO from the SFT adapter on {len(read_jsonl(EMBEDDED_DATASETS['embedded-pref-train']))} preference "
+        "pairs about the training countries ...")
+    result = run_training(cfg, log=log)
+    log("scoring the SFT + DPO model ...")
+    dpo = measure_preferences(load_adapter(load_model("embedded"), result.output), tokenizer, pref_rows, general_rows)
+    summary = result.summary
+    return {"run_dir": str(result.run_dir), "adapter": str(result.output), "beta": cfg.train.beta,
+            "pairs": {"eval": len(pref_rows)}, "changed": changed_answers(pref_rows, sft, dpo),
+            "sft": {k: v for k, v in sft.items() if k != "predictions"},
+            "dpo": {k: v for k, v in dpo.items() if k != "predictions"},
+            "training": {"steps": summary.steps, "epochs": summary.epochs, "wall_time_s": summary.wall_time_s,
+                         "final_loss": summary.final_loss}}
 
 
 def score(model, tokenizer, eval_rows: list[dict], general_rows: list[dict]) -> dict:
@@ -102,11 +153,13 @@ def write_predictions(eval_rows: list[dict], base: dict, tuned: dict, run_dir: P
 
 
 def write_report(report: dict, run_dir: Path) -> None:
-    """report.json, and report.md: the side-by-side first, then the training run's own report."""
+    """report.json, and report.md: the side-by-side first (then SFT vs DPO, with --dpo), then the training
+    run's own report."""
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     report_md = run_dir / "report.md"
     run_part = report_md.read_text(encoding="utf-8") if report_md.is_file() else ""
-    report_md.write_text(markdown_report(report) + "\n" + run_part.replace("# Run", "## Training run", 1),
+    dpo_part = dpo_markdown(report) + "\n" if "dpo" in report else ""
+    report_md.write_text(markdown_report(report) + "\n" + dpo_part + run_part.replace("# Run", "## Training run", 1),
                          encoding="utf-8")
 
 
@@ -127,6 +180,10 @@ def quickstart(args: argparse.Namespace, log=print) -> dict:
     tuned = score(tuned_model, tokenizer, eval_rows, general_rows)
     report = build_report(result, cfg, base, tuned, eval_rows, train_rows, general_rows,
                           time.perf_counter() - started)
+    if getattr(args, "dpo", False):
+        report["dpo"] = dpo_stage(args, result.output, result.run_dir, tuned, general_rows, log)
+        report["dpo"]["base_general_loss"] = base["general_loss"]
+        report["wall_time_s"] = time.perf_counter() - started
     write_report(report, result.run_dir)
     write_predictions(eval_rows, base, tuned, result.run_dir)
     return report

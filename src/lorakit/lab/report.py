@@ -52,6 +52,70 @@ def terminal_report(report: dict) -> str:
         f"  loss curve            {report['loss_curve']}",
         f"  run folder            {report['run_dir']}",
     ]
+    if "dpo" in report:
+        lines += dpo_lines(report["dpo"])
+    return "\n".join(lines)
+
+
+SHOWN_CHANGES = 6  # changed answers the terminal shows (report.md and report.json hold them all)
+
+
+def _dpo_rows(dpo: dict) -> list[tuple[str, str, str]]:
+    """(measure, SFT, SFT + DPO) rows of the DPO comparison, formatted."""
+    sft, tuned = dpo["sft"], dpo["dpo"]
+    rows = [("held-out exact match", f"{sft['accuracy']['all']:.1%}", f"{tuned['accuracy']['all']:.1%}")]
+    rows += [(f"  {kind}", f"{sft['accuracy'].get(kind, 0):.1%}", f"{value:.1%}")
+             for kind, value in tuned["accuracy"].items() if kind != "all"]
+    rows.append(("mean margin (nats)", f"{sft['margin']:.2f}", f"{tuned['margin']:.2f}"))
+    rows += [(f"  vs {kind.replace('_', ' ')}", f"{sft['margin_by_rejected'].get(kind, 0):.2f}", f"{value:.2f}")
+             for kind, value in tuned["margin_by_rejected"].items()]
+    rows.append(("chosen likelier", f"{sft['chosen_likelier']:.1%}", f"{tuned['chosen_likelier']:.1%}"))
+    rows.append(("general-text loss", f"{sft['general_loss']:.3f}", f"{tuned['general_loss']:.3f}"))
+    return rows
+
+
+def dpo_lines(dpo: dict) -> list[str]:
+    """The SFT vs SFT + DPO comparison as terminal lines."""
+    lines = ["", f"SFT then DPO (beta {dpo['beta']}), on {dpo['pairs']['eval']} held-out preference pairs "
+                 "(rejected: a plausible wrong answer, or the right one in a sentence):", "",
+             f"  {'':<26}{'SFT':>8}{'+ DPO':>8}"]
+    lines += [f"  {name:<26}{before:>8}{after:>8}" for name, before, after in _dpo_rows(dpo)]
+    shown = dpo["changed"][:SHOWN_CHANGES]
+    if shown:
+        lines += ["", f"  answers DPO changed: {len(dpo['changed'])} of {dpo['pairs']['eval']}"
+                      + (f" ({len(shown)} shown)" if len(shown) < len(dpo["changed"]) else "")]
+    for item in shown:
+        lines.append(f"  Q: {_question(item['prompt'])}   (reference: {item['reference'].strip()})")
+        lines.append(f"     SFT : {_clip(item['sft'])!r}")
+        lines.append(f"     +DPO: {_clip(item['dpo'])!r}")
+    train = dpo["training"]
+    lines += ["", "  margin: log p(chosen) - log p(rejected), each answer's token log-probs summed",
+              f"  forgetting            general-text loss {dpo['base_general_loss']:.3f} (base) -> "
+              f"{dpo['sft']['general_loss']:.3f} (SFT) -> {dpo['dpo']['general_loss']:.3f} (SFT + DPO)",
+              f"  DPO training          {train['steps']} steps in {train['wall_time_s']:.1f} s",
+              f"  DPO run folder        {dpo['run_dir']}"]
+    return lines
+
+
+def dpo_markdown(report: dict) -> str:
+    """The SFT vs SFT + DPO comparison as Markdown (report.md, with `lorakit quickstart --dpo`)."""
+    dpo = report["dpo"]
+    lines = ["## SFT then DPO", "",
+             f"DPO (beta {dpo['beta']}) from the SFT adapter on preference pairs about the training countries; "
+             f"scored on {dpo['pairs']['eval']} held-out pairs (rejected: a plausible wrong answer, or the right one "
+             "in a sentence). Margin: log p(chosen) - log p(rejected), each answer's token log-probs summed.", "",
+             "| held-out | SFT | SFT + DPO |", "|---|---:|---:|"]
+    lines += [f"| {name.strip()} | {before} | {after} |" for name, before, after in _dpo_rows(dpo)]
+    if dpo["changed"]:
+        lines += ["", f"Answers DPO changed: {len(dpo['changed'])} of {dpo['pairs']['eval']}.", "",
+                  "| question | reference | SFT | SFT + DPO |", "|---|---|---|---|"]
+        for item in dpo["changed"]:
+            cells = [_question(item["prompt"]), item["reference"].strip(), _clip(item["sft"]), _clip(item["dpo"])]
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    lines += ["", f"- Forgetting (general-text loss): {dpo['base_general_loss']:.3f} base, "
+                  f"{dpo['sft']['general_loss']:.3f} after SFT, {dpo['dpo']['general_loss']:.3f} after DPO.",
+              f"- DPO training: {dpo['training']['steps']} steps, {dpo['training']['wall_time_s']:.1f} s; run folder "
+              f"`{dpo['run_dir']}`.", ""]
     return "\n".join(lines)
 
 

@@ -32,6 +32,8 @@ EMBEDDED_DATASETS = {
     "embedded-train": EMBEDDED_DATA_DIR / "sft_train.jsonl",
     "embedded-eval": EMBEDDED_DATA_DIR / "sft_eval.jsonl",
     "embedded-general": EMBEDDED_DATA_DIR / "general.jsonl",
+    "embedded-pref-train": EMBEDDED_DATA_DIR / "pref_train.jsonl",  # preference rows (lab/preference.py)
+    "embedded-pref-eval": EMBEDDED_DATA_DIR / "pref_eval.jsonl",
 }
 
 
