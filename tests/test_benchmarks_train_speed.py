@@ -49,3 +49,18 @@ def test_round_ratios_count_the_rounds_that_reach_the_goal() -> None:
     assert found["ratios"] == [4.5, 3.9, 4.1] and found["min"] == 3.9 and found["median"] == 4.1
     assert (found["rounds_met"], found["rounds"]) == (2, 3)
     assert "4.50x 3.90x 4.10x   min 3.90x, 2 of 3 rounds >= 4x" in round_table({"lorakit": found}, 4.0)
+
+
+def test_step_account_sorts_the_profiled_step_into_families(tmp_path: Path) -> None:
+    out = tmp_path / "account.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "step_account.py"), "--size", "tiny", "--steps", "3",
+                           "--warmup", "1", "--no-compile", "--out", str(out)], capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    families = result["families"]
+    assert {"base matmuls", "LoRA products", "head + loss", "attention"} <= set(families)
+    assert math.isclose(sum(f["share"] for f in families.values()), 1.0, rel_tol=1e-9)
+    assert families["LoRA products"]["flops"] > 0 and families["base matmuls"]["flops"] > 0
+    assert 0 < result["matmul_roofline_share"] < 1 and result["real_tokens"] > 0
+    assert "every matmul at the peak and nothing else" in done.stdout
