@@ -54,18 +54,19 @@ ELEMENTWISE = tuple(f"aten::{name}" for name in (
 
 
 def matmul_dims(event: Any) -> tuple[int, int, int] | None:
-    """(m, k, n) of a 2-D matmul event's shapes (addmm: the last two inputs), or None."""
-    shapes = [s for s in event.input_shapes if len(s) in (2, 3)]
-    if len(shapes) < 2:
+    """(m, k, n) of a matmul event from its input shapes: mm/bmm(a, b[, out]), addmm/baddbmm(c, a, b[, out])."""
+    shapes = list(event.input_shapes or [])
+    first = 1 if event.key.startswith(("aten::addmm", "aten::baddbmm")) else 0
+    if len(shapes) < first + 2 or len(shapes[first]) not in (2, 3) or len(shapes[first + 1]) not in (2, 3):
         return None
-    a, b = shapes[-2], shapes[-1]
+    a, b = shapes[first], shapes[first + 1]
     if len(a) == 3:  # bmm: batch folded into m
         return a[0] * a[1], a[2], b[-1]
     return a[0], a[1], b[1]
 
 
 def classify(event: Any, rank: int, vocab: int) -> str:
-    key = event.key
+    key = event.key  # FunctionEvent.key is its name
     if key.startswith(MATMULS):
         dims = matmul_dims(event)
         if dims is None:
@@ -110,14 +111,15 @@ def account(args: argparse.Namespace) -> dict[str, Any]:
     cpu_seconds = ticks[-1] - ticks[args.warmup - 1]
     real_tokens = sum(run["step_real_tokens"][args.warmup:])
     families: dict[str, dict[str, float]] = defaultdict(lambda: {"seconds": 0.0, "flops": 0.0, "calls": 0})
-    for event in prof.key_averages(group_by_input_shape=True):
+    for event in prof.events():
         family = classify(event, LORA["r"], vocab)
         entry = families[family]
         entry["seconds"] += event.self_cpu_time_total / 1e6
-        entry["calls"] += event.count
+        entry["calls"] += 1
+        # a matmul that dispatches to another (autocast's wrapper around the kernel) carries no FLOPs of its own
         dims = matmul_dims(event) if event.key.startswith(MATMULS) else None
-        if dims is not None:
-            entry["flops"] += 2 * dims[0] * dims[1] * dims[2] * event.count
+        if dims is not None and not any(child.key.startswith(MATMULS) for child in event.cpu_children):
+            entry["flops"] += 2 * dims[0] * dims[1] * dims[2]
     peak = best_rate([bf16_matmul_rate(size.hidden, size.intermediate) for _ in range(2)])
     profiled = sum(entry["seconds"] for entry in families.values())
     matmul_flops = sum(entry["flops"] for entry in families.values())
