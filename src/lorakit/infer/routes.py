@@ -194,9 +194,10 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
     async def stats(request: Request):
         check_key(request, cfg, admin=True)
         s = batcher.stats
-        return {"batches": s.batches, "requests": s.requests, "largest_batch": s.largest}
+        return {"batches": s.batches, "requests": s.requests, "largest_batch": s.largest, "steps": s.steps,
+                "row_steps": s.row_steps, "mean_batch": s.row_steps / s.steps if s.steps else None}
 
 
 def _locked(batcher: Batcher, function, *args):
-    with batcher.lock:  # never change adapters in the middle of a batch
+    with batcher.exclusive():  # never change adapters while rows are decoding
         return function(*args)
