@@ -12,6 +12,7 @@ state: the first `warmup` optimizer steps are run but not timed.
 from __future__ import annotations
 
 import gc
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -187,11 +188,37 @@ class CountingCollator:
         return batch
 
 
+def loss_logger(losses: list[float]):
+    """A transformers TrainerCallback that appends each logged training loss to `losses`."""
+    from transformers import TrainerCallback
+
+    class LossLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+    return LossLog()
+
+
+def interleaved_rounds(pipelines: list[str], rounds: int, run: Callable[[str], Any]) -> list[list[Any]]:
+    """`run(pipeline)` for every pipeline, `rounds` times, the order rotated each round so that no pipeline always
+    runs first; each round's results in the order given."""
+    done_rounds = []
+    n = len(pipelines)
+    for index in range(rounds if n else 0):
+        done = {}
+        for pipeline in [pipelines[(index + k) % n] for k in range(n)]:
+            print(f"{pipeline} ...{f' (round {index + 1} of {rounds})' if rounds > 1 else ''}", file=sys.stderr,
+                  flush=True)
+            done[pipeline] = run(pipeline)
+        done_rounds.append([done[pipeline] for pipeline in pipelines])
+    return done_rounds
+
+
 def run_trainer(job: Job, workdir: Path) -> dict[str, Any]:
     """Train with transformers.Trainer + peft, as most tutorials do."""
     from datasets import Dataset, disable_progress_bars
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     disable_progress_bars()
@@ -205,18 +232,14 @@ def run_trainer(job: Job, workdir: Path) -> dict[str, Any]:
     collator = CountingCollator(DataCollatorForSeq2Seq(job.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
     losses: list[float] = []
 
-    class LossLog(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"), per_device_train_batch_size=job.size.micro_batch,
         gradient_accumulation_steps=job.size.grad_accum, learning_rate=job.lr, max_steps=job.steps,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
         save_strategy="no", report_to="none", disable_tqdm=True, seed=job.seed, use_cpu=job.device == "cpu",
         bf16=job.precision != "fp32")
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[LossLog()])
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                      callbacks=[loss_logger(losses)])
     trainer.remove_callback(PrinterCallback)  # keep the table readable; losses arrive through LossLog
     meter = MemoryMeter(job.device)
     meter.start()

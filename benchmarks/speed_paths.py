@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sft_paths import (IGNORE_INDEX, Job, MemoryMeter, StepClock, packed_rows_per_micro_batch,
+from sft_paths import (IGNORE_INDEX, Job, MemoryMeter, StepClock, loss_logger, packed_rows_per_micro_batch,
                        summarise, tutorial_tokenize)
 from sft_workload import LORA, PROMPT_TEMPLATE, examples_digest
 
@@ -28,7 +28,6 @@ def run_trl(job: Job, workdir: Path) -> dict[str, Any]:
     """Train with trl.SFTTrainer: prompt/completion rows, BFD packing (padding-free), peft LoRA."""
     from datasets import Dataset, disable_progress_bars
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -43,11 +42,6 @@ def run_trl(job: Job, workdir: Path) -> dict[str, Any]:
     losses: list[float] = []
     seen: list[dict[str, int]] = []
 
-    class LossLog(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     args = SFTConfig(
         output_dir=str(workdir / "trl"), per_device_train_batch_size=rows_per_micro,
         gradient_accumulation_steps=job.size.grad_accum, learning_rate=job.lr, max_steps=job.steps,
@@ -58,7 +52,7 @@ def run_trl(job: Job, workdir: Path) -> dict[str, Any]:
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=job.tokenizer,
                          peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=job.lora_dropout,
                                                 target_modules=LORA["targets"], task_type="CAUSAL_LM"),
-                         callbacks=[LossLog()])
+                         callbacks=[loss_logger(losses)])
     trainer.remove_callback(PrinterCallback)
     collate = trainer.data_collator
 

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="pipeline 'lorakit' compiles its decoder layers (--no-compile: eager; compiling "
                              "takes a minute or two of warmup on a small CPU)")
     parser.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure generation: peft + transformers generate vs lorakit (unmerged, merged), "
+                        help="also measure generation: peft + transformers generate vs lorakit (plain loop, unmerged, default), "
                              "and the multi-adapter batch vs peft's set_adapter loop (benchmarks/infer_paths.py)")
     parser.add_argument("--prompts", type=int, default=16, help="generation: prompts in the batch")
     parser.add_argument("--new-tokens", type=int, default=64, help="generation: new tokens per prompt")
@@ -273,21 +273,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preload()
     import torch
 
+    from sft_paths import interleaved_rounds
     from speed_paths import best_rate
 
     rounds: list[list[dict[str, Any]]] = []
     rates = []
     if args.pipelines:  # the matmul peak, before and after the runs; the best counts
         rates.append(_in_child(matmul_child, (args,), "speed-matmul"))
-    n = len(args.pipelines)
-    for index in range(args.rounds if n else 0):
-        order = [args.pipelines[(index + k) % n] for k in range(n)]  # rotated, so no pipeline always runs first
-        done = {}
-        for pipeline in order:
-            print(f"{pipeline} ...{f' (round {index + 1} of {args.rounds})' if args.rounds > 1 else ''}",
-                  file=sys.stderr, flush=True)
-            done[pipeline] = run_child(args, pipeline)
-        rounds.append([done[pipeline] for pipeline in args.pipelines])  # reported in the order given
+    rounds += interleaved_rounds(args.pipelines, args.rounds, lambda pipeline: run_child(args, pipeline))
     result = {"benchmark": "lora-sft training speed: Trainer+peft, TRL SFTTrainer, lorakit; generation speed",
               "command": " ".join(["python", "benchmarks/train_speed.py", *(argv if argv is not None else sys.argv[1:])]),
               "settings": {"steps": args.steps, "warmup": args.warmup, "lr": args.lr, "lora_dropout": args.lora_dropout,

@@ -7,6 +7,7 @@ RLIMIT_FSIZE), the training loop, the checkpoint writer, the FastAPI app and the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _method_runs import ROWS, make_workdir
+from _method_runs import ROWS, WORDS, make_workdir
 from _tiny import CHATML, tiny_tokenizer
 from conftest import tiny_llama
 from fastapi.testclient import TestClient
@@ -387,3 +388,61 @@ def test_resume_through_the_cli_may_extend_the_run(workdir, reference, one_threa
     assert [r["step"] for r in read_metrics(run / "r" / "metrics.jsonl")] == list(range(1, 10))
     assert cli.main(["train", str(run / "r"), "--resume", "--train.micro_batch_size", "2"]) == 2
     assert "cannot resume with a different config (train.micro_batch_size: 4 -> 2)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- a DPO run killed and resumed
+
+PREF_ROWS = [{"prompt": f"Copy the word {w}.", "chosen": f" {w} {w}", "rejected": f" {v}"}
+             for w, v in zip(WORDS, reversed(WORDS))]
+DPO_COMPARED = (*COMPARED, "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected")
+
+
+def dpo_recipe(workdir: Path, layout: str) -> Path:
+    """A 3-epoch LoRA DPO config on 12 pairs (3 steps an epoch) checkpointing every 2 steps, in the padded or the
+    shared-prompt pair layout (data.packing false or true)."""
+    (workdir / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PREF_ROWS))
+    recipe = {"name": f"dpo-{layout}", "model": {"name_or_path": str(workdir / "base")},
+              "method": {"name": "lora", "r": 4, "alpha": 8, "targets": "all-linear"},
+              "data": {"source": str(workdir / "pairs.jsonl"), "max_length": 48, "packing": layout == "shared"},
+              "train": {"objective": "dpo", "beta": 0.5, "lr": 1e-2, "epochs": 3, "micro_batch_size": 4,
+                        "save_every": 2, "progress": "plain"}}
+    path = workdir / f"dpo-{layout}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared"])
+def test_a_dpo_run_killed_mid_step_after_a_checkpoint_resumes_bit_identically(workdir, layout, one_thread, capsys):
+    """SIGKILL inside step 5 (after its backward pass, before its update), the run's last checkpoint being step 4:
+    --resume continues from step-4 and ends with the uninterrupted run's losses, reward metrics and adapter, bit for
+    bit (the reference model, the adapter switched off, is the same initial model after the restart)."""
+    recipe = dpo_recipe(workdir, layout)
+    assert cli.main(["train", str(recipe), "--output_dir", str(workdir / "dpo-ref")]) == 0
+    reference = workdir / "dpo-ref" / recipe.stem
+    killed = child("""
+import os, signal, sys
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+steps = []
+def die_in_step_5(optimizer, args, kwargs):  # after step 5's forward and backward passes, before its update
+    steps.append(len(steps) + 1)
+    if len(steps) == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+register_optimizer_step_pre_hook(die_in_step_5)""", "train", recipe.name, "--output_dir", str(workdir / "dpo-killed"),
+                   cwd=workdir)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = workdir / "dpo-killed" / recipe.stem
+    assert ckpt.read_pointer(run_dir / "checkpoints") == run_dir / "checkpoints" / "step-4"
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not (run_dir / "adapter").exists()
+
+    capsys.readouterr()
+    assert cli.main(["train", str(run_dir), "--resume"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == str(run_dir / "checkpoints" / "step-4")  # not a fresh start from step 0
+    ours, theirs = (read_metrics(d / "metrics.jsonl") for d in (run_dir, reference))
+    assert [{k: r[k] for k in DPO_COMPARED} for r in ours] == [{k: r[k] for k in DPO_COMPARED} for r in theirs]
+    assert [r["step"] for r in ours] == list(range(1, 10)) and ours[-1]["rewards/margins"] > 0
+    adapters = [load_file(d / "adapter" / "adapter_model.safetensors") for d in (run_dir, reference)]
+    assert adapters[0].keys() == adapters[1].keys() and all(torch.equal(adapters[0][k], adapters[1][k])
+                                                            for k in adapters[1])

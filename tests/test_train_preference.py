@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from _tol import TINY, approx, tol
 from conftest import tiny_batch, tiny_gpt2, tiny_llama
 from preference_fixtures import FINAL, ddp_scenario, lora_llama, make_pairs, pair_batch, pair_batches
 from test_adapters_layer import perturb_
+from test_data_preference import MaskIgnoring
 from test_train_step import GradientRecorder
 from train_fixtures import TEST_THREADS, make_examples, pad_batch
 from _method_runs import WORDS, make_workdir
@@ -27,8 +29,10 @@ from lorakit.analysis.memory import TrainingSetup, reference_bytes
 from lorakit.analysis.params import method_count
 from lorakit.cli import main
 from lorakit.config import build_config, read_yaml
+from lorakit.data.preference import make_pair_batches
+from lorakit.data.shared_prompt import make_shared_prompt_batches
 from lorakit.errors import AdapterError, ConfigError, DataError, LorakitError
-from lorakit.run import finetune
+from lorakit.run import finetune, resolve_run_packing
 from lorakit.train import TrainConfig, read_metrics, train
 from lorakit.train.precision import PRECISIONS
 from lorakit.train.fastloss import split_head
@@ -445,13 +449,133 @@ def test_sft_then_dpo_through_finetune_starts_from_the_sft_adapter(tmp_path, one
                                "reference: a frozen copy of the initial trainable weights") for line in lines)
 
 
-def test_finetune_refuses_sft_rows_for_dpo_and_packing_of_pairs(tmp_path):
+def test_finetune_refuses_sft_rows_for_dpo(tmp_path):
     root = make_workdir(tmp_path)
-    (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PREF_ROWS))
     common = {"model": {"name_or_path": str(root / "base")}, "output_dir": str(root / "runs")}
     with pytest.raises(DataError, match="train.objective dpo, ipo, simpo or orpo trains on preference rows"):
         finetune({**common, "data": {"source": str(root / "rows.jsonl")}, "train": {"objective": "dpo"}},
                  log=lambda line: None)
-    with pytest.raises(ConfigError, match="data.packing: true does not apply to preference pairs"):
-        finetune({**common, "data": {"source": str(root / "pairs.jsonl"), "packing": True},
-                  "train": {"objective": "dpo"}}, log=lambda line: None)
+
+
+# ----------------------------------------------------------------------------- the shared-prompt layout
+
+def with_prompts(pairs: list[dict]) -> list[dict]:
+    """make_pairs' pairs with their prompt length (the untrained ids both sides begin with), as the data room's."""
+    return [{**pair, "prompt_length": pair["chosen"]["labels"].index(next(
+        label for label in pair["chosen"]["labels"] if label != -100))} for pair in pairs]
+
+
+def layouts(pairs: list[dict], per_batch: int, shared: bool, shuffle: bool = True):
+    """train_batches(epoch) of `pairs` in the padded or the shared-prompt layout: the same pairs per batch."""
+    make = make_shared_prompt_batches if shared else make_pair_batches
+    return lambda epoch: make(pairs, per_batch, max_length=64, pad_id=0, seed=0, epoch=epoch, shuffle=shuffle)
+
+
+def lora_gpt2():
+    model = tiny_gpt2(seed=0)
+    torch.manual_seed(1)
+    return apply(model, LoRA(r=4, alpha=8, targets="all-linear"))
+
+
+def test_shared_prompt_log_probs_equal_the_padded_pairs_with_and_without_the_head_at_trained_positions():
+    model = perturb_(lora_llama())
+    pairs = with_prompts(make_pairs(5, seed=12))
+    padded, shared = (layouts(pairs, 5, flag, shuffle=False)(0)[0] for flag in (False, True))
+    assert shared["input_ids"].numel() < padded["input_ids"].numel()  # the prompt is computed once
+    expected = model_logps(model, None, padded)
+    bound = tol(reduction=TINY, scale=expected.sums.abs().max().item())
+    for head in (None, split_head(model)):
+        found = model_logps(model, head, shared)
+        assert torch.equal(found.counts, expected.counts)
+        torch.testing.assert_close(found.sums, expected.sums, **bound)
+
+
+@pytest.mark.parametrize("build", [lora_llama, lora_gpt2])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_shared_prompt_steps_give_the_padded_layouts_losses(tmp_path, build, chunked, one_thread):
+    """Six steps (2 epochs of 6 pairs, 2 pairs a step): the losses and reward metrics of the two layouts agree to
+    fp32 rounding, carried through the steps, with log-probs from the full logits or the head at trained positions."""
+    pairs = with_prompts(make_pairs(6, seed=13))
+    cfg = TrainConfig(objective="dpo", beta=0.5, lr=1e-2, epochs=2, micro_batch_size=2, grad_accum=1,
+                      schedule="constant", progress="none", save_every_minutes=0, chunked_loss=chunked)
+    for name, shared in (("padded", False), ("shared", True)):
+        train(build(), cfg, train_batches=layouts(pairs, 2, shared), run_dir=tmp_path / name)
+    padded, shared = _records(tmp_path / "padded"), _records(tmp_path / "shared")
+    assert len(shared) == 6 and padded[-1]["loss"] < padded[0]["loss"]
+    for step, (got, want) in enumerate(zip(shared, padded)):
+        assert got["trained_tokens"] == want["trained_tokens"]
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert got[key] == approx(want[key], reduction=TINY, steps=step, scale=abs(want[key]) + 1), key
+
+
+def test_out_of_memory_halving_splits_shared_prompt_rows_by_whole_pairs(one_thread):
+    model = perturb_(lora_llama())
+    pairs = with_prompts(make_pairs(5, seed=14))
+    batch = layouts(pairs, 5, True, shuffle=False)(0)[0]
+    pieces = split_batch(batch, 2)
+    assert [p["pairs"] for p in pieces] == [3, 2]
+    for piece, chosen in zip(pieces, ([0, 1, 2], [3, 4])):
+        for key in ("input_ids", "position_ids", "attention_mask"):  # one row per pair
+            assert torch.equal(piece[key], batch[key][chosen])
+        assert torch.equal(piece["labels"], batch["labels"][chosen + [5 + c for c in chosen]])
+    reference = AdaptersOff(model, fast=True)
+    whole, _ = _step_grads(model, [batch], reference)
+    halved, done = _step_grads(model, split_batch(batch, 4), reference)
+    assert done.units.item() == 5
+    for name, grad in halved.items():
+        torch.testing.assert_close(grad, whole[name], msg=name, **tol(reduction=TINY))
+
+
+def test_a_precomputed_reference_keys_shared_prompt_rows_whatever_batch_they_land_in(tmp_path, one_thread):
+    """Epochs reshuffle the pairs, so a pair's row is padded to another width each epoch: its key must not change.
+    In epoch 0 the reference runs on the very batches it was precomputed on (equal bits); later a pair's row sits
+    in other company, so its log-probs round differently (fp32 rounding, carried through the steps)."""
+    pairs = with_prompts(make_pairs(8, seed=15))
+    common = dict(objective="dpo", beta=0.5, lr=2e-2, epochs=3, micro_batch_size=3, schedule="constant",
+                  progress="none", save_every_minutes=0)
+    for reference in ("adapters_off", "precomputed"):
+        train(lora_llama(), TrainConfig(reference=reference, **common), train_batches=layouts(pairs, 3, True),
+              run_dir=tmp_path / reference)
+    live, pre = _records(tmp_path / "adapters_off"), _records(tmp_path / "precomputed")
+    assert len(pre) == 9 and live[-1]["rewards/margins"] != 0.0
+    for step, (got, want) in enumerate(zip(pre, live)):
+        if step < 3:
+            assert got["loss"] == want["loss"] and got["rewards/margins"] == want["rewards/margins"]
+        for key in ("loss", "rewards/margins"):
+            assert got[key] == approx(want[key], reduction=TINY, steps=step, scale=abs(want[key]) + 1), key
+
+
+def _pair_config(packing) -> Any:
+    return build_config({"train": {"objective": "dpo", "micro_batch_size": 4}, "data": {"packing": packing,
+                                                                                       "max_length": 64}})
+
+
+def test_the_run_chooses_the_pair_layout_by_the_probe_and_says_why(monkeypatch):
+    pairs = with_prompts(make_pairs(8, seed=16))
+    lines: list[str] = []
+    monkeypatch.setenv("LORAKIT_AUTO", "on")
+    assert resolve_run_packing(_pair_config("auto"), lora_llama(), pairs, lines.append) is make_shared_prompt_batches
+    shared = sum(len(r) * max(r) for r in make_shared_prompt_batches(pairs, 4, max_length=64, pad_id=0,
+                                                                     seed=0).row_lengths())
+    padded = sum(len(r) * max(r) for r in make_pair_batches(pairs, 4, max_length=64, pad_id=0, seed=0).row_lengths())
+    assert shared < padded
+    assert lines == ["pair layout: shared prompt (auto: the probe shows this model's answer logits on shared-prompt "
+                     "rows equal to the padded pairs'; each pair is one row, its prompt computed once: "
+                     f"{shared:,} positions an epoch instead of {padded:,} padded; data.packing=false for padded "
+                     "pairs)"]
+    lines.clear()  # a model that ignores the tree mask: refused, padded pairs, one line saying why
+    assert resolve_run_packing(_pair_config("auto"), MaskIgnoring(lora_llama()), pairs, lines.append) is \
+        make_pair_batches
+    assert len(lines) == 1 and lines[0].startswith(
+        "pair layout: padded pairs (auto: the shared-prompt layout is not exact for model type 'llama' (attention "
+        "implementation 'eager'): an answer's logits differ by ")
+    with pytest.raises(DataError, match=r"^data.packing true: the shared-prompt layout is not exact for model type "
+                                        r"'llama' .*; set data.packing: false$"):
+        resolve_run_packing(_pair_config(True), MaskIgnoring(lora_llama()), pairs, lines.append)
+    lines.clear()
+    assert resolve_run_packing(_pair_config(False), lora_llama(), pairs, lines.append) is make_pair_batches
+    monkeypatch.setenv("LORAKIT_AUTO", "off")
+    assert resolve_run_packing(_pair_config("auto"), lora_llama(), pairs, lines.append) is make_pair_batches
+    assert resolve_run_packing(_pair_config(True), lora_llama(), pairs, lines.append) is make_shared_prompt_batches
+    assert lines == ["pair layout: padded pairs (auto: LORAKIT_AUTO=off; data.packing=true for the shared-prompt "
+                     "layout)"]

@@ -2,7 +2,8 @@
 
 SFT and the preference objectives (train.objective dpo, ipo, simpo, orpo) take the same path: a preference run
 reads prompt/chosen/rejected rows into pairs (data/preference.py), lays them out as pair batches (chosen and
-rejected rows of each pair in one micro-batch, padded, never packed), and the loop computes the objective's loss
+rejected rows of each pair in one micro-batch: padded, or one row per pair with its prompt once where the
+shared-prompt probe passes, `resolve_pair_layout`), and the loop computes the objective's loss
 (train/preference.py). model.init_adapter starts the run's adapter from a saved one (e.g. DPO on top of SFT).
 
 `run_training(cfg)` is what `lorakit train` calls. The run folder (cfg.run_dir) ends up with:
@@ -35,13 +36,14 @@ from lorakit.data import check_packing, load_rows, make_batches, preview_example
 from lorakit.data.cache import cached_tokenize
 from lorakit.data.batching import pack_each_batch
 from lorakit.data.preference import make_pair_batches, preview_pair, prompt_format_name, tokenize_preference_rows
+from lorakit.data.shared_prompt import make_shared_prompt_batches, shared_prompt_note, shared_prompt_problem
 from lorakit.data.prompting import PromptFormat, RunRecord, special_tokens
 from lorakit.data.tokenize import resolve_format, truncation_warnings
 from lorakit.errors import ConfigError, DataError
 from lorakit.models import (EMBEDDED_DATASETS, fingerprint, load_model, load_tokenizer, portable_name,
                             quiet_progress_bars)
 from lorakit.train import distributed, train
-from lorakit.train.auto import resolve_packing
+from lorakit.train.auto import auto_enabled, resolve_packing
 from lorakit.train.base_dropout import describe
 from lorakit.train.checkpoint import CheckpointWriteError, holds_a_run, read_pointer
 from lorakit.train.config import AUTO
@@ -220,31 +222,49 @@ def record_run(folder: Path, cfg: RunConfig, prompt: PromptFormat, tokenizer: An
                      special_tokens(tokenizer)).write(folder)
 
 
+def epoch_positions(examples: list, cfg: RunConfig, layout: Layout) -> int:
+    """Positions the model computes in epoch 0 with `layout` (rows padded to their micro-batch's longest)."""
+    batches = layout(examples, cfg.train.micro_batch_size, max_length=cfg.data.max_length, pad_id=0,
+                     seed=cfg.train.seed, epoch=0)
+    return sum(len(rows) * max(rows) for rows in batches.row_lengths())
+
+
 def packing_effect(examples: list, cfg: RunConfig) -> str:
     """What packing each micro-batch saves over padding it: computed positions in epoch 0."""
-    def positions(layout: Layout) -> int:  # rows are padded to their micro-batch's longest
-        batches = layout(examples, cfg.train.micro_batch_size, max_length=cfg.data.max_length, pad_id=0,
-                         seed=cfg.train.seed, epoch=0)
-        return sum(len(rows) * max(rows) for rows in batches.row_lengths())
-
     return (f"each micro-batch keeps its {cfg.train.micro_batch_size} examples, packed: "
-            f"{positions(pack_each_batch):,} positions an epoch instead of "
-            f"{positions(functools.partial(make_batches, pack=False)):,} padded")
+            f"{epoch_positions(examples, cfg, pack_each_batch):,} positions an epoch instead of "
+            f"{epoch_positions(examples, cfg, functools.partial(make_batches, pack=False)):,} padded")
+
+
+def resolve_pair_layout(cfg: RunConfig, model: Any, pairs: list, log: Log) -> Layout:
+    """How a preference run lays out its pairs: padded pairs (data.packing false; `make_pair_batches`), or one row
+    per pair with the prompt once (`make_shared_prompt_batches`), the same pairs in the same micro-batches:
+    data.packing true where its probe passes on the model in hand (an error when it fails), auto where it passes
+    (else padded, saying why; padded under LORAKIT_AUTO=off). auto's line is logged."""
+    if cfg.data.packing is False:
+        return make_pair_batches
+    if cfg.data.packing is True:
+        found = shared_prompt_problem(model, cfg.data.max_length)
+        if found is not None:
+            raise DataError(f"data.packing true: {found.reason}; {found.remedy}") from found.error
+        return make_shared_prompt_batches
+    if not auto_enabled():
+        log("pair layout: padded pairs (auto: LORAKIT_AUTO=off; data.packing=true for the shared-prompt layout)")
+        return make_pair_batches
+    effect = (f"{epoch_positions(pairs, cfg, make_shared_prompt_batches):,} positions an epoch instead of "
+              f"{epoch_positions(pairs, cfg, make_pair_batches):,} padded")
+    shared, line = shared_prompt_note(model, cfg.data.max_length, effect)
+    log(line)
+    return make_shared_prompt_batches if shared else make_pair_batches
 
 
 def resolve_run_packing(cfg: RunConfig, model: Any, examples: list, log: Log) -> Layout:
     """How the run lays out its micro-batches: padded; packed rows (data.packing true, checked by the leak
     probe: an error when it fails); or, for auto where the probe passes, the unpacked micro-batches each
     packed (`pack_each_batch`: the same steps as unpacked, without the padding). auto's line is logged.
-    Preference pairs: pair batches (data/preference.py `make_pair_batches`), padded."""
+    Preference pairs: `resolve_pair_layout`."""
     if cfg.train.preference:
-        if cfg.data.packing is True:
-            raise ConfigError("data.packing: true does not apply to preference pairs (each micro-batch holds its "
-                              "pairs' chosen and rejected rows, padded); set data.packing: false or auto")
-        if cfg.data.packing == AUTO:
-            log("data.packing auto: off for preference pairs (each micro-batch holds its pairs' chosen and "
-                "rejected rows, padded)")
-        return make_pair_batches
+        return resolve_pair_layout(cfg, model, examples, log)
     if cfg.data.packing is True:
         check_packing(model, max_length=cfg.data.max_length)
         return functools.partial(make_batches, pack=True)

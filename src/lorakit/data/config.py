@@ -92,7 +92,10 @@ class DataConfig(Config):
                 "error if it fails). auto (the default): where the leak probe shows the model exact at "
                 "`max_length`, each micro-batch keeps the examples it has unpacked (the same steps) and packs "
                 "them into rows instead of padding them; else unpacked, with a one-line note (always for prompt "
-                "tuning and under LORAKIT_AUTO=off). false: padded. The run prints what auto chose.")
+                "tuning and under LORAKIT_AUTO=off). false: padded. Preference pairs: true and auto lay each pair "
+                "out as one row with its prompt once, where the shared-prompt probe passes on the model (true: an "
+                "error when it fails; auto: padded pairs then, and under LORAKIT_AUTO=off); false: padded pairs. "
+                "The run prints what auto chose.")
     cache_dir: str | None = setting(
         None, "Cache folder for Hugging Face datasets (default: the datasets library's own).")
 

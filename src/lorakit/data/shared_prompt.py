@@ -13,7 +13,8 @@ last token opens each branch because its logit predicts the answer's first token
 the sides. Every answer token then sees exactly the tokens and positions it sees in its padded row, so
 its logits are the padded layout's up to rounding, on a model that honours a 4D float mask and
 position_ids; `shared_prompt_problem` proves that on the model in hand (as the packing leak probe does,
-inside `packed_forward`, so BLOOM's ALiBi is built per token from the mask) or says why not.
+inside `packed_forward`, so BLOOM's ALiBi is built per token from the mask) or says why not. A preference
+run lays its pairs out this way where the probe passes (data.packing auto or true; lorakit/run.py).
 
 A batch of B pairs: input_ids, position_ids (B, T), attention_mask (B, 1, T, T) additive float,
 labels (2B, T) shifted as the padded layout's (rows 0..B-1 the chosen targets, B..2B-1 the rejected ones,
@@ -164,10 +165,13 @@ def shared_prompt_problem(model: Any, max_length: int | None = None, tolerance: 
     return None
 
 
-def shared_prompt_note(model: Any, max_length: int) -> tuple[bool, str]:
-    """(whether to lay pairs out with a shared prompt, the line to print): the probe's verdict on `model`."""
+def shared_prompt_note(model: Any, max_length: int, effect: str = "") -> tuple[bool, str]:
+    """(whether to lay pairs out with a shared prompt, the line to print): the probe's verdict on `model` at
+    `max_length`; `effect`: what the layout saves on the run's pairs, in words, for the line."""
     found = shared_prompt_problem(model, max_length)
     if found is not None:
         return False, f"pair layout: padded pairs (auto: {found.reason})"
-    return True, ("pair layout: shared prompt (auto: the probe shows every answer's logits on this model equal to "
-                  "its padded row's; each pair is one row, its prompt computed once)")
+    effect = f": {effect}" if effect else ""
+    return True, ("pair layout: shared prompt (auto: the probe shows this model's answer logits on shared-prompt rows "
+                  f"equal to the padded pairs'; each pair is one row, its prompt computed once{effect}; "
+                  "data.packing=false for padded pairs)")

@@ -1,10 +1,11 @@
 """Preference objectives (DPO and its family) as objectives of the one training step, and their reference model.
 
 A preference batch (data/preference.py) holds B pairs as 2B rows: rows 0..B-1 the chosen answers, rows
-B..2B-1 the rejected ones, in the same pair order, with labels shifted and -100 outside the answers. Each
-row's log-probability is the sum of its token log-probs over the trained positions,
-log p(y|x) = sum_t log p(y_t | x, y_<t); IPO, SimPO and ORPO use the average over those positions
-instead, as their papers and TRL do. With policy pi, reference pi_ref, chosen y_w, rejected y_l:
+B..2B-1 the rejected ones, in the same pair order, with labels shifted and -100 outside the answers (in the
+shared-prompt layout, data/shared_prompt.py, the 2B label rows sit on B input rows, one per pair: label row r
+reads the model's outputs of row r % B). Each row's log-probability is the sum of its token log-probs over
+the trained positions, log p(y|x) = sum_t log p(y_t | x, y_<t); IPO, SimPO and ORPO use the average over
+those positions instead, as their papers and TRL do. With policy pi, reference pi_ref, chosen y_w, rejected y_l:
 
     dpo    d = log pi(y_w) - log pi_ref(y_w) - (log pi(y_l) - log pi_ref(y_l))      (Rafailov et al. 2023)
            loss = -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d)   (e: label_smoothing, cDPO)
@@ -79,24 +80,43 @@ class RowLogps:
         return self.sums / self.counts.clamp(min=1)
 
 
+def trained_positions(labels: torch.Tensor, source_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label positions, source positions), both (N,) indices into the flattened (R, T) labels and (S, T) model
+    outputs, of every trained target: label row r reads output row r % S (S = R for padded pairs; S = B = R / 2
+    for shared-prompt rows, where row b holds both sides of pair b, data/shared_prompt.py)."""
+    width = labels.shape[1]
+    keep = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(-1)  # (N,) positions with a target
+    return keep, (keep // width) % source_rows * width + keep % width
+
+
+def _summed(token: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor) -> RowLogps:
+    """RowLogps from the token log-probs (N,) at the label positions `keep` of `labels` (R, T)."""
+    rows, width = labels.shape
+    sums = torch.zeros(rows, dtype=token.dtype, device=token.device).index_add(0, keep // width, token)
+    return RowLogps(sums=sums, counts=(labels != IGNORE_INDEX).sum(-1))
+
+
 def row_logps(logits: torch.Tensor, labels: torch.Tensor) -> RowLogps:
-    """Each row's log-probability of its trained tokens; logits (R, T, V), labels (R, T) already shifted."""
+    """Each row's log-probability of its trained tokens; logits (S, T, V), labels (R, T) already shifted, label row
+    r read from logits row r % S (`trained_positions`)."""
     rows, width, vocab = logits.shape
+    if rows != labels.shape[0]:  # shared-prompt rows: each logits row serves two label rows
+        keep, source = trained_positions(labels, rows)
+        picked = logits.reshape(-1, vocab).index_select(0, source).float()  # (N, V)
+        return _summed(-F.cross_entropy(picked, labels.reshape(-1).index_select(0, keep), reduction="none"), keep,
+                       labels)
     token = -F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                              reduction="none").view(rows, width)  # (R, T), 0 where untrained
     return RowLogps(sums=token.sum(-1), counts=(labels != IGNORE_INDEX).sum(-1))
 
 
 def trained_row_logps(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> RowLogps:
-    """`row_logps` from the backbone's hidden states (R, T, C), with the head applied at trained positions only:
+    """`row_logps` from the backbone's hidden states (S, T, C), with the head applied at trained positions only:
     prompt and padding positions need no logits (the chunked loss's idea, train/fastloss.py)."""
-    rows, width = labels.shape
-    flat = labels.reshape(-1)
-    keep = (flat != IGNORE_INDEX).nonzero().squeeze(-1)  # (N,) positions with a target
-    logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep))  # (N, V)
-    token = -F.cross_entropy(logits.float(), flat.index_select(0, keep), reduction="none")  # (N,)
-    sums = torch.zeros(rows, dtype=token.dtype, device=token.device).index_add(0, keep // width, token)
-    return RowLogps(sums=sums, counts=(labels != IGNORE_INDEX).sum(-1))
+    keep, source = trained_positions(labels, hidden.shape[0])
+    logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, source))  # (N, V)
+    return _summed(-F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, keep), reduction="none"),
+                   keep, labels)
 
 
 def model_logps(model: nn.Module, head: HeadSplit | None, batch: Batch) -> RowLogps:
@@ -292,18 +312,29 @@ class WeightCopy:
             return torch.func.functional_call(self.runner, weights, (batch,), strict=False, tie_weights=True)
 
 
-def row_key(input_ids: torch.Tensor, labels: torch.Tensor) -> bytes:
-    """A row's identity in the precomputed table: a 16-byte digest of its real tokens and trained positions."""
+def row_key(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> bytes:
+    """A row's identity in the precomputed table: a 16-byte digest of its real tokens and trained positions (and
+    of a shared-prompt row's position ids, which say where its branches start)."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(input_ids.numpy().tobytes())
-    digest.update(labels.numpy().tobytes())
+    for part in (input_ids, labels) if position_ids is None else (input_ids, labels, position_ids):
+        digest.update(part.numpy().tobytes())
     return digest.digest()
 
 
 def batch_keys(batch: Batch) -> list[bytes]:
-    """`row_key` of every row of a (CPU) batch, padding cut off by its attention mask."""
+    """`row_key` of every label row of a (CPU) batch, padding cut off: padded pairs by their attention mask;
+    shared-prompt rows (label row r on input row r % B) after the row's last trained target, whose token is the
+    last one its log-prob depends on (the cut is then the same in every batch the pair lands in), their position
+    ids included."""
     ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
     mask = batch.get("attention_mask")
+    if ids.shape[0] != labels.shape[0]:
+        width = labels.shape[1]
+        trained = labels != IGNORE_INDEX  # (2B, T)
+        ends = torch.where(trained.any(-1), width - trained.flip(-1).int().argmax(-1) + 1, 0).clamp(max=width)
+        positions = batch["position_ids"].cpu()
+        return [row_key(ids[row % len(ids), :n], labels[row, :n], positions[row % len(ids), :n])
+                for row, n in enumerate(ends.tolist())]
     lengths = mask.cpu().sum(-1).tolist() if torch.is_tensor(mask) and mask.dim() == 2 else [ids.shape[1]] * len(ids)
     return [row_key(ids[row, :n], labels[row, :n]) for row, n in enumerate(lengths)]
 

@@ -321,13 +321,14 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
 
 
 def _split_pairs(batch: Batch, parts: int) -> list[Batch]:
-    """`split_batch` for a preference batch of B pairs (2B rows: chosen 0..B-1, rejected B..2B-1)."""
+    """`split_batch` for a preference batch of B pairs: tensors of 2B rows (chosen 0..B-1, rejected B..2B-1) and,
+    in the shared-prompt layout, tensors of B rows (one per pair: its input ids, positions and tree mask)."""
     pairs = int(batch[PAIRS])
     pieces = []
     for chosen in torch.tensor_split(torch.arange(pairs), parts):
         rows = torch.cat([chosen, chosen + pairs])  # this piece's chosen rows, then their rejected rows
-        piece = {key: value.index_select(0, rows.to(value.device)) if torch.is_tensor(value) else value
-                 for key, value in batch.items()}
+        piece = {key: value.index_select(0, (chosen if len(value) == pairs else rows).to(value.device))
+                 if torch.is_tensor(value) else value for key, value in batch.items()}
         piece[PAIRS] = len(chosen)
         pieces.append(piece)
     return pieces
