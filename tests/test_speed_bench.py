@@ -47,7 +47,8 @@ def test_train_speed_prints_and_writes_the_three_pipelines(tmp_path: Path) -> No
     assert ddp["losses"] == pytest.approx(lorakit["losses"], abs=1e-4)
     assert "real tokens/s (wall)" in done.stdout and "bf16 matmul peak" in done.stdout
     generation = result["inference"]
-    assert [r["side"] for r in generation["runs"]] == ["peft-generate", "lorakit", "lorakit-merged"]
+    assert [r["side"] for r in generation["runs"]] == ["peft-generate", "lorakit-plain", "lorakit-unmerged", "lorakit"]
+    assert generation["not_exact"] == []
     for run in generation["runs"]:
         assert run["new_tokens"] == 4 * 8 and run["tokens_per_cpu_s"] > 0  # no early stop: equal work
         assert run["same_ids_as_peft"] == 4  # greedy fp32: the same tokens as transformers + peft
