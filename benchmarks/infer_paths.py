@@ -68,7 +68,7 @@ def save_adapter(size_name: str, seed: int, folder: Path) -> Path:
 
 
 def _generate_peft(model: Any, prompts: list[list[int]], new_tokens: int, pad_id: int) -> list[list[int]]:
-    from lorakit.infer.decode import left_pad
+    from lorakit.decoding.decode import left_pad
 
     ids, mask = left_pad(prompts, pad_id)
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
@@ -78,8 +78,8 @@ def _generate_peft(model: Any, prompts: list[list[int]], new_tokens: int, pad_id
 
 def _generate_lorakit(model: Any, prompts: list[list[int]], new_tokens: int, pad_id: int,
                       variant: str = "lorakit") -> list[list[int]]:
-    from lorakit.infer.decode import PLAIN, Speedups, decode
-    from lorakit.infer.sampling import Sampling
+    from lorakit.decoding.decode import PLAIN, Speedups, decode
+    from lorakit.decoding.sampling import Sampling
 
     speedups = {"lorakit": Speedups(), "lorakit-unmerged": Speedups(merged_lora=False), "lorakit-plain": PLAIN}
     return decode(model, prompts, [Sampling()] * len(prompts), max_new_tokens=[new_tokens] * len(prompts),

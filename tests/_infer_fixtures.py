@@ -29,8 +29,8 @@ def check_rows_decode_alone(model, rows: list, alone_model, prompts: list[list[i
     """Greedy-decode `prompts` in one batch with per-row adapters `rows` (rows finish at their own budgets
     and leave the batch, cache and adapter rows); each row's tokens must equal `alone_model(name)`'s alone."""
     from lorakit.adapters.multi import adapter_rows, keep_rows
-    from lorakit.infer.decode import decode
-    from lorakit.infer.sampling import Sampling
+    from lorakit.decoding.decode import decode
+    from lorakit.decoding.sampling import Sampling
 
     kept = []
     with adapter_rows(model, rows):

@@ -21,6 +21,8 @@ from transformers import (BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadM
 os.environ["LORAKIT_AUTO"] = "off"
 # tokenized-data cache (data/cache.py): one fresh folder per test session, never the user's ~/.cache
 os.environ["LORAKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="lorakit-test-cache-")
+# trackio reads its store folder once, at its first import: a test folder, never ~/.cache
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="lorakit-test-trackio-")
 
 VOCAB = 128  # every tiny model shares this vocabulary size
 

@@ -93,8 +93,8 @@ def _greedy_without_cache(model, ids: list[int], steps: int, eos: int) -> list[i
 def test_generation_with_cache_equals_full_recompute(arch):
     """greedy_generate (HF generate) and lorakit's decode loop (KV cache, left padding, position ids)
     pick the tokens a cache-free loop picks."""
-    from lorakit.infer.decode import decode
-    from lorakit.infer.sampling import Sampling
+    from lorakit.decoding.decode import decode
+    from lorakit.decoding.sampling import Sampling
 
     tokenizer = tiny_tokenizer()
     model = _with_trained_prompt(apply(BUILDERS[arch](vocab_size=len(tokenizer)), PromptTuning(num_virtual_tokens=N)))

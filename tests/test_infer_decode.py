@@ -1,4 +1,4 @@
-"""decode()'s speed-ups (infer/kv_cache.py's preallocated cache and grouped prefill, infer/lora_fastpath.py's lean
+"""decode()'s speed-ups (decoding/kv_cache.py's preallocated cache and grouped prefill, decoding/lora_fastpath.py's lean
 and merged LoRA) against its plain loop, token by token, and against transformers' generate."""
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from transformers import MistralConfig, MistralForCausalLM
 
 import lorakit
 from lorakit.adapters import DoRA
-from lorakit.infer import decode as decode_module
-from lorakit.infer import lora_fastpath
-from lorakit.infer.decode import PLAIN, Speedups, decode, left_pad
-from lorakit.infer.kv_cache import BufferedLayer, length_groups, preallocated_cache
-from lorakit.infer.lora_fastpath import lean_lora, merge_pays
-from lorakit.infer.sampling import Sampling
+from lorakit.decoding import decode as decode_module
+from lorakit.decoding import lora_fastpath
+from lorakit.decoding.decode import PLAIN, Speedups, decode, left_pad
+from lorakit.decoding.kv_cache import BufferedLayer, length_groups, preallocated_cache
+from lorakit.decoding.lora_fastpath import lean_lora, merge_pays
+from lorakit.decoding.sampling import Sampling
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), [9] * 12, list(range(50, 57)), [3], list(range(60, 90))]
 BUDGETS = [9, 4, 12, 9, 3, 7]  # rows leave the batch at different steps

@@ -8,7 +8,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 
 from lorakit.errors import ConfigError
 from lorakit.infer.generate import TextStream
-from lorakit.infer.sampling import Sampling, next_token, repetition_penalty, top_k_filter, top_p_filter
+from lorakit.decoding.sampling import Sampling, next_token, repetition_penalty, top_k_filter, top_p_filter
 
 
 def test_repetition_penalty_divides_positive_multiplies_negative():

@@ -446,3 +446,60 @@ register_optimizer_step_pre_hook(die_in_step_5)""", "train", recipe.name, "--out
     adapters = [load_file(d / "adapter" / "adapter_model.safetensors") for d in (run_dir, reference)]
     assert adapters[0].keys() == adapters[1].keys() and all(torch.equal(adapters[0][k], adapters[1][k])
                                                             for k in adapters[1])
+
+
+# ----------------------------------------------------------------------------- a GRPO run killed and resumed
+
+GRPO_COMPARED = (*COMPARED, "reward", "reward_std", "rewards/length_penalty/mean", "rewards/contains/mean",
+                 "completions/mean_length", "completions/clipped_ratio", "kl")
+
+
+def grpo_recipe(workdir: Path) -> Path:
+    """A 3-epoch LoRA GRPO config on 12 prompts (3 steps an epoch, 4 prompts x 4 sampled completions a step) with a
+    KL penalty to the adapter switched off, checkpointing every 2 steps."""
+    (workdir / "prompts.jsonl").write_text("".join(json.dumps({"prompt": row["prompt"], "answer": row["completion"]})
+                                                   + "\n" for row in ROWS))
+    recipe = {"name": "grpo", "model": {"name_or_path": str(workdir / "base")},
+              "method": {"name": "lora", "r": 4, "alpha": 8, "targets": "all-linear"},
+              "data": {"source": str(workdir / "prompts.jsonl"), "max_length": 24},
+              "train": {"objective": "grpo", "rewards": [{"name": "length_penalty", "target_length": 6,
+                                                          "max_length": 30}, "contains"],
+                        "num_generations": 4, "max_completion_length": 6, "grpo_beta": 0.1, "lr": 1e-2, "epochs": 3,
+                        "micro_batch_size": 4, "save_every": 2, "progress": "plain"}}
+    path = workdir / "grpo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_grpo_run_killed_mid_step_after_a_checkpoint_resumes_bit_identically(workdir, one_thread, capsys):
+    """SIGKILL inside step 5 (after its sampling, forward and backward passes, before its update), the last checkpoint
+    being step 4: --resume samples step 5's completions again from the same per-completion seeds and ends with the
+    uninterrupted run's rewards, losses and adapter, bit for bit."""
+    recipe = grpo_recipe(workdir)
+    assert cli.main(["train", str(recipe), "--output_dir", str(workdir / "grpo-ref")]) == 0
+    reference = workdir / "grpo-ref" / recipe.stem
+    killed = child("""
+import os, signal, sys
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+steps = []
+def die_in_step_5(optimizer, args, kwargs):  # after step 5's rollout, forward and backward passes, before its update
+    steps.append(len(steps) + 1)
+    if len(steps) == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+register_optimizer_step_pre_hook(die_in_step_5)""", "train", recipe.name, "--output_dir", str(workdir / "grpo-killed"),
+                   cwd=workdir)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = workdir / "grpo-killed" / recipe.stem
+    assert ckpt.read_pointer(run_dir / "checkpoints") == run_dir / "checkpoints" / "step-4"
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+
+    capsys.readouterr()
+    assert cli.main(["train", str(run_dir), "--resume"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == str(run_dir / "checkpoints" / "step-4")
+    ours, theirs = (read_metrics(d / "metrics.jsonl") for d in (run_dir, reference))
+    assert [{k: r[k] for k in GRPO_COMPARED} for r in ours] == [{k: r[k] for k in GRPO_COMPARED} for r in theirs]
+    assert [r["step"] for r in ours] == list(range(1, 10)) and ours[-1]["kl"] > 0  # the adapter moved off its base
+    adapters = [load_file(d / "adapter" / "adapter_model.safetensors") for d in (run_dir, reference)]
+    assert adapters[0].keys() == adapters[1].keys() and all(torch.equal(adapters[0][k], adapters[1][k])
+                                                            for k in adapters[1])

@@ -10,7 +10,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from lorakit.infer.batcher import PREFILL_PADDING, Batcher, Job, mergeable, prefill_groups
-from lorakit.infer.sampling import Sampling
+from lorakit.decoding.sampling import Sampling
 from lorakit.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.timeout(240)

@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 
 from lorakit.infer.api import ServerConfig
 from lorakit.infer.batcher import Batcher, Job, RowText, held_back
-from lorakit.infer.decode import TokenLogprobs
+from lorakit.decoding.decode import TokenLogprobs
 from lorakit.infer.generate import stop_token_ids
-from lorakit.infer.sampling import Sampling
+from lorakit.decoding.sampling import Sampling
 from lorakit.infer.server import create_app
 from lorakit.models import load_model, load_tokenizer
 

@@ -4,7 +4,8 @@
 
 returns the module, or raises `MissingDependency` with one line that names the extra to install
 (the CLI prints it as `error: ...` and exits 2, never a traceback). The extras are declared in
-pyproject.toml: `serve` (fastapi, uvicorn) and `quant` (bitsandbytes).
+pyproject.toml: `serve` (fastapi, uvicorn), `quant` (bitsandbytes), and one per experiment tracker of
+train.report_to (`tensorboard`, `mlflow`, `wandb`, `trackio`; `trackers` installs all four).
 """
 from __future__ import annotations
 

@@ -4,7 +4,10 @@ SFT and the preference objectives (train.objective dpo, ipo, simpo, orpo) take t
 reads prompt/chosen/rejected rows into pairs (data/preference.py), lays them out as pair batches (chosen and
 rejected rows of each pair in one micro-batch: padded, or one row per pair with its prompt once where the
 shared-prompt probe passes, `resolve_pair_layout`), and the loop computes the objective's loss
-(train/preference.py). model.init_adapter starts the run's adapter from a saved one (e.g. DPO on top of SFT).
+(train/preference.py). A grpo run (train.objective grpo) reads prompt rows into prompts in the run's format
+(data/prompts.py), loads train.rewards before anything else, and hands the loop prompt batches and the
+`Rollout` its objective samples and scores with (train/grpo.py). model.init_adapter starts the run's adapter
+from a saved one (e.g. DPO or GRPO on top of SFT).
 
 `run_training(cfg)` is what `lorakit train` calls. The run folder (cfg.run_dir) ends up with:
 
@@ -15,6 +18,7 @@ shared-prompt probe passes, `resolve_pair_layout`), and the loop computes the ob
     summary.json       the loop's closing numbers                           (written by the loop)
     adapter/           the final adapter in PEFT format, or model/ (+ tokenizer) for method full
     report.md          a short human summary with a link to the loss curve
+    tensorboard/, mlflow.db, wandb/, trackers.json   what train.report_to tracks locally (train/trackers.py)
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from lorakit.data import check_packing, load_rows, make_batches, preview_example
 from lorakit.data.cache import cached_tokenize
 from lorakit.data.batching import pack_each_batch
 from lorakit.data.preference import make_pair_batches, preview_pair, prompt_format_name, tokenize_preference_rows
+from lorakit.data.prompts import make_prompt_batches, preview_prompt, prompt_rows_format, tokenize_prompt_rows
 from lorakit.data.shared_prompt import make_shared_prompt_batches, shared_prompt_note, shared_prompt_problem
 from lorakit.data.prompting import PromptFormat, RunRecord, special_tokens
 from lorakit.data.tokenize import resolve_format, truncation_warnings
@@ -46,9 +51,12 @@ from lorakit.train import distributed, train
 from lorakit.train.auto import auto_enabled, resolve_packing
 from lorakit.train.base_dropout import describe
 from lorakit.train.checkpoint import CheckpointWriteError, holds_a_run, read_pointer
-from lorakit.train.config import AUTO
+from lorakit.train.config import AUTO, GRPO
+from lorakit.train.grpo import Rollout
 from lorakit.train.metrics import METRICS_FILE, read_metrics
+from lorakit.train.rewards import Reward, load_rewards
 from lorakit.train.setup import seed_everything
+from lorakit.train.trackers import require_trackers
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.md"
@@ -160,7 +168,11 @@ def load_adapted_model(cfg: RunConfig, log: Log, tokenizer: Any = None) -> tuple
 
 def stats_line(stats: Any, unit: str = "examples") -> str:
     """One line of tokenization counts (the truncation/skip report of the pre-flight check); `unit`: what the
-    rows became (examples, or pairs)."""
+    rows became (examples, pairs, or prompts: nothing of them is trained)."""
+    if unit == "prompts":
+        return (f"{stats.n_examples} prompts from {stats.n_rows} rows: {stats.n_truncated} cut from the left to "
+                f"data.max_length, {stats.n_dropped} dropped, {stats.n_skipped_bad_rows} bad rows skipped; "
+                f"{stats.n_tokens} prompt tokens")
     return (f"{stats.n_examples} {unit} from {stats.n_rows} rows: {stats.n_truncated} truncated "
             f"({stats.n_answers_cut} with the answer cut), {stats.n_dropped} dropped, "
             f"{stats.n_skipped_bad_rows} bad rows skipped; {stats.n_trained_tokens} of "
@@ -182,6 +194,8 @@ def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list,
     train_rows, val_rows = load_rows(resolve_embedded_data(cfg.data))
     if cfg.train.preference:
         return tokenize_pairs(cfg, tokenizer, log, train_rows, val_rows)
+    if cfg.train.objective == GRPO:
+        return tokenize_prompts(cfg, tokenizer, log, train_rows, val_rows)
     prompt = PromptFormat.of_run(cfg.data, resolve_format(train_rows, cfg.data).name, tokenizer)
     train_examples, stats = cached_tokenize(train_rows, tokenizer, cfg.data, log=log)
     if not train_examples:
@@ -213,6 +227,30 @@ def tokenize_pairs(cfg: RunConfig, tokenizer: Any, log: Log, train_rows: list, v
     for line in [*truncation_warnings(stats, cfg.data), *truncation_warnings(val_stats, cfg.data, "validation rows")]:
         log(line)
     return train_pairs, val_pairs, stats, prompt
+
+
+def tokenize_prompts(cfg: RunConfig, tokenizer: Any, log: Log, train_rows: list, val_rows: list
+                     ) -> tuple[list, list, Any, PromptFormat]:
+    """`tokenize_data` for grpo: prompt rows -> prompts in the run's format, training and validation prompts
+    numbered as one table (the rollout's)."""
+    prompt = PromptFormat.of_run(cfg.data, prompt_rows_format(train_rows, cfg.data), tokenizer)
+    train_prompts, stats = tokenize_prompt_rows(train_rows, tokenizer, cfg.data, prompt)
+    val_prompts, _ = tokenize_prompt_rows(val_rows, tokenizer, cfg.data, prompt, first_index=len(train_prompts))
+    log("pre-flight: one training prompt as the model sees it:")
+    log(preview_prompt(train_prompts[0], tokenizer))
+    log(f"data: {stats_line(stats, 'prompts')}; {len(val_prompts)} validation prompts (one greedy completion "
+        "each at every evaluation)")
+    return train_prompts, val_prompts, stats, prompt
+
+
+def make_rollout(model: Any, tokenizer: Any, prompt: PromptFormat, prompts: list,
+                 rewards: list[tuple[str, float, Reward]]) -> Rollout:
+    """What a grpo run samples from: the prompt table, the rewards, and the stop tokens: EOS, the format's end of
+    turn, and the model's generation config's EOS ids (as TRL's)."""
+    stops = prompt.stop_ids(tokenizer)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return Rollout(tokenizer, prompts, rewards, frozenset(stops), pad_id_of(tokenizer))
 
 
 def record_run(folder: Path, cfg: RunConfig, prompt: PromptFormat, tokenizer: Any) -> Path:
@@ -262,9 +300,14 @@ def resolve_run_packing(cfg: RunConfig, model: Any, examples: list, log: Log) ->
     """How the run lays out its micro-batches: padded; packed rows (data.packing true, checked by the leak
     probe: an error when it fails); or, for auto where the probe passes, the unpacked micro-batches each
     packed (`pack_each_batch`: the same steps as unpacked, without the padding). auto's line is logged.
-    Preference pairs: `resolve_pair_layout`."""
+    Preference pairs: `resolve_pair_layout`; grpo's prompts: padded prompt batches (what it trains on is sampled)."""
     if cfg.train.preference:
         return resolve_pair_layout(cfg, model, examples, log)
+    if cfg.train.objective == GRPO:
+        if cfg.data.packing is True:
+            raise DataError("data.packing true: train.objective grpo trains on the completions it samples at each "
+                            "step, in padded micro-batches; set data.packing auto or false")
+        return make_prompt_batches
     if cfg.data.packing is True:
         check_packing(model, max_length=cfg.data.max_length)
         return functools.partial(make_batches, pack=True)
@@ -315,7 +358,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def write_report(result: RunResult, cfg: RunConfig, wall_s: float, choices: Sequence[str] = ()) -> Path:
     """report.md: what trained, how fast, how well, and where the outputs are; `choices`: the lines of the
     settings auto chose."""
-    s, stats = result.summary, result.data_stats
+    s, stats, grpo = result.summary, result.data_stats, cfg.train.objective == GRPO
     share = 100.0 * s.trainable_params / max(1, s.total_params)
     eval_line = (f"{_fmt(s.best_eval_loss)} (step {s.best_eval_step})" if s.best_eval_loss is not None
                  else "n/a (no validation rows)")
@@ -324,12 +367,13 @@ def write_report(result: RunResult, cfg: RunConfig, wall_s: float, choices: Sequ
         "",
         f"- model: `{cfg.model.name_or_path}`, method: `{method_name(cfg.method)}`",
         f"- trainable parameters: {s.trainable_params:,} of {s.total_params:,} ({share:.4f}%)",
-        f"- data: {stats_line(stats, 'pairs' if cfg.train.preference else 'examples')}",
+        f"- data: {stats_line(stats, 'pairs' if cfg.train.preference else 'prompts' if grpo else 'examples')}",
         f"- steps: {s.steps} ({s.epochs:.2f} epochs), trained tokens: {s.trained_tokens:,}",
         f"- training time: {s.wall_time_s:.1f} s ({wall_s:.1f} s for the whole command), "
         f"{s.tokens_per_s:,.0f} tokens/s",
         f"- final training loss: {_fmt(s.final_loss)}; best eval loss: {eval_line}",
         *preference_lines(result, cfg),
+        *grpo_lines(result, cfg),
         f"- output: `{result.output.name}/`" + (f" (resumed from `{s.resumed_from}`)" if s.resumed_from else ""),
         *(f"- {line}" for line in choices),
         "",
@@ -360,12 +404,38 @@ def preference_lines(result: RunResult, cfg: RunConfig) -> list[str]:
     return lines
 
 
+def grpo_lines(result: RunResult, cfg: RunConfig) -> list[str]:
+    """report.md's lines on a grpo run: its settings, and the first and last logged rewards, lengths and speeds."""
+    if cfg.train.objective != GRPO:
+        return []
+    t = cfg.train
+    logged = [r for r in result.metrics if "reward" in r]
+    lines = [f"- objective: grpo, {t.num_generations} completions per prompt (temperature {t.temperature}, at most "
+             f"{t.max_completion_length} tokens), loss {t.grpo_loss_type}, KL beta {t.grpo_beta}; losses are "
+             f"{'means per completion' if t.grpo_loss_type == 'grpo' else 'per-token'}"]
+    for name, record in (("first", logged[0]), ("last", logged[-1])) if logged else ():
+        speeds = "".join(f", {label} {record[key]:,.0f} tokens/s" for key, label in (
+            ("sampling_tokens_per_s", "sampling"), ("train_tokens_per_s", "training")) if key in record)
+        share = f", sampling {100 * record['sampling_share']:.0f}% of the time" if "sampling_share" in record else ""
+        lines.append(f"- {name} logged step ({record['step']}): reward {record['reward']:.3f} (std within groups "
+                     f"{record.get('reward_std', float('nan')):.3f}), completion length "
+                     f"{record['completions/mean_length']:.1f}{speeds}{share}")
+    evals = [r for r in logged if "eval_reward" in r]
+    if evals:
+        lines.append(f"- validation prompts (one greedy completion each) at step {evals[-1]['step']}: reward "
+                     f"{evals[-1]['eval_reward']:.3f}" + (f" (step {evals[0]['step']}: {evals[0]['eval_reward']:.3f})"
+                                                           if len(evals) > 1 else ""))
+    return lines
+
+
 def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> RunResult:
     """Train `cfg` end to end and fill its run folder (see the module docstring)."""
     started = time.perf_counter()
+    require_trackers(cfg.train.report_to)  # a missing tracker library: one line, before the data and the model
     main = distributed.start(cfg.train, full_fine_tuning=method_name(cfg.method) == "full")  # under torchrun
     log = log if main else (lambda text: None)  # rank 0 speaks for all ranks
     run_dir = check_run_dir(cfg, resume) if main else cfg.run_dir
+    rewards = load_rewards(cfg.train.rewards) if cfg.train.objective == GRPO else []  # a user's module: first
     tokenizer = run_tokenizer(cfg)  # data first (read, templated, tokenized): a data mistake costs seconds,
     train_examples, val_examples, stats, prompt = tokenize_data(cfg, tokenizer, log)  # not a model load
     data_ready = time.perf_counter()
@@ -386,8 +456,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     log(f"run folder: {run_dir}")
     log(f"time to first step: {time.perf_counter() - started:.1f} s (data {data_ready - started:.1f} s, model "
         f"{model_ready - data_ready:.1f} s; compiling, when on, comes with the first steps)")
+    rollout = make_rollout(model, tokenizer, prompt, [*train_examples, *val_examples], rewards) if rewards else None
     summary = train(model, cfg.train, train_batches=train_batches, eval_batches=eval_batches,
-                    run_dir=run_dir, resume=resume, log=say)
+                    run_dir=run_dir, resume=resume, log=say, config=config_to_dict(cfg), rollout=rollout)
     state = distributed.gathered_weights(model)  # None unless FSDP2 sharded it (then method full)
     output = run_dir / cfg.method.output  # "adapter", or "model" for full fine-tuning
     if main:

@@ -205,19 +205,20 @@ def _near(word: str, options: Iterable[str]) -> str | None:
 def closest(key: str, candidates: Iterable[str], elsewhere: Iterable[str] = ()) -> str | None:
     """The candidate most similar to dotted `key` (None when nothing is reasonably close).
 
-    Within the key's section only the last parts are compared ('data.max_lenght' -> 'data.max_length');
-    failing that, keys of other sections among `candidates` and `elsewhere`: one with the same last part
-    ('train.max_length' -> 'data.max_length'), else the most similar whole key ('trian.lr' -> 'train.lr').
+    A key of another section among `candidates` and `elsewhere` with the very same last part comes first: the
+    key was put in the wrong section ('train.max_length' -> 'data.max_length', though train has
+    max_completion_length); else, within the key's section, the closest last part ('data.max_lenght' ->
+    'data.max_length'); else the most similar whole key ('trian.lr' -> 'train.lr').
     """
     candidates = list(candidates)
     section, _, leaf = key.rpartition(".")
-    siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == section}
-    match = _near(leaf, siblings)
-    if match is not None:
-        return siblings[match]
     others = [c for c in [*candidates, *elsewhere] if c.rpartition(".")[0] != section]
     same_leaf = [c for c in others if c.rpartition(".")[2] == leaf]
-    return same_leaf[0] if same_leaf else _near(key, others)
+    if same_leaf:
+        return same_leaf[0]
+    siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == section}
+    match = _near(leaf, siblings)
+    return siblings[match] if match is not None else _near(key, others)
 
 
 class UnknownKeysError(ConfigError):
@@ -425,6 +426,8 @@ def _exact(tp: Any) -> Callable[[Any], bool] | None:
         inner = _exact(options[0]) if len(options) == 1 else None  # `X | None` only: a wider union may convert
         if inner is None:
             return (lambda value: value is None) if type(None) in args else None
+        if options[0] in (str, Path):  # 'null' given for `str | None` (the command line's spelling) is None
+            return lambda value: value is None or (inner(value) and str(value).strip().lower() not in _NULL_WORDS)
         return lambda value: value is None or inner(value)
     if origin is list and len(args) == 1 and (item := _exact(args[0])) is not None:
         if args[0] is Any:

@@ -20,7 +20,7 @@ __all__ = ["adapter_base", "add_decoding_arguments", "add_format_arguments", "ad
 if TYPE_CHECKING:
     from lorakit.data.prompting import PromptFormat
     from lorakit.infer.generate import Target
-    from lorakit.infer.sampling import Sampling
+    from lorakit.decoding.sampling import Sampling
 
 
 def read_prompts(prompts: list[str], path: str | None, field: str = "prompt") -> list[str]:
@@ -90,7 +90,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
     """The Sampling options given on the command line."""
-    from lorakit.infer.sampling import Sampling
+    from lorakit.decoding.sampling import Sampling
 
     if args.max_new_tokens < 1:
         raise LorakitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

@@ -19,7 +19,7 @@ from lorakit.data.prompting import PromptFormat
 from lorakit.errors import LorakitError
 from lorakit.infer.batcher import Job
 from lorakit.infer.generate import CHAT
-from lorakit.infer.sampling import Sampling
+from lorakit.decoding.sampling import Sampling
 from lorakit.schema import Config, setting
 
 _SHOWN = reprlib.Repr()  # a bad value as quoted in an error message

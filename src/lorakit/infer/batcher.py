@@ -10,7 +10,7 @@ finish. Rows that finish leave at once, and cache columns that only padding hold
 Every row goes through the per-row multi-adapter path with its own adapter, sampling options, seed
 and budget, so a row's text does not depend on which rows share its steps. (Models whose KV cache
 is not a plain one per layer, e.g. sliding-window layers, run each batch to its end before the next
-starts.) The steps are infer/decode.py's: its forward, token choice and logprobs.
+starts.) The steps are decoding/decode.py's: its forward, token choice and logprobs.
 
 Text pieces flow back to each job's asyncio queue as they are made; a job's stop strings end its
 row, and text that might begin a stop string is held back until it is known not to (so nothing
@@ -30,9 +30,9 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from lorakit.adapters.multi import adapter_rows, keep_rows
-from lorakit.infer.decode import TokenLogprobs, _forward, _forward_kwargs, choose_tokens, left_pad, token_logprobs
+from lorakit.decoding.decode import TokenLogprobs, _forward, _forward_kwargs, choose_tokens, left_pad, token_logprobs
 from lorakit.infer.generate import TextStream
-from lorakit.infer.sampling import Sampling
+from lorakit.decoding.sampling import Sampling
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Text in, text out around the one decoding loop (infer/decode.py): the prompt rule, stop tokens, streaming.
+"""Text in, text out around the one decoding loop (decoding/decode.py): the prompt rule, stop tokens, streaming.
 
 The one rule for turning a prompt into tokens, used by generate, compare, evaluate, chat and
 `lorakit.generate` (the server renders a chat request to an adapter with its recorded format too):
@@ -26,8 +26,8 @@ from lorakit.adapters.multi import adapter_rows, keep_rows
 from lorakit.data.prompting import (RECORD_NAME, PromptFormat, RunRecord, adapter_config_base, is_model_folder,
                                     output_folder, read_record)
 from lorakit.errors import LorakitError
-from lorakit.infer.decode import decode
-from lorakit.infer.sampling import Sampling
+from lorakit.decoding.decode import decode
+from lorakit.decoding.sampling import Sampling
 from lorakit.models import fingerprint, load_model, load_tokenizer, portable_name, quiet_progress_bars
 
 CHAT = PromptFormat("chat")  # --chat: the tokenizer's chat template, or the built-in one when it has none

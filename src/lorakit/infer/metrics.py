@@ -11,22 +11,12 @@ from collections.abc import Sequence
 import torch
 
 from lorakit.labels import IGNORE_INDEX
+# one comparison for evaluation and for the GRPO rewards (train/rewards.py), re-exported here
+from lorakit.train.rewards import contains, exact_match, normalize
 from lorakit.train.step import token_loss_sum
 
-
-def normalize(text: str) -> str:
-    """Trim, collapse runs of whitespace to one space, and case-fold."""
-    return " ".join(text.split()).casefold()
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """True when the normalised prediction equals the normalised reference."""
-    return normalize(prediction) == normalize(reference)
-
-
-def contains(prediction: str, reference: str) -> bool:
-    """True when the normalised reference occurs inside the normalised prediction."""
-    return normalize(reference) in normalize(prediction)
+__all__ = ["accuracy", "contains", "example_losses", "exact_match", "loss_summary", "normalize", "scored_ids",
+           "token_loss"]
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """`TrainConfig`: every knob of the one training loop, each with the help text the CLI shows."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from lorakit.fielddocs import field_docs
 from lorakit.schema import Config, setting
@@ -11,14 +12,18 @@ from lorakit.train.schedules import SCHEDULES
 
 Distributed = Literal["auto", "ddp", "fsdp"]  # the strategies of lorakit.train.distributed, plus auto
 BaseDropout = Literal["off", "keep"]  # what happens to the base model's own dropout (train/base_dropout.py)
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]  # the keys of lorakit.train.trackers.TRACKERS
 DISTRIBUTED_MODES = get_args(Distributed)
 BASE_DROPOUT_MODES = get_args(BaseDropout)
 PRECISION_MODES = ("fp32", "bf16-autocast", "bf16")  # the keys of lorakit.train.precision.PRECISIONS (torch-side)
 AUTO = "auto"  # a setting lorakit resolves at the start of a run (train/auto.py), printing what it chose and why
-# what one optimizer step minimises (train/step.py for sft, train/preference.py for the rest); TRL's loss_type
-# "sigmoid" is read as dpo
-OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
-PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
+# what one optimizer step minimises (train/step.py for sft, train/preference.py for the preference objectives,
+# train/grpo.py for grpo); TRL's loss_type "sigmoid" is read as dpo
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
+GRPO = "grpo"
+OBJECTIVES = ("sft", *PREFERENCE_OBJECTIVES, GRPO)
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # lorakit.train.grpo_loss.GRPO_LOSS_TYPES (torch-side)
+REWARD_SCALES = ("group", "batch", "none")  # lorakit.train.grpo_loss.ADVANTAGE_SCALES (torch-side)
 REFERENCE_FREE = ("simpo", "orpo")
 OBJECTIVE_SPELLINGS = {"sigmoid": "dpo"}
 REFERENCES = (AUTO, "adapters_off", "copy", "precomputed")  # train/preference.py `make_reference`
@@ -42,7 +47,8 @@ class TrainConfig(Config):
         None, "Optional cap on optimizer steps; training stops at whichever of epochs or max_steps comes first. "
               "Empty means no cap.", ge=1)
     micro_batch_size: int = setting(
-        4, "Rows per forward/backward pass (pairs, each two rows, for a preference objective). The caller builds "
+        4, "Rows per forward/backward pass (pairs, each two rows, for a preference objective; prompts, each with its "
+           "num_generations sampled completions, for grpo, so a group is never split). The caller builds "
            "batches of this size; the loop only sees the batches.", ge=1)
     grad_accum: int = setting(
         1, "Micro-batches accumulated into one optimizer step (effective batch = micro_batch_size x grad_accum).",
@@ -119,7 +125,10 @@ class TrainConfig(Config):
                "log-ratios), simpo (Meng et al. 2024, reference-free, length-averaged, with margin simpo_gamma) or "
                "orpo (Hong et al. 2024, reference-free: NLL of the chosen answer + orpo_lambda x odds-ratio term). "
                "A preference objective's loss is the mean over the step's pairs, however they are split into "
-               "micro-batches.",
+               "micro-batches. grpo (Shao et al. 2024, reinforcement learning with verifiable rewards): for each "
+               "prompt row (a `prompt` or chat `messages`, plus the fields the rewards read) the model samples "
+               "num_generations completions, train.rewards scores them, and each completion's advantage is its "
+               "reward relative to its group's; the clipped policy loss is normalised as grpo_loss_type says.",
         choices=(*OBJECTIVES, *OBJECTIVE_SPELLINGS))
     beta: float = setting(
         0.1, "Preference objectives: dpo's and simpo's inverse temperature beta (how far the policy may move from "
@@ -135,6 +144,53 @@ class TrainConfig(Config):
     orpo_lambda: float = setting(
         0.1, "orpo: the weight lambda of the odds-ratio term added to the chosen answer's NLL (TRL's ORPOConfig "
              "calls it beta).", ge=0)
+    num_generations: int = setting(
+        8, "grpo: completions sampled per prompt (G; TRL's num_generations, default 8). Each is scored by "
+           "train.rewards and its advantage is its reward relative to the others of its group, so G >= 2.", ge=2)
+    max_completion_length: int = setting(
+        512, "grpo: the most tokens sampled per completion, its stop token included (TRL's max_completion_length); "
+             "a completion that reaches it is cut there. Prompts are held to data.max_length tokens (cut from the "
+             "left, BOS kept; or dropped under data.truncation drop).", ge=1)
+    temperature: float = setting(
+        1.0, "grpo: sampling temperature; the policy's log-probs in the loss are taken at the same temperature, as "
+             "TRL's.", gt=0)
+    top_p: float = setting(
+        1.0, "grpo: nucleus sampling, the smallest set of tokens whose probability sums to top_p (1.0: off).",
+        gt=0, le=1)
+    top_k: int = setting(0, "grpo: sample among the k most likely tokens only (0: off).", ge=0)
+    rewards: list[str | dict[str, Any]] = setting(
+        doc="grpo: the reward functions, summed with their weights: a built-in's name (exact_match, contains, "
+            "regex, length_penalty), 'module:function' (your callable f(prompts, completions, rows) -> one number "
+            "per completion, imported from the current directory or sys.path), or a mapping {name, weight, "
+            "options}: field (the row field holding the answer; default answer) and normalize for exact_match "
+            "and contains, pattern for regex, target_length and max_length (characters) for length_penalty. "
+            "A completion is the sampled text up to its stop token. e.g. [exact_match] or [{name: exact_match, "
+            "field: completion}, {name: length_penalty, target_length: 40, weight: 0.5}].",
+        factory=list)
+    scale_rewards: str = setting(
+        "group", "grpo: what each advantage (reward minus its group's mean) is divided by: group (the group's std, "
+                 "GRPO and TRL's default), batch (the std of the whole step's rewards) or none (Dr. GRPO: no "
+                 "division, no bias toward questions that are too easy or too hard).", choices=REWARD_SCALES)
+    grpo_loss_type: str = setting(
+        "dapo", "grpo: how per-token losses become the step's loss (TRL 1.16's loss_type): dapo (the default, as "
+                "TRL's: the mean over every completion token of the step), bnpo (the same over the whole step "
+                "here), grpo (each completion's token mean, then the mean over completions: shorter completions "
+                "weigh more per token) or dr_grpo (the token sum over completions x max_completion_length: no "
+                "length bias). The same however the step is split into micro-batches.",
+        choices=GRPO_LOSS_TYPES)
+    grpo_beta: float = setting(
+        0.0, "grpo: weight of the KL penalty to the reference model (TRL's beta; its default 0 needs no reference "
+             "pass). The reference is train.reference's: the base with the adapter switched off (no second copy) "
+             "for an adapter trained from scratch, a frozen copy for full fine-tuning or an adapter started from "
+             "model.init_adapter.", ge=0)
+    grpo_epsilon: float = setting(
+        0.2, "grpo: the clip range of the policy ratio below 1: ratios under 1 - epsilon get no gradient where "
+             "the advantage is negative (TRL's epsilon). lorakit takes one optimisation step per rollout, so the "
+             "ratio is 1 at every step and the clip does not act yet (clip_ratio/* log 0); TRL's values carry over.",
+        gt=0, lt=1)
+    grpo_epsilon_high: float | None = setting(
+        None, "grpo: the clip range above 1 (1 + epsilon_high); empty: grpo_epsilon. DAPO's clip-higher uses 0.28.",
+        gt=0)
     reference: str = setting(
         AUTO, "Where dpo and ipo take the reference model's log-probs: adapters_off (the same model with its "
               "adapter switched off: the base, no second copy, no memory), copy (a frozen copy of the initial "
@@ -143,8 +199,19 @@ class TrainConfig(Config):
               "over the training and validation pairs before the first step, kept as two numbers per pair: no "
               "second copy and no reference forward pass per step) or auto: adapters_off for an adapter "
               "trained from scratch, copy for full fine-tuning and for an adapter started from model.init_adapter "
-              "(the reference is then the base plus that adapter). The run prints its choice.",
+              "(the reference is then the base plus that adapter). The run prints its choice. grpo has a reference "
+              "only with grpo_beta > 0 (adapters_off, copy or auto: its completions are sampled at each step, so "
+              "nothing can be precomputed).",
         choices=REFERENCES)
+    report_to: list[Tracker] = setting(
+        doc="Experiment trackers that also receive every metrics.jsonl record, the run's config and its summary "
+            "(rank 0 only), local and offline unless your environment says otherwise: tensorboard (event files in "
+            "RUN_DIR/tensorboard), mlflow (a SQLite store RUN_DIR/mlflow.db, or MLFLOW_TRACKING_URI when set), "
+            "wandb (offline files under RUN_DIR/wandb unless WANDB_MODE is set or you are logged in) and trackio "
+            "(its own local store: TRACKIO_DIR, default ~/.cache/huggingface/trackio). Each needs its library: the "
+            "extra of the same name (pip install 'lorakit[mlflow]'), or lorakit[trackers] for all four. Empty (the "
+            "default): none.",
+        factory=list)
     dist_timeout_s: float = setting(
         600.0, "Seconds any collective may wait under torchrun before the run fails; a rank that dies or hangs "
                "then ends the others with an error instead of a hang.", gt=0)
@@ -155,17 +222,42 @@ class TrainConfig(Config):
             object.__setattr__(self, "objective", OBJECTIVE_SPELLINGS[self.objective])
 
     def problems(self) -> list[tuple[str, str]]:
-        """Cross-field rules: warmup is given one way; preference settings fit the objective."""
+        """Cross-field rules: warmup is given one way; preference and grpo settings fit the objective."""
         found = []
+        if len(set(self.report_to)) < len(self.report_to):
+            found.append(("report_to", "names a tracker more than once"))
         if self.warmup_steps and self.warmup_ratio:
             found.append(("warmup_ratio", "set warmup_steps or warmup_ratio, not both"))
         objective = OBJECTIVE_SPELLINGS.get(self.objective, self.objective)
         if self.label_smoothing and objective not in ("dpo", "simpo"):
             found.append(("label_smoothing", f"applies to objectives dpo and simpo, not {objective}"))
-        if self.reference != AUTO and objective not in ("dpo", "ipo"):
+        if self.reference != AUTO and objective not in ("dpo", "ipo", GRPO):
             found.append(("reference", f"objective {objective} has no reference model (it is reference-free)"
-                          if objective in REFERENCE_FREE else "applies to objectives dpo and ipo"))
+                          if objective in REFERENCE_FREE else "applies to objectives dpo, ipo and grpo"))
+        return found + (self._grpo_problems() if objective == GRPO else [
+            (name, f"applies to objective grpo, not {objective}") for name in GRPO_FIELDS
+            if getattr(self, name) != _DEFAULTS[name]])
+
+    def _grpo_problems(self) -> list[tuple[str, str]]:
+        """What a grpo run needs: rewards, a reference only for the KL penalty, no compiled layers."""
+        found = []
+        if not self.rewards:
+            found.append(("rewards", "objective grpo needs at least one reward: e.g. [exact_match] (1 where the "
+                                     "completion equals the row's `answer`), or 'module:function' for your own"))
+        if self.reference == "precomputed":
+            found.append(("reference", "objective grpo samples its completions at each step, so their reference "
+                                       "log-probs cannot be precomputed: use adapters_off, copy or auto"))
+        elif self.reference != AUTO and not self.grpo_beta:
+            found.append(("reference", "objective grpo has a reference model only with a KL penalty (grpo_beta > 0)"))
+        if self.compile is True:
+            found.append(("compile", "objective grpo samples with the KV-cache decoder, whose passes of every length "
+                                     "compiled layers would recompile for: set train.compile false (or auto)"))
         return found
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares the policy with a reference model: dpo, ipo; grpo with a KL penalty."""
+        return self.objective in ("dpo", "ipo") or (self.objective == GRPO and self.grpo_beta > 0)
 
     @property
     def preference(self) -> bool:
@@ -179,10 +271,16 @@ class TrainConfig(Config):
         return min(int(round(self.warmup_ratio * total_steps)), total_steps)
 
 
+# the settings only objective grpo reads (any other objective refuses a value other than the default)
+GRPO_FIELDS = ("num_generations", "max_completion_length", "temperature", "top_p", "top_k", "rewards",
+               "scale_rewards", "grpo_loss_type", "grpo_beta", "grpo_epsilon", "grpo_epsilon_high")
+_DEFAULTS = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+             for f in dataclasses.fields(TrainConfig)}
+
 # fields a resumed run may change: they change when the run stops and how it is checkpointed or shown, never
 # the arithmetic of the steps it shares with the run it continues (the schedule rule: train/loop.py `_Trainer.load`)
 RESUMABLE_CHANGES = ("epochs", "max_steps", "save_every", "save_every_minutes", "keep_checkpoints", "progress",
-                     "distributed", "dist_timeout_s")
+                     "distributed", "dist_timeout_s", "report_to")
 
 
 def field_help() -> dict[str, str]:

@@ -3,7 +3,9 @@
 The loop knows nothing of adapters: it trains whatever parameters have requires_grad=True.
 A preference objective (train.objective dpo, ipo, simpo, orpo: train/preference.py) is the same
 loop with another loss: its reference is set up here from the model's initial weights, before
-any checkpoint is loaded. It hands each optimizer step's micro-batches and scheduled lr to
+any checkpoint is loaded. So is GRPO (train.objective grpo: train/grpo.py), whose objective turns
+each step's prompt batches into the completions it samples for them (`Objective.prepare`) before
+the step trains on them. It hands each optimizer step's micro-batches and scheduled lr to
 `step.train_step` (forward, loss normalised by the step's trained tokens or pairs, backward,
 clip, AdamW step), wrapped in
 out-of-memory halving in a single process and given the `distributed.Parallel` strategy under
@@ -12,23 +14,26 @@ device until a logging step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from lorakit.adapters.report import trainable_parameters
 from lorakit.errors import LorakitError
+from lorakit.schema import to_plain
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed
 from lorakit.train.auto import resolve_train
 from lorakit.train.fastloss import split_head
-from lorakit.train.config import AUTO, TrainConfig
+from lorakit.train.config import AUTO, GRPO, TrainConfig
+from lorakit.train.grpo import GRPOObjective, Rollout, check_parallel
 from lorakit.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, TrainSummary,
                                    plot_loss_curve, write_summary)
 from lorakit.train.precision import PRECISIONS
@@ -39,6 +44,7 @@ from lorakit.train.setup import (build_optimizer, prepared, seed_everything,
                                  trainable_named_parameters)
 from lorakit.train.step import (Batch, Halving, StepResult, count_input_tokens, evaluate, halving_on_oom,
                                 make_loss_sum, train_step)
+from lorakit.train.trackers import Trackers, open_trackers, require_trackers
 
 
 @dataclass
@@ -93,6 +99,8 @@ def train(
     resume: bool | str | Path = False,
     on_checkpoint: Callable[[Path], None] | None = None,
     log: Callable[[str], None] | None = None,
+    rollout: Rollout | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> TrainSummary:
     """Train the parameters of `model` that have requires_grad=True; write metrics, curve, summary.
 
@@ -102,8 +110,13 @@ def train(
     first one, start again from step 0 and say so) or a checkpoint path. A resumed run may change its
     length (cfg.epochs, cfg.max_steps; see `_Trainer._check_length`). `on_checkpoint(folder)` is called
     after each checkpoint is complete. Auto precision and compile are resolved from the model and the run's
-    plan (train/auto.py); each choice's line goes to `log` (default: print), on the main process.
+    plan (train/auto.py); each choice's line goes to `log` (default: print), on the main process. A grpo run
+    (cfg.objective grpo) passes prompt batches (data/prompts.py) and the `rollout` they are sampled from.
+    The trackers of cfg.report_to (train/trackers.py) get every metrics record, `config` (the run's whole config;
+    default: this train section) and the summary.
     """
+    require_trackers(cfg.report_to)  # a missing tracker library is one line now, never an error mid-run
+    config = dict(config) if config is not None else {"train": to_plain(cfg)}  # as given: auto settings unresolved
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     source = ckpt.resolve_resume(run_dir, resume)
@@ -116,11 +129,11 @@ def train(
     cfg, choices = _resolve_auto(cfg, model, source, total_steps, first_epoch)
     with prepared(model, cfg) as call:
         objective, train_batches, eval_batches, first_epoch, lines = _objective(
-            cfg, model, parallel, train_batches, eval_batches, first_epoch)  # the model's initial weights
+            cfg, model, parallel, train_batches, eval_batches, first_epoch, rollout)  # the model's initial weights
         choices += lines
         call = parallel.wrap(model, call)
         trainer = _Trainer(model, call, cfg, train_batches, eval_batches, run_dir, total_steps, on_checkpoint,
-                           parallel, objective)
+                           parallel, objective, config=config)
         trainer.state.epoch_batches = per_epoch
         if parallel.is_main:  # rank 0 speaks for all ranks
             for line in choices:
@@ -136,16 +149,25 @@ def train(
             if parallel.world == 1:
                 raise
             raise distributed.lost_rank_error(parallel, error, run_dir) from error
-        return trainer.finish(source)
+        else:
+            return trainer.finish(source)
+        finally:
+            trainer.trackers.close()  # a run that stopped early marks its tracker runs failed
 
 
 def _objective(cfg: TrainConfig, model: nn.Module, parallel: distributed.Parallel,
-               train_batches: Callable[[int], list[Batch]], eval_batches: list[Batch] | None, first_epoch: list[Batch]):
-    """A preference objective with its reference taken from the model as it is now (before a checkpoint is loaded),
-    the batches with precomputed reference log-probs attached when train.reference is precomputed, and the lines
-    the run prints; for sft (None, the batches as given, no lines)."""
-    if not cfg.preference:
+               train_batches: Callable[[int], list[Batch]], eval_batches: list[Batch] | None, first_epoch: list[Batch],
+               rollout: Rollout | None = None):
+    """A preference or grpo objective with its reference taken from the model as it is now (before a checkpoint is
+    loaded), the batches with precomputed reference log-probs attached when train.reference is precomputed, and the
+    lines the run prints; for sft (None, the batches as given, no lines)."""
+    if not cfg.preference and cfg.objective != GRPO:
         return None, train_batches, eval_batches, first_epoch, []
+    if cfg.objective == GRPO:
+        check_parallel(parallel)
+        if rollout is None:
+            raise LorakitError("train.objective grpo samples from prompts and scores with rewards: pass the "
+                               "rollout (lorakit train and lorakit.finetune build it from the config)")
     device = next(model.parameters()).device
     # the policy's pass takes the head at trained positions only where the chunked loss would (not through DDP's
     # wrapper); the reference does as the policy, so both run the same arithmetic
@@ -153,6 +175,9 @@ def _objective(cfg: TrainConfig, model: nn.Module, parallel: distributed.Paralle
     reference = make_reference(cfg, model, lambda: [*first_epoch, *(eval_batches or [])], device,
                                PRECISIONS[cfg.precision], parallel.rank, parallel.world, sharded=parallel.kind == "fsdp",
                                fast=fast)
+    if cfg.objective == GRPO:
+        objective = GRPOObjective(cfg, model, rollout, reference, PRECISIONS[cfg.precision], parallel)
+        return objective, train_batches, eval_batches, first_epoch, objective.describe()
     if isinstance(reference, Precomputed):
         given = train_batches
         train_batches = lambda epoch: AttachedBatches(given(epoch), reference)  # noqa: E731
@@ -169,14 +194,19 @@ def _resolve_auto(cfg: TrainConfig, model: nn.Module, source: Path | None, total
     Compile weighs the steps still to run, each of grad_accum micro-batches the size of epoch 0's average
     (positions, padding included, as the model computes them); a resumed run keeps the precision it started with.
     """
+    lines = []
+    if cfg.objective == GRPO and cfg.compile == AUTO:  # decoding passes of every length would recompile the layers
+        cfg, lines = dataclasses.replace(cfg, compile=False), ["compile: off (objective grpo: its sampling passes "
+                                                              "run uncompiled)"]
     if cfg.precision != AUTO and cfg.compile != AUTO:
-        return cfg, []
+        return cfg, lines
     saved = json.loads((source / "state.json").read_text())["loop"] if source is not None else {}
     positions = [len(rows) * max(rows) for rows in first_epoch.row_lengths()] if hasattr(
         first_epoch, "row_lengths") else [batch["input_ids"].numel() for batch in first_epoch]
     tokens_per_step = cfg.grad_accum * sum(positions) / max(1, len(positions))
-    return resolve_train(cfg, model, steps=total_steps - saved.get("step", 0), tokens_per_step=tokens_per_step,
-                         kept_precision=saved.get("precision") or None)
+    cfg, resolved = resolve_train(cfg, model, steps=total_steps - saved.get("step", 0),
+                                  tokens_per_step=tokens_per_step, kept_precision=saved.get("precision") or None)
+    return cfg, lines + resolved
 
 
 class _Trainer:
@@ -185,8 +215,11 @@ class _Trainer:
     def __init__(self, model: nn.Module, call: nn.Module, cfg: TrainConfig,
                  train_batches: Callable[[int], list[Batch]], eval_batches: list[Batch] | None,
                  run_dir: Path, total_steps: int, on_checkpoint: Callable[[Path], None] | None,
-                 parallel: distributed.Parallel | None = None, objective: PreferenceObjective | None = None) -> None:
+                 parallel: distributed.Parallel | None = None,
+                 objective: PreferenceObjective | GRPOObjective | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
         self.model, self.cfg, self.run_dir = model, cfg, run_dir
+        self.config = dict(config or {})  # the run's config, as the trackers record it
         self.parallel = parallel or distributed.Parallel()
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.on_checkpoint = on_checkpoint
@@ -210,6 +243,7 @@ class _Trainer:
         self.grad_norm: torch.Tensor | None = None
         self.started = time.perf_counter()
         self.metrics: MetricsLog | None = None
+        self.trackers = Trackers()  # opened with the metrics file (`run`), on rank 0 only
         self.progress: Progress | None = None
         self.notes: list[str] = []  # shown once the progress display exists
         self.checkpointed = False  # whether this run has a checkpoint (written, or resumed from)
@@ -267,6 +301,8 @@ class _Trainer:
         main = self.parallel.is_main  # only rank 0 writes and shows progress
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE, resume_step=resume_step) if main else \
             distributed.MemoryLog()
+        self.trackers = open_trackers(self.cfg.report_to, self.run_dir, self.config, resume_step=resume_step,
+                                      main=main)
         self.progress = make_progress(self.cfg.progress if main else "none", self.state.total_steps, self.state.step)
         for note in self.notes:
             self.progress.message(note)
@@ -303,14 +339,20 @@ class _Trainer:
                               max_grad_norm=self.cfg.max_grad_norm, parallel=self.parallel)
 
         share = self.parallel.share(group)
+        micro_batches = self.objective.prepare(share, self.state.step) if self.objective is not None else share
         # ranks must agree on every split, so out-of-memory halving wraps single-process steps only
-        done = halving_on_oom(step, share, self.halving, self._on_split) if self.parallel.world == 1 else step(share)
+        done = halving_on_oom(step, micro_batches, self.halving, self._on_split) if self.parallel.world == 1 \
+            else step(micro_batches)
         self.grad_norm = done.grad_norm
         self.pending_loss += done.loss_sum.float()
         count = done.trained_tokens
         self.pending_trained = self.pending_trained.to(count.device) + count  # stays where labels live
         self.pending_units = self.pending_units.to(done.units.device) + done.units
-        self.state.pending_inputs += count_input_tokens(group)
+        inputs = count_input_tokens(group)  # every rank's positions, read from shapes
+        if micro_batches is not share:  # made in this step (GRPO's samples): counted on each rank, then summed
+            made = torch.tensor(count_input_tokens(micro_batches), device=self.pending_loss.device)
+            inputs = int(self.parallel.total(made))
+        self.state.pending_inputs += inputs
         return lr
 
     def _on_split(self, max_rows: int) -> None:
@@ -369,25 +411,27 @@ class _Trainer:
         if auxiliary is not None:
             self.parallel.collect(auxiliary)
             record["aux_loss"] = auxiliary.item() / max(1, int(self.pending_units.item()))  # weighted, per unit
-        self._preference_record(record, eval_loss is not None)
+        self._preference_record(record, eval_loss is not None, now - state.elapsed_at_record)
         self.metrics.write(record)
+        self.trackers.log(record)
         self.progress.report(state.step, loss, tokens_per_s, lr)
         self.pending_loss.zero_()
         self.pending_trained.zero_()
         self.pending_units.zero_()
         state.pending_inputs, state.elapsed_at_record = 0, now
 
-    def _preference_record(self, record: dict, evaluated: bool) -> None:
-        """A preference objective's mean metrics per pair since the last record (and of this step's evaluation),
-        added to `record` and to the progress line."""
+    def _preference_record(self, record: dict, evaluated: bool, seconds: float) -> None:
+        """An objective's metrics since the last record, which was `seconds` ago (a preference objective's means per
+        pair; grpo's rewards, KL, clipping, lengths and speeds), and of this step's evaluation, added to `record`
+        and to the progress line."""
         sums = self.objective.take() if self.objective is not None else None
         if sums is None:
             return
         self.parallel.collect(sums)  # summed on rank 0, which alone writes
-        record.update(self.objective.means(sums))
+        record.update(self.objective.means(sums, seconds=seconds))
         if evaluated:
             record.update(self.eval_metrics)
-        self.progress.extra = (f"acc {record['rewards/accuracies']:.2f} | margin {record['rewards/margins']:.3f}")
+        self.progress.extra = self.objective.progress_text(record)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _checkpoint_due(self, last: bool) -> bool:
@@ -457,4 +501,5 @@ class _Trainer:
             micro_batch_parts=self.halving.parts, resumed_from=str(source) if source else None)
         if self.parallel.is_main:
             write_summary(summary, self.run_dir / SUMMARY_FILE)
+        self.trackers.finish(summary.to_dict())
         return summary

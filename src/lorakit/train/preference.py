@@ -55,7 +55,7 @@ from lorakit.adapters.dispatch import adapters_disabled
 from lorakit.adapters.state import get_state
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.labels import IGNORE_INDEX
-from lorakit.train.config import AUTO, REFERENCE_FREE, TrainConfig
+from lorakit.train.config import AUTO, TrainConfig
 from lorakit.train.fastloss import HeadSplit, split_head
 from lorakit.train.precision import Precision
 from lorakit.train.step import (PAIRS, REFERENCE_LOGPS, Batch, ModelLoss, logits_of, model_inputs, to_device)
@@ -239,6 +239,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+Measure = Callable[[nn.Module, HeadSplit | None, Batch], torch.Tensor]  # (model, head, batch) -> log-probs
+
+
+def summed_logps(model: nn.Module, head: HeadSplit | None, batch: Batch) -> torch.Tensor:
+    """The summed row log-probs (2B,) of a preference batch: what the reference gives the preference objectives."""
+    return model_logps(model, head, batch).sums
+
+
 class AdaptersOff:
     """The reference is the model itself with its adapter switched off: the base model, no second copy. `fast`: the
     head at trained positions only, where the model allows (as the policy's pass, train.chunked_loss)."""
@@ -253,10 +261,14 @@ class AdaptersOff:
         return "reference: the same model with its adapter switched off (the base model; no second copy)"
 
     @torch.no_grad()
+    def run(self, measure: Measure, batch: Batch) -> torch.Tensor:
+        """`measure(model, head, batch)` under the base model, in eval mode (GRPO: per-token log-probs)."""
+        with eval_mode(self.model), adapters_disabled(self.model):
+            return measure(self.model, self.head, batch)
+
     def logps(self, batch: Batch) -> torch.Tensor:
         """Summed log-probs (2B,) of the batch's rows under the base model."""
-        with eval_mode(self.model), adapters_disabled(self.model):
-            return model_logps(self.model, self.head, batch).sums
+        return self.run(summed_logps, batch)
 
 
 class Initial:
@@ -275,14 +287,14 @@ class Initial:
 
 
 class _Runner(nn.Module):
-    """`model_logps` of a model held as a child, so `functional_call` can swap the child's weights for one call."""
+    """A measure of a model held as a child, so `functional_call` can swap the child's weights for one call."""
 
     def __init__(self, model: nn.Module, fast: bool) -> None:
         super().__init__()
         self.model, self.head = model, split_head(model) if fast else None
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return model_logps(self.model, self.head, batch).sums
+    def forward(self, batch: Batch, measure: Measure) -> torch.Tensor:
+        return measure(self.model, self.head, batch)
 
 
 class WeightCopy:
@@ -305,11 +317,15 @@ class WeightCopy:
                 f"{self.nbytes() / 2**20:,.1f} MiB), swapped in for each reference pass")
 
     @torch.no_grad()
-    def logps(self, batch: Batch) -> torch.Tensor:
-        """Summed log-probs (2B,) of the batch's rows under the initial weights."""
+    def run(self, measure: Measure, batch: Batch) -> torch.Tensor:
+        """`measure(model, head, batch)` under the initial weights, in eval mode (GRPO: per-token log-probs)."""
         weights = {f"model.{name}": value for name, value in self.weights.items()}
         with eval_mode(self.model):
-            return torch.func.functional_call(self.runner, weights, (batch,), strict=False, tie_weights=True)
+            return torch.func.functional_call(self.runner, weights, (batch, measure), strict=False, tie_weights=True)
+
+    def logps(self, batch: Batch) -> torch.Tensor:
+        """Summed log-probs (2B,) of the batch's rows under the initial weights."""
+        return self.run(summed_logps, batch)
 
 
 def row_key(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> bytes:
@@ -404,8 +420,9 @@ Reference = AdaptersOff | WeightCopy | Precomputed
 
 
 def reference_kind(cfg: TrainConfig, model: nn.Module) -> str | None:
-    """train.reference resolved for `model` (None for the reference-free objectives and for sft)."""
-    if not cfg.preference or cfg.objective in REFERENCE_FREE:
+    """train.reference resolved for `model` (None for the reference-free objectives, grpo without a KL penalty
+    and sft)."""
+    if not cfg.uses_reference:
         return None
     state = get_state(model)
     full = state is None or getattr(state.method, "name", "") == "full"
@@ -420,7 +437,7 @@ def reference_kind(cfg: TrainConfig, model: nn.Module) -> str | None:
 def make_reference(cfg: TrainConfig, model: nn.Module, batches: Callable[[], Sequence[Batch]], device: torch.device,
                    precision: Precision, rank: int = 0, world: int = 1, sharded: bool = False,
                    fast: bool = False) -> Reference | None:
-    """The reference of a dpo or ipo run on `model` as it is now (its initial weights: build it before a
+    """The reference of a dpo, ipo or grpo (with a KL penalty) run on `model` as it is now (its initial weights: build it before a
     checkpoint is loaded). `batches()`: every batch to precompute (train.reference precomputed). `sharded`: the
     model is about to be sharded (FSDP2), where a copy would be a whole unsharded model per rank. `fast`: the
     head at trained positions only, as the policy's pass (`model_logps`)."""
@@ -450,6 +467,10 @@ class PreferenceObjective:
         self.cfg, self.reference = cfg, reference
         self.metric_names = METRICS + (ORPO_METRICS if cfg.objective == "orpo" else ())
         self.sums: dict[bool, torch.Tensor | None] = {False: None, True: None}  # evaluation? -> sums, count last
+
+    def prepare(self, micro_batches: list[Batch], step: int) -> list[Batch]:
+        """The step's micro-batches as they are (see `train.step.Objective`)."""
+        return micro_batches
 
     def units(self, batch: Batch) -> torch.Tensor:
         """The pairs of `batch` whose both answers have a trained token (a rank's filler copy has none)."""
@@ -486,11 +507,15 @@ class PreferenceObjective:
         """Put back training sums that `take` gave (a resumed run continues its logging interval)."""
         self.sums[False] = torch.tensor(sums, dtype=torch.float32) if sums else None
 
-    def means(self, sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
-        """{prefix + name: mean per pair} from `take()`'s sums (the values logged)."""
+    def means(self, sums: torch.Tensor, prefix: str = "", seconds: float | None = None) -> dict[str, float]:
+        """{prefix + name: mean per pair} from `take()`'s sums (the values logged; `seconds` is not needed)."""
         values = sums.tolist()
         count = max(1.0, values[-1])
         return {prefix + name: value / count for name, value in zip(self.metric_names, values)}
+
+    def progress_text(self, record: dict[str, Any]) -> str:
+        """The progress line's extra: reward accuracy and margin."""
+        return f"acc {record['rewards/accuracies']:.2f} | margin {record['rewards/margins']:.3f}"
 
 
 def objective_lines(cfg: TrainConfig, reference: Reference | None, fast: bool) -> list[str]:

@@ -10,8 +10,10 @@ the gradients. What varies around that step is passed in or wraps it:
   `model(**inputs)` then `token_loss_sum`, or the chunked loss (train/fastloss.py) that takes the
   backbone's hidden states instead of full logits; `with_boundaries` adds example boundaries to
   packed rows when the model runs per-example attention (train/varlen.py). With an `objective`
-  (train/preference.py: DPO, IPO, SimPO, ORPO) the objective turns the batch into its loss sum
-  and says what a unit is (a pair of answers).
+  (train/preference.py: DPO, IPO, SimPO, ORPO; train/grpo.py: GRPO) the objective turns the batch into
+  its loss sum and says what a unit is (a pair of answers; a completion token, or a completion). GRPO's
+  micro-batches are made by the objective at the start of the step (`Objective.prepare`: the completions
+  it samples for the step's prompts), before `train_step` sees them.
 - `parallel` (train/distributed.py): sums the token count over the ranks and lets DDP or FSDP
   synchronise gradients on a rank's last micro-batch only; a single process passes nothing.
 - `halving_on_oom` wraps the step: after an out-of-memory error it redoes the same step with every
@@ -47,7 +49,8 @@ Result = TypeVar("Result")
 SINGLE_PROCESS = Parallel()
 PAIRS = "pairs"  # a preference batch's number of pairs B: rows 0..B-1 chosen, rows B..2B-1 rejected
 REFERENCE_LOGPS = "ref_logps"  # a preference batch's precomputed reference log-probs, one per row (2B,)
-NOT_MODEL_INPUTS = frozenset({"labels", PAIRS, REFERENCE_LOGPS})
+ADVANTAGES = "advantages"  # a GRPO batch's advantage of each sampled completion (N,) (train/grpo.py)
+NOT_MODEL_INPUTS = frozenset({"labels", PAIRS, REFERENCE_LOGPS, ADVANTAGES})
 
 
 @dataclass
@@ -162,7 +165,7 @@ class ModelLoss:
     precision: Precision
     head: HeadSplit | None  # set: the chunked loss runs the backbone and this head instead of `call`
     auxiliary: AuxiliaryLosses  # the loop logs their running sum
-    objective: Objective | None = None  # None: SFT's token cross-entropy; else e.g. DPO (train/preference.py)
+    objective: Objective | None = None  # None: SFT's token cross-entropy; else e.g. DPO (train/preference.py), GRPO
 
     def units(self, batch: Batch) -> torch.Tensor:
         """What the step's loss is a mean over, in `batch`: trained tokens (SFT), or its objective's units."""
@@ -204,9 +207,14 @@ class ModelLoss:
 
 
 class Objective(Protocol):
-    """What a step minimises besides SFT's token cross-entropy (train/preference.py), as `ModelLoss` runs it."""
+    """What a step minimises besides SFT's token cross-entropy (train/preference.py, train/grpo.py), as `ModelLoss`
+    runs it."""
 
-    metric_names: tuple[str, ...]  # the per-unit means it logs (e.g. "rewards/accuracies")
+    metric_names: tuple[str, ...]  # the metrics it logs (e.g. "rewards/accuracies")
+
+    def prepare(self, micro_batches: list[Batch], step: int) -> list[Batch]:
+        """This rank's training micro-batches of optimizer step `step` (0-based) from its share of the step's
+        batches: the batches as they are, or (GRPO) the completions sampled now for the prompts they hold."""
 
     def units(self, batch: Batch) -> torch.Tensor:
         """The units of `batch` the loss is a mean over (e.g. its pairs), as a 0-dim tensor."""
@@ -220,6 +228,12 @@ class Objective(Protocol):
 
     def restore(self, sums: list[float]) -> None:
         """Put back training sums `take()` gave (a resumed run continues its logging interval)."""
+
+    def means(self, sums: torch.Tensor, prefix: str = "", seconds: float | None = None) -> dict[str, float]:
+        """{prefix + name: value} logged from `take()`'s sums (summed over the ranks), which cover `seconds`."""
+
+    def progress_text(self, record: dict[str, Any]) -> str:
+        """The progress line's extra from a metrics record holding `means()`."""
 
 
 def make_loss_sum(call: nn.Module, device: torch.device, precision: Precision, *,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.adapters.layers import LoRALayer
-from lorakit.infer.kv_cache import length_groups
+from lorakit.decoding.kv_cache import length_groups
 
 # Rough costs on one CPU thread, from benchmarks/infer_paths.py's model (benchmarks/RESULTS.md, Inference): the
 # merged copy streams the adapted weights (MERGE_BYTES_PER_S), and each LoRA branch costs per-call overhead per

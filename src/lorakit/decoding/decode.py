@@ -13,13 +13,13 @@ Four speed-ups (`Speedups`, all on by default; `PLAIN` turns them off) keep the 
 so greedy ids agree with it and with transformers' `generate` (tests compare them token by token on
 tiny Llama, GPT-2 and BLOOM models; benchmarks/infer_paths.py checks it on the benchmark model):
 
-  preallocated cache  keys and values in buffers written one column per step (infer/kv_cache.py)
+  preallocated cache  keys and values in buffers written one column per step (decoding/kv_cache.py)
                       instead of a `torch.cat` of the whole cache per layer per step; bitwise the same
   grouped prefill     prompts of similar length run their prompt pass together (`length_groups`) and
                       their keys land right-aligned in the shared cache, so the padding the longest
                       prompt would impose on the others is not computed; the same math, rounded as
                       each group's shapes round it
-  lean LoRA           each LoRA layer runs its own ops from locals for the call (infer/lora_fastpath.py),
+  lean LoRA           each LoRA layer runs its own ops from locals for the call (decoding/lora_fastpath.py),
                       without its per-call lookups and checks; bitwise the same
   merged LoRA         where `merge_pays`, the call computes with a copy of W + s*B*A per adapted layer
                       (fp32/fp64 bases; rounding differs from the branch at float32 level); the model
@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.infer.kv_cache import length_groups, preallocated_cache
-from lorakit.infer.lora_fastpath import lean_lora, merge_pays
-from lorakit.infer.sampling import Sampling, next_token
+from lorakit.decoding.kv_cache import length_groups, preallocated_cache
+from lorakit.decoding.lora_fastpath import lean_lora, merge_pays
+from lorakit.decoding.sampling import Sampling, next_token
 
 OnToken = Callable[[int, int], "bool | None"]  # (row, token id) -> True ends that row
 
