@@ -297,11 +297,11 @@ ROWS = [("pairs/s (wall)", "pairs_per_s", "{:.3f}", True), ("pairs/CPU-s", "pair
         ("s to end of step 1", "seconds_to_first_step", "{:.1f}", False)]
 
 
-def table(runs: list[dict[str, Any]]) -> str:
-    """Pipelines side by side, with ratios to the first."""
+def table(runs: list[dict[str, Any]], rows: list[tuple[str, str, str, bool]] = ROWS) -> str:
+    """Pipelines side by side, with ratios to the first; `rows`: (label, key, format, with a ratio) per line."""
     base, width = runs[0], max(16, *(len(r["pipeline"]) + 2 for r in runs))
     lines = [f"{'':24}" + "".join(f"{r['pipeline']:>{width}}" for r in runs)]
-    for label, key, fmt, with_ratio in ROWS:
+    for label, key, fmt, with_ratio in rows:
         lines.append(f"{label:24}" + "".join(f"{fmt.format(r[key]):>{width}}" for r in runs))
         if with_ratio:
             lines.append(f"{'  vs ' + base['pipeline']:24}" + "".join(f"{r[key] / base[key]:>{width - 1}.2f}x"
@@ -309,21 +309,21 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def round_ratios(rounds: list[list[dict[str, Any]]], goal: float) -> dict[str, dict[str, Any]]:
-    """Per pipeline after the first: its pairs/s (wall and per CPU-second) over the first pipeline's, round by
-    round, and how many rounds reach `goal` (wall)."""
+def round_ratios(rounds: list[list[dict[str, Any]]], goal: float, unit: str = "pairs") -> dict[str, dict[str, Any]]:
+    """Per pipeline after the first: its `unit`/s (wall and per CPU-second: the runs' `unit`_per_s and
+    `unit`_per_cpu_s) over the first pipeline's, round by round, and how many rounds reach `goal` (wall)."""
     found = {}
     for k, pipeline in enumerate(run["pipeline"] for run in rounds[0][1:]):
-        wall = [runs[k + 1]["pairs_per_s"] / runs[0]["pairs_per_s"] for runs in rounds]
-        cpu = [runs[k + 1]["pairs_per_cpu_s"] / runs[0]["pairs_per_cpu_s"] for runs in rounds]
+        wall = [runs[k + 1][f"{unit}_per_s"] / runs[0][f"{unit}_per_s"] for runs in rounds]
+        cpu = [runs[k + 1][f"{unit}_per_cpu_s"] / runs[0][f"{unit}_per_cpu_s"] for runs in rounds]
         found[pipeline] = {"ratios": wall, "cpu_ratios": cpu, "min": min(wall), "median": sorted(wall)[len(wall) // 2],
                            "rounds_met": sum(value >= goal for value in wall), "rounds": len(wall)}
     return found
 
 
-def round_table(ratios: dict[str, dict[str, Any]], goal: float, base: str) -> str:
-    """One line per pipeline: its pairs/s ratio in every round and the rounds that reach the goal."""
-    lines = [f"pairs/s over {base}, round by round (wall; per CPU-second in brackets; goal {goal:g}x):"]
+def round_table(ratios: dict[str, dict[str, Any]], goal: float, base: str, unit: str = "pairs") -> str:
+    """One line per pipeline: its `unit`/s ratio in every round and the rounds that reach the goal."""
+    lines = [f"{unit}/s over {base}, round by round (wall; per CPU-second in brackets; goal {goal:g}x):"]
     for pipeline, found in ratios.items():
         values = " ".join(f"{w:.2f}x ({c:.2f}x)" for w, c in zip(found["ratios"], found["cpu_ratios"]))
         lines.append(f"  {pipeline:16} {values}   min {found['min']:.2f}x, {found['rounds_met']} of "
