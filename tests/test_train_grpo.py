@@ -300,7 +300,8 @@ def test_every_method_trains_a_grpo_step(workdir, case, one_thread, capsys):
         assert reference in capsys.readouterr().out
 
 
-def test_a_grpo_run_logs_rewards_kl_clipping_lengths_and_speeds_and_reports_them(workdir, one_thread, capsys):
+def test_a_grpo_run_logs_rewards_kl_clipping_lengths_and_speeds_and_reports_them(workdir, one_thread, capsys, caplog):
+    caplog.set_level("INFO", logger="lorakit")
     recipe = grpo_recipe(workdir, "metrics", {"name": "lora", "r": 4, "alpha": 8}, grpo_beta=0.1, max_steps=None,
                          epochs=2, eval_every=2)
     assert main(["train", str(recipe), "--output_dir", str(workdir / "runs")]) == 0
@@ -323,6 +324,7 @@ def test_a_grpo_run_logs_rewards_kl_clipping_lengths_and_speeds_and_reports_them
     assert [r["step"] for r in evals] == [2, 4, 6]
     assert all(r["eval_loss"] == approx(-r["eval_reward"], reduction=TINY) for r in evals)
     assert {"eval_rewards/contains/mean", "eval_completions/mean_length"} <= set(evals[0])
+    assert f"step 2: eval reward {evals[0]['eval_reward']:.4f} (eval loss = minus it)" in caplog.text  # not "eval loss -0.x"
     report = (run / "report.md").read_text()
     assert "- objective: grpo, 3 completions per prompt" in report and "- validation prompts (one greedy" in report
     record = json.loads((run / "adapter" / "lorakit_run.json").read_text())

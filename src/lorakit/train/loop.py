@@ -387,7 +387,9 @@ class _Trainer:
             self.eval_metrics = self.objective.means(sums, prefix="eval_")
         if state.best_eval_loss is None or loss < state.best_eval_loss:
             state.best_eval_loss, state.best_eval_step = loss, state.step
-        self.progress.message(f"step {state.step}: eval loss {loss:.4f}")
+        reward = (self.eval_metrics or {}).get("eval_reward") if sums is not None else None
+        self.progress.message(f"step {state.step}: eval loss {loss:.4f}" if reward is None else
+                              f"step {state.step}: eval reward {float(reward):.4f} (eval loss = minus it)")
         return loss
 
     def _elapsed(self) -> float:
