@@ -239,33 +239,47 @@ def overrides(items: list[str]) -> dict[str, Any]:
     return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
 
 
+def user_run(args: argparse.Namespace, config_of: Any, pipeline_data: dict[str, Any], workdir: Path, rows: list,
+             model_dir: Path, data_name: str, stop_after: int = 0) -> dict[str, Any]:
+    """`lorakit.finetune` on the config a user writes (`config_of(args, model_dir, data_file, runs)`, plus the
+    pipeline's data settings) over `rows` written to `data_name`, under the step clock (`stop_after` > 0 ends the
+    run at that tick) and the memory meter: {config, lines (what it printed), clock, meter, started, records}."""
+    from lorakit.run import finetune
+    from lorakit.train import read_metrics
+
+    data_file = workdir / data_name
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = config_of(args, model_dir, data_file, workdir / "runs")
+    config["data"].update(pipeline_data)
+    lines: list[str] = []
+    meter = MemoryMeter("cpu")
+    meter.start()
+    started = time.perf_counter()
+    with StepClock("cpu") as clock:
+        clock.stop_after = stop_after
+        try:
+            finetune(config, overrides=overrides(args.lorakit_set), log=lines.append)
+        except _Enough:
+            pass
+    return {"config": config, "lines": lines, "clock": clock, "meter": meter, "started": started,
+            "records": read_metrics(workdir / "runs" / "run" / "metrics.jsonl")}
+
+
 def run_lorakit(args: argparse.Namespace, pipeline: str, out: Path) -> None:
     """lorakit as a user runs it: `lorakit.finetune(user_config)` (what `lorakit train CONFIG` runs) (child process)."""
     import torch
 
     from lorakit.data import DataConfig
     from lorakit.data.preference import tokenize_preference_rows
-    from lorakit.run import finetune
-    from lorakit.train import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="dpo-speed-lorakit-") as scratch:
         workdir = Path(scratch)
         tokenizer, rows, model_dir = setup_child(args, workdir)
-        data_file = workdir / "pairs.jsonl"
-        data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        config = user_config(args, model_dir, data_file, workdir / "runs")
-        config["data"].update(LORAKIT_PIPELINES[pipeline])
-        lines: list[str] = []
-        meter = MemoryMeter("cpu")
-        meter.start()
-        started = time.perf_counter()
-        with StepClock("cpu") as clock:
-            clock.stop_after = args.steps + 1  # the (steps + 1)th tick ends the run: `steps` steps are recorded
-            try:
-                finetune(config, overrides=overrides(args.lorakit_set), log=lines.append)
-            except _Enough:
-                pass
-        records = read_metrics(workdir / "runs" / "run" / "metrics.jsonl")[:args.steps]
+        # the (steps + 1)th tick ends the run: `steps` steps are recorded
+        run = user_run(args, user_config, LORAKIT_PIPELINES[pipeline], workdir, rows, model_dir, "pairs.jsonl",
+                       stop_after=args.steps + 1)
+        config, lines, clock, meter, started = (run[key] for key in ("config", "lines", "clock", "meter", "started"))
+        records = run["records"][:args.steps]
         if len(records) < args.steps:
             raise RuntimeError(f"the run ended after {len(records)} of {args.steps} steps:\n" + "\n".join(lines))
         cumulative = [0] + [r["trained_tokens"] for r in records]

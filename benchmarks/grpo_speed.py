@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_sft import environment, preload
-from dpo_speed import overrides, round_ratios, round_table, table, timed_job
+from dpo_speed import round_ratios, round_table, table, timed_job, user_run
 from sft_paths import MemoryMeter, StepClock, interleaved_rounds, loss_logger, summarise
 from sft_workload import LORA, PROMPT_TEMPLATE, SIZES, describe, workload_rows
 from train_speed import _in_child
@@ -323,23 +323,12 @@ def run_lorakit(args: argparse.Namespace, pipeline: str, out: Path) -> None:
     """lorakit as a user runs it: `lorakit.finetune(user_config)` (what `lorakit train CONFIG` runs) (child process)."""
     import torch
 
-    from lorakit.run import finetune
-    from lorakit.train import read_metrics
-
     with tempfile.TemporaryDirectory(prefix="grpo-speed-lorakit-") as scratch:
         workdir = Path(scratch)
         _, rows, model_dir = setup_child(args, workdir)
-        data_file = workdir / "prompts.jsonl"
-        data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        config = user_config(args, model_dir, data_file, workdir / "runs")
-        config["data"].update(LORAKIT_PIPELINES[pipeline])
-        lines: list[str] = []
-        meter = MemoryMeter("cpu")
-        meter.start()
-        started = time.perf_counter()
-        with StepClock("cpu") as clock:
-            finetune(config, overrides=overrides(args.lorakit_set), log=lines.append)
-        records = [r for r in read_metrics(workdir / "runs" / "run" / "metrics.jsonl") if "reward" in r]
+        run = user_run(args, user_config, LORAKIT_PIPELINES[pipeline], workdir, rows, model_dir, "prompts.jsonl")
+        config, lines, clock, meter, started = (run[key] for key in ("config", "lines", "clock", "meter", "started"))
+        records = [r for r in run["records"] if "reward" in r]
         cumulative = [0] + [r["trained_tokens"] for r in records]
         steps = []
         for record, before in zip(records, cumulative):
