@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lorakit.commands.inspect", "spectra of fine-tuned vs base weights: effective rank, intruder dimensions"),
     "report": ("lorakit.commands.report", "one self-contained HTML page for a run folder"),
     "lab-report": ("lorakit.commands.lab_report", "re-run the lab experiments on the embedded model, write docs/lab.md"),
+    "lab-rl": ("lorakit.commands.lab_rl", "the lab's RL experiment: GRPO with LoRA r1, r8 and full; docs/lab.md's (g)"),
     "generate": ("lorakit.commands.generate", "complete prompts with a model, alone or with an adapter (streams)"),
     "compare": ("lorakit.commands.compare", "the same prompts through the base and adapters, side by side"),
     "chat": ("lorakit.commands.chat", "talk to a model (+ adapter) turn by turn, in its trained prompt format"),

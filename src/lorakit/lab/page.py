@@ -6,6 +6,7 @@ trains what is missing, then calls `write_lab`.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +15,8 @@ from lorakit.analysis.plots import markdown_table, spectra_figure, write_outputs
 from lorakit.analysis.spectral import compare_state_dicts
 from lorakit.analysis.weights import load_pair
 from lorakit.lab import claims
+from lorakit.lab.rl import RESULTS_FILE
+from lorakit.lab.rl_page import FIGURE as RL_FIGURE, curves_figure, rl_section
 
 FIGURES = ("rank_curves", "lr_sweep", "target_sets", "forgetting")
 
@@ -40,8 +43,13 @@ def write_lab(base: dict, rows: list[dict], work: Path, out: Path) -> Path:
     spectra = _intruder_figures(rows, sweep_dir, out)
     sections = [claims.header(rows), claims.base_vs_sft(base, rows, sweep_dir),
                 claims.rank_section(rows), claims.lr_section(rows), claims.targets_section(rows),
-                claims.forgetting_section(base, rows), claims.intruder_section(spectra),
-                "## All runs\n\n" + markdown_table(rows)]
+                claims.forgetting_section(base, rows), claims.intruder_section(spectra)]
+    rl_results = work / "rl" / RESULTS_FILE  # `lorakit lab-rl`'s, when it has run
+    if rl_results.is_file():
+        results = json.loads(rl_results.read_text())
+        curves_figure(results, out / RL_FIGURE)
+        sections.append(rl_section(results))
+    sections.append("## All runs\n\n" + markdown_table(rows))
     path = out / "lab.md"
     path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return path
