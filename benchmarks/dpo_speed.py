@@ -362,13 +362,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "environment": {**environment(runs), "trl": importlib.metadata.version("trl")},
               "runs": runs,
               "sanity": {"same_pairs": all(len({r["pairs_digest"] for r in runs}) == 1 for runs in rounds)}}
+    return report(args, result, rounds)
+
+
+def report(args: argparse.Namespace, result: dict[str, Any], rounds: list[list[dict[str, Any]]],
+           rows: list[tuple[str, str, str, bool]] = ROWS, unit: str = "pairs") -> dict[str, Any]:
+    """Print each round's table, the per-round ratios to the first pipeline and `result`'s sanity checks, add the
+    ratios and rounds to `result`, write it to --out; `unit`: what the rates count."""
     for index, runs_of_round in enumerate(rounds):
         if args.rounds > 1:
             print(f"round {index + 1} of {args.rounds}")
-        print(table(runs_of_round))
+        print(table(runs_of_round, rows))
     if len(args.pipelines) > 1:
-        result["round_ratios"] = round_ratios(rounds, args.goal)
-        print(round_table(result["round_ratios"], args.goal, args.pipelines[0]))
+        result["round_ratios"] = round_ratios(rounds, args.goal, unit)
+        print(round_table(result["round_ratios"], args.goal, args.pipelines[0], unit))
+    print("sanity: " + ", ".join(f"{key} {value}" for key, value in result["sanity"].items()))
     if args.rounds > 1:
         result["rounds"] = rounds
     if args.out:

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_sft import environment, preload
-from dpo_speed import round_ratios, round_table, table, timed_job, user_run
+from dpo_speed import report, timed_job, user_run
 from sft_paths import MemoryMeter, StepClock, interleaved_rounds, loss_logger, summarise
 from sft_workload import LORA, PROMPT_TEMPLATE, SIZES, describe, workload_rows
 from train_speed import _in_child
@@ -394,19 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "environment": {**environment(runs), "trl": importlib.metadata.version("trl")},
               "runs": runs,
               "sanity": sanity(args, rounds)}
-    for index, runs_of_round in enumerate(rounds):
-        if args.rounds > 1:
-            print(f"round {index + 1} of {args.rounds}")
-        print(table(runs_of_round, ROWS))
-    if len(args.pipelines) > 1:
-        result["round_ratios"] = round_ratios(rounds, args.goal, "completions")
-        print(round_table(result["round_ratios"], args.goal, args.pipelines[0], "completions"))
-    print("sanity: " + ", ".join(f"{key} {value}" for key, value in result["sanity"].items()))
-    if args.rounds > 1:
-        result["rounds"] = rounds
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return report(args, result, rounds, ROWS, "completions")
 
 
 if __name__ == "__main__":
