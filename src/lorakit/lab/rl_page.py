@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from lorakit.plotting import new_figure, save_figure
 
 HEADING = "## (g) Reinforcement learning: is LoRA rank 1 enough?"
 FIGURE = "lab_rl_curves.png"
+RESULTS_COPY = "lab_rl_results.json"  # the results file the section and figure come from, beside lab.md
 COMMAND = "lorakit lab-rl --out docs --work runs/lab"
 
 
@@ -56,7 +58,7 @@ def rl_section(results: dict) -> str:
     lines = [HEADING, "",
              "Claim (LoRA Without Regret, Schulman et al. 2025): for policy-gradient RL, LoRA matches full "
              "fine-tuning even at rank 1, because an episode carries only a few bits.", "",
-             f"Run with `{COMMAND}` (resumable). Start: full SFT stopped after {sft['steps']} steps at lr "
+             f"Run with `{COMMAND}` (resumable; every number below is in [{RESULTS_COPY}]({RESULTS_COPY})). Start: full SFT stopped after {sft['steps']} steps at lr "
              f"{sft['lr']:.0e}, a length chosen for answers in the right format but often wrong (measured: "
              f"{_pct(sft['held_out_accuracy'])} of the held-out questions, {_pct(sft['test_accuracy'])} of the test "
              "split). Then GRPO (configs/grpo-embedded.yaml: exact-match reward, "
@@ -104,6 +106,7 @@ def write_rl_section(lab_md: Path, results: dict) -> Path:
     (or at the end); a missing lab.md gets the section alone."""
     lab_md.parent.mkdir(parents=True, exist_ok=True)
     curves_figure(results, lab_md.parent / FIGURE)
+    (lab_md.parent / RESULTS_COPY).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     section = rl_section(results)
     text = lab_md.read_text(encoding="utf-8") if lab_md.is_file() else ""
     if HEADING in text:
