@@ -125,8 +125,9 @@ def test_merge_dequantises_and_equals_the_unmerged_forward_and_requantising_cost
 def test_bad_qlora_configs_name_the_field_or_module():
     with pytest.raises(ConfigError, match=r"^method.quant_type: must be one of nf4, fp4 \(got 'int4'\)$"):
         QLoRA(quant_type="int4")
-    with pytest.raises(ConfigError, match=r"^method.compute_dtype: must be one of bf16, fp32 \(got 'fp16'\)$"):
-        QLoRA(compute_dtype="fp16")
+    with pytest.raises(ConfigError, match=r"^method.compute_dtype: must be one of fp32, bf16, fp16 \(got 'fp8'\)$"):
+        QLoRA(compute_dtype="fp8")
+    assert QLoRA(compute_dtype="bfloat16").compute_dtype == "bf16"  # an alias, stored as the one spelling
     with pytest.raises(AdapterError, match=r"QLoRA cannot quantise module 'transformer.h.0.attn.c_attn' \(Conv1D\)"):
         apply(tiny_gpt2(), QLoRA(r=2))
     model = tiny_llama()

@@ -31,7 +31,7 @@ def test_real_schema_unknown_keys_and_values():
         load_config("quickstart", [("data.max_lenght", "3")])
     with pytest.raises(ConfigError, match=r"^unknown key 'train.warmup'; did you mean 'train.warmup_steps'\?$"):
         load_config("quickstart", [("train.warmup", "3")])
-    with pytest.raises(ConfigError, match=r"^model.dtype: must be one of float32, bfloat16, float16 \(got 'fp8'\)$"):
+    with pytest.raises(ConfigError, match=r"^model.dtype: must be one of fp32, bf16, fp16 \(got 'fp8'\)$"):
         load_config("quickstart", [("model.dtype", "fp8")])
     with pytest.raises(ConfigError, match=r"^train.schedule: must be one of"):
         load_config("quickstart", [("train.schedule", "cosin")])

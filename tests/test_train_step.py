@@ -215,7 +215,8 @@ def test_schedules_warm_up_then_decay_without_a_zero_step(schedule, expected):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"schedule": "triangle"}, "train.schedule: must be one of constant, linear, cosine (got 'triangle')"),
-    ({"precision": "fp16"}, "train.precision: must be one of auto, fp32, bf16-autocast, bf16 (got 'fp16')"),
+    ({"precision": "fp8"}, "train.precision: must be one of auto, fp32, bf16-autocast, bf16, fp16-autocast, fp16 "
+                           "(got 'fp8')"),
     ({"warmup_steps": 3, "warmup_ratio": 0.1}, "train.warmup_ratio: set warmup_steps or warmup_ratio, not both"),
     ({"grad_accum": 0}, "train.grad_accum: must be >= 1 (got 0)"),
     ({"progress": "fancy"}, "train.progress: must be one of auto, bar, plain, none (got 'fancy')"),

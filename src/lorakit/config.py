@@ -29,10 +29,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import yaml
 
+from lorakit import dtypes
 from lorakit.adapters.config import METHODS
 from lorakit.data.config import DataConfig
 from lorakit.errors import ConfigError
@@ -56,8 +57,9 @@ class ModelConfig(Config):
     revision: str | None = setting(
         None, "Hub revision of the base model (a branch, tag or commit hash); null: the default branch. "
               "Recorded with the adapter, so inference loads the same weights.")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = setting(
-        None, "Dtype of the base weights; null keeps the checkpoint's own dtype.")
+    dtype: str | None = setting(
+        None, f"Dtype of the base weights: {dtypes.accepted()}; null keeps the checkpoint's own dtype.",
+        choices=dtypes.CANONICAL)
     device: str | None = setting(
         None, "Device to train on (cpu, cuda, cuda:1, ...); null picks cuda when available, else cpu.")
     trust_remote_code: bool = setting(
@@ -67,6 +69,10 @@ class ModelConfig(Config):
               "starts from instead of its fresh init, e.g. the SFT adapter a DPO run trains further; the method "
               "section must describe that adapter (the run says what differs). A dpo or ipo run's reference is then "
               "the base plus this adapter (train.reference auto: copy). null: a fresh adapter.")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", dtypes.spelled(self.dtype))  # an alias (bfloat16, half, ...) -> bf16, fp16
+        super().__post_init__()
 
 
 @dataclass

@@ -24,6 +24,7 @@ import gc
 import torch
 from torch import nn
 
+from lorakit import dtypes
 from lorakit.adapters import lora, ops
 from lorakit.adapters.config import QLoRA
 from lorakit.adapters.layers import LayerKind, LoRALayer, register_layer_kind
@@ -32,7 +33,6 @@ from lorakit.adapters.state import ensure_plain, lora_layers, replace_module, re
 from lorakit.errors import AdapterError
 from lorakit.optional import require
 
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BLOCKSIZE = 64  # weights per absmax scale (bitsandbytes' 4-bit default, the paper's choice)
 
 
@@ -85,7 +85,7 @@ def quantizable_paths(model: nn.Module) -> list[str]:
 def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: str = "bf16", skip: tuple[str, ...] = ()) -> list[str]:
     """Swap the model's nn.Linear layers (not the output head, not `skip`) for 4-bit ones in place."""
-    dtype = COMPUTE_DTYPES[compute_dtype]
+    dtype = dtypes.to_torch(compute_dtype, "method.compute_dtype")
     paths = [p for p in quantizable_paths(model) if not any(p == s or p.startswith(s + ".") for s in skip)]
     for path in paths:
         replace_module(model, path, quantize_linear(model.get_submodule(path), quant_type, double_quant, dtype))
@@ -183,7 +183,7 @@ def merge_quantized(model: nn.Module, *, requantize: bool = False, safe: bool = 
     if requantize:
         for path in targets:
             replace_module(model, path, quantize_linear(model.get_submodule(path), cfg.quant_type, cfg.double_quant,
-                                                        COMPUTE_DTYPES[cfg.compute_dtype]))
+                                                        dtypes.to_torch(cfg.compute_dtype)))
     return model
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lorakit import dtypes
 from lorakit.analysis.shapes import ModelShape
 from lorakit.errors import ConfigError
 
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 GB = 1e9
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + fp8 absmax per 64 + fp32 per 256 blocks
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw-8bit": 2.0, "sgd": 0.0}
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 LOSS_COPIES = 3  # logits, log-softmax output, gradient of the logits
 PRECOMPUTED_BYTES_PER_PAIR = 250  # two rows of train/preference.py's table: a 16-byte key and a float, in a dict
 
@@ -81,9 +81,7 @@ class MemoryEstimate:
 
 
 def _bytes(dtype: str) -> int:
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
-    return DTYPE_BYTES[dtype]
+    return dtypes.BYTES[dtypes.canonical(dtype)]
 
 
 def weight_bytes(count: MethodCount, setup: TrainingSetup) -> float:

@@ -46,11 +46,11 @@ def load_pair(target: str | Path, base: str | None = None
     base_name = base or run_base or (_adapter_base(folder) if is_adapter else None)
     if base_name is None:
         raise LorakitError(f"{target}: no base model is recorded there; pass --base NAME_OR_PATH")
-    base_model = load_model(base_name, dtype="float32")
+    base_model = load_model(base_name, dtype="fp32")
     names = linear_weight_names(base_model)
     base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     if is_adapter:
         tuned_model = merge(load_adapter(base_model, folder))
     else:
-        tuned_model = load_model(str(folder), dtype="float32")
+        tuned_model = load_model(str(folder), dtype="fp32")
     return base_state, tuned_model.state_dict(), names, base_name

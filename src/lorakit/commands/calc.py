@@ -13,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorakit import dtypes
 from lorakit.adapters import METHODS
 from lorakit.analysis.memory import (GB, OPTIMIZER_BYTES, PRECOMPUTED_BYTES_PER_PAIR, TrainingSetup, estimate,
                                     reference_bytes)
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--virtual-tokens", help="short for method.num_virtual_tokens")
     parser.add_argument("--batch-sizes", type=_ints, default=[1, 8], help="comma-separated micro-batch sizes")
     parser.add_argument("--seq-lens", type=_ints, default=[512, 2048], help="comma-separated sequence lengths")
-    parser.add_argument("--weight-dtype", default="bf16", help="storage of the (frozen) weights: bf16, fp16, fp32")
+    parser.add_argument("--weight-dtype", default="bf16", help=f"storage of the (frozen) weights: {dtypes.accepted()}")
     parser.add_argument("--trainable-dtype", default="fp32", help="adapter weights and their gradients")
     parser.add_argument("--activation-dtype", default="bf16", help="saved activations")
     parser.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZER_BYTES),

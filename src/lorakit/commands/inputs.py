@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorakit import dtypes
 from lorakit.data.prompting import adapter_config_base as adapter_base
 from lorakit.errors import DataError, LorakitError
 
@@ -55,7 +56,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="base model: 'embedded', a local folder or a hub id (default: the base recorded with "
                              "the adapter, else its adapter_config.json, else 'embedded')")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as saved)")
+    parser.add_argument("--dtype", default=None, help=f"{dtypes.accepted()} (default: as saved)")
 
 
 def add_format_arguments(parser: argparse.ArgumentParser) -> None:

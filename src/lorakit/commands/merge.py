@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorakit import dtypes
 from lorakit.commands.inputs import adapter_base
 from lorakit.errors import LorakitError
 from lorakit.permissions import share_tree
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder for the merged model (must be empty or absent)")
     parser.add_argument("--model", default=None,
                         help="base model (default: the adapter's base_model_name_or_path)")
-    parser.add_argument("--dtype", default=None, help="load (and save) the base in this dtype")
+    parser.add_argument("--dtype", default=None, help=f"load (and save) the base in this dtype: {dtypes.accepted()}")
 
 
 def merge_to_folder(adapter: str | Path, out: str | Path, model_name: str | None = None,

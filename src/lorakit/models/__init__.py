@@ -22,6 +22,7 @@ from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from lorakit import dtypes
 from lorakit.errors import LorakitError
 
 # The assets that ship inside lorakit (src/lorakit/embedded/): the model, and the datasets of its lab
@@ -41,8 +42,6 @@ def dataset_path(name: str) -> Path:
     """The file of an embedded dataset name ('embedded-train', ...); any other name as a path."""
     return EMBEDDED_DATASETS.get(name, Path(name))
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def resolve(name_or_path: str | Path) -> tuple[str, bool]:
@@ -96,12 +95,11 @@ def fingerprint(name_or_path: str | Path) -> dict | None:
 
 
 def to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """Accept "bf16", "float32", a torch.dtype or None (keep the checkpoint's dtype)."""
+    """A dtype spelling (fp32, bf16, fp16 or an alias: lorakit.dtypes), a torch.dtype or None (keep the checkpoint's
+    dtype)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise LorakitError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    return dtypes.to_torch(dtype)
 
 
 HUB_PROBE_TIMEOUT_S = 3.0  # a hub that has not answered a HEAD request by then is treated as offline

@@ -8,6 +8,8 @@ that overrides it. Explicit values (fp32, true, false, ...) are used as given, w
                that runs bf16 natively: a CUDA GPU with native bf16, an x86-64 CPU with AVX512-BF16
                or AMX-BF16 (AVX-512 alone converts bf16 but multiplies it no faster than fp32).
                bf16-autocast there when every parameter trains (nothing is frozen to store in bf16).
+               fp16 (fp16-autocast when every parameter trains), with dynamic loss scaling, on a CUDA GPU
+               without native bf16 (T4, V100: their tensor cores run fp16).
                A 4-bit (QLoRA) base: its compute dtype (method.compute_dtype) decides. Else fp32
                (mps and other devices too: bf16 training is not verified on them).
     packing    on when the leak probe (data/packing.py `packing_problem`) shows the model exact on
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import dtypes
 from lorakit.data.packing import packing_problem
 from lorakit.errors import ConfigError
 from lorakit.train.config import AUTO, TrainConfig
@@ -120,6 +123,12 @@ def four_bit_compute_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
+def training_device(model: nn.Module) -> torch.device:
+    """The device `model` trains on: that of its first parameter (cpu for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def resolve_precision(setting: str, model: nn.Module, kept: str | None = None) -> Choice:
     """train.precision for `model` on its device (the rule: the module docstring); `kept`: the precision a
     resumed run started with (a run keeps its numerics when it resumes, wherever auto would now land)."""
@@ -131,15 +140,21 @@ def resolve_precision(setting: str, model: nn.Module, kept: str | None = None) -
         return _switched_off("precision", "fp32", "fp32", "train.precision=bf16 for bf16")
     four_bit = four_bit_compute_dtype(model)
     if four_bit is not None:
-        mode = "bf16" if four_bit == torch.bfloat16 else "fp32"
-        other = "fp32" if mode == "bf16" else "bf16"
+        mode = dtypes.from_torch(four_bit) or "fp32"  # the precision modes are named after their dtype
+        other = "fp32" if mode != "fp32" else "bf16"
         return Choice(mode, f"precision: {mode} (auto: the 4-bit base computes in {mode}, its method.compute_dtype; "
                             f"train.precision={other} to override)")
-    first = next(model.parameters(), None)
-    native, why = native_bf16(first.device if first is not None else torch.device("cpu"))
+    device = training_device(model)
+    native, why = native_bf16(device)
+    every = all(p.requires_grad for p in model.parameters())
+    if not native and device.type == "cuda":
+        mode = "fp16-autocast" if every else "fp16"
+        note = "; every weight trains, so weights stay fp32 and matmuls run in fp16" if every else ""
+        return Choice(mode, f"precision: {mode} (auto: {why}, so fp16 with dynamic loss scaling{note}; "
+                            "train.precision=fp32 to keep fp32)")
     if not native:
         return Choice("fp32", f"precision: fp32 (auto: {why}; train.precision=bf16 to use bf16 anyway)")
-    if all(p.requires_grad for p in model.parameters()):
+    if every:
         return Choice("bf16-autocast", f"precision: bf16-autocast (auto: {why}; every weight trains, so weights "
                                        "stay fp32 and matmuls run in bf16; train.precision=fp32 to keep fp32)")
     return Choice("bf16", f"precision: bf16 (auto: {why}; train.precision=fp32 to keep fp32)")
@@ -234,8 +249,7 @@ def resolve_train(cfg: TrainConfig, model: nn.Module, steps: int | None = None, 
     plan (unknown: compile auto stays off); `kept_precision`: see `resolve_precision`."""
     if cfg.precision != AUTO and cfg.compile != AUTO:
         return cfg, []
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
+    device = training_device(model)
     precision = resolve_precision(cfg.precision, model, kept_precision)
     compiled = resolve_compile(cfg.compile, device, steps, tokens_per_step, compile_break_even(model))
     return (dataclasses.replace(cfg, precision=precision.value, compile=compiled.value),

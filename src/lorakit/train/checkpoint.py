@@ -6,7 +6,7 @@ Layout of `run_dir/checkpoints/`:
     step-N/optimizer.safetensors   optimizer state tensors, keyed "<param name>/<state key>"
     step-N/optimizer.json          optimizer hyperparameters (param groups, by parameter name)
     step-N/rng.safetensors         torch CPU (and CUDA) generator states
-    step-N/state.json              step, data position, halving, python/numpy RNG, loop counters
+    step-N/state.json              step, data position, halving, python/numpy RNG, loop counters, fp16 loss scaler
     latest                         the name of the newest complete checkpoint ("step-N")
 
 A checkpoint is written into `step-N.tmp-XXXX` and renamed to `step-N` only when complete;

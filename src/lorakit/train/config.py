@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
+from lorakit import dtypes
 from lorakit.fielddocs import field_docs
 from lorakit.schema import Config, setting
 from lorakit.train.progress import PROGRESS_MODES
@@ -15,7 +16,9 @@ BaseDropout = Literal["off", "keep"]  # what happens to the base model's own dro
 Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]  # the keys of lorakit.train.trackers.TRACKERS
 DISTRIBUTED_MODES = get_args(Distributed)
 BASE_DROPOUT_MODES = get_args(BaseDropout)
-PRECISION_MODES = ("fp32", "bf16-autocast", "bf16")  # the keys of lorakit.train.precision.PRECISIONS (torch-side)
+# the keys of lorakit.train.precision.PRECISIONS (torch-side); the fp16 modes scale the loss (train/precision.py)
+PRECISION_MODES = ("fp32", "bf16-autocast", "bf16", "fp16-autocast", "fp16")
+AUTOCAST = "-autocast"  # a mode's suffix: weights stay as they are, matmuls run in the dtype before it
 AUTO = "auto"  # a setting lorakit resolves at the start of a run (train/auto.py), printing what it chose and why
 # what one optimizer step minimises (train/step.py for sft, train/preference.py for the preference objectives,
 # train/grpo.py for grpo); TRL's loss_type "sigmoid" is read as dpo
@@ -67,11 +70,14 @@ class TrainConfig(Config):
         1.0, "Clip the global gradient norm to this value; empty or 0 disables clipping.", ge=0)
     precision: str = setting(
         AUTO, "Numerics: fp32 (as loaded, trainable weights in fp32); bf16-autocast (fp32 weights, bf16 "
-              "matmuls); bf16 (frozen base weights stored in bf16, trainable weights fp32, bf16 matmuls); auto "
+              "matmuls); bf16 (frozen base weights stored in bf16, trainable weights fp32, bf16 matmuls); "
+              "fp16-autocast and fp16 (the same in fp16, with dynamic loss scaling: a step whose gradients "
+              "overflow is skipped and the scale halved; metrics log loss_scale and skipped_steps); auto "
               "(the default): bf16 where the device runs bf16 natively (a CUDA GPU with bf16, a CPU with "
-              "AVX512-BF16 or AMX-BF16), bf16-autocast there when every weight trains, the compute dtype of a "
-              "4-bit (QLoRA) base, else fp32 (always fp32 under LORAKIT_AUTO=off). The run prints what auto "
-              "chose and why.",
+              "AVX512-BF16 or AMX-BF16), bf16-autocast there when every weight trains; fp16 (fp16-autocast) on "
+              "a CUDA GPU without bf16 (T4, V100); the compute dtype of a 4-bit (QLoRA) base; else fp32 (always "
+              "fp32 under LORAKIT_AUTO=off). The run prints what auto chose and why. Dtype aliases are accepted "
+              "(float16, half, bfloat16-autocast, ...).",
         choices=(AUTO, *PRECISION_MODES))
     gradient_checkpointing: bool = setting(
         False, "Recompute layer activations in the backward pass to save memory (Hugging Face models; "
@@ -217,6 +223,7 @@ class TrainConfig(Config):
                "then ends the others with an error instead of a hang.", gt=0)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", spelled_precision(self.precision))  # float16 -> fp16, ...
         super().__post_init__()
         if self.objective in OBJECTIVE_SPELLINGS:  # TRL's name for the same loss
             object.__setattr__(self, "objective", OBJECTIVE_SPELLINGS[self.objective])
@@ -281,6 +288,16 @@ _DEFAULTS = {f.name: f.default_factory() if f.default_factory is not dataclasses
 # the arithmetic of the steps it shares with the run it continues (the schedule rule: train/loop.py `_Trainer.load`)
 RESUMABLE_CHANGES = ("epochs", "max_steps", "save_every", "save_every_minutes", "keep_checkpoints", "progress",
                      "distributed", "dist_timeout_s", "report_to")
+
+
+def spelled_precision(value: Any) -> Any:
+    """A precision mode with its dtype spelled canonically ('float16' -> 'fp16', 'bfloat16-autocast' ->
+    'bf16-autocast'); any other value unchanged (the field's choices refuse it)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    dtype, autocast = (text[: -len(AUTOCAST)], AUTOCAST) if text.endswith(AUTOCAST) else (text, "")
+    return f"{dtypes.spelled(dtype)}{autocast}"
 
 
 def field_help() -> dict[str, str]:

@@ -7,7 +7,7 @@ any checkpoint is loaded. So is GRPO (train.objective grpo: train/grpo.py), whos
 each step's prompt batches into the completions it samples for them (`Objective.prepare`) before
 the step trains on them. It hands each optimizer step's micro-batches and scheduled lr to
 `step.train_step` (forward, loss normalised by the step's trained tokens or pairs, backward,
-clip, AdamW step), wrapped in
+clip, AdamW step; in fp16 with the run's `LossScaler`, whose skipped steps hold the schedule back), wrapped in
 out-of-memory halving in a single process and given the `distributed.Parallel` strategy under
 torchrun; around the steps it evaluates, logs, checkpoints and resumes. Losses stay on the
 device until a logging step.
@@ -36,7 +36,7 @@ from lorakit.train.config import AUTO, GRPO, TrainConfig
 from lorakit.train.grpo import GRPOObjective, Rollout, check_parallel
 from lorakit.train.metrics import (CURVE_FILE, METRICS_FILE, SUMMARY_FILE, MetricsLog, TrainSummary,
                                    plot_loss_curve, write_summary)
-from lorakit.train.precision import PRECISIONS
+from lorakit.train.precision import PRECISIONS, LossScaler
 from lorakit.train.preference import AttachedBatches, PreferenceObjective, Precomputed, make_reference, objective_lines
 from lorakit.train.progress import Progress, make_progress
 from lorakit.train.schedules import lr_factor
@@ -230,6 +230,7 @@ class _Trainer:
         device = self.params[0].device
         self.model_loss = make_loss_sum(call, device, PRECISIONS[cfg.precision], chunked=cfg.chunked_loss,
                                         objective=objective)
+        self.scaler = LossScaler() if PRECISIONS[cfg.precision].scales_loss else None  # fp16's dynamic loss scale
         self.objective = objective
         self.state = LoopState(total_steps=total_steps, batches_per_step=cfg.grad_accum * self.parallel.world,
                                precision=cfg.precision)
@@ -268,6 +269,8 @@ class _Trainer:
         self.pending_units.fill_(self.state.pending_trained if units is None else units)
         if self.objective is not None:
             self.objective.restore(self.state.pending_metrics if self.parallel.is_main else [])
+        if self.scaler is not None and "scaler" in saved.state:
+            self.scaler.load_state_dict(saved.state["scaler"])
 
     def _check_length(self, saved: LoopState, folder: Path) -> None:
         """A resumed run may change its length (epochs, max_steps), not its steps: the same micro-batches per
@@ -332,11 +335,12 @@ class _Trainer:
 
     def _optimizer_step(self, group: list[Batch]) -> float:
         """One optimizer step over the micro-batches `group` (all ranks' share); returns the lr used."""
-        lr = self.cfg.lr * lr_factor(self.state.step, self.state.total_steps, self.warmup, self.cfg.schedule)
+        skipped = self.scaler.skipped if self.scaler is not None else 0  # skipped fp16 steps hold the schedule back
+        lr = self.cfg.lr * lr_factor(self.state.step - skipped, self.state.total_steps, self.warmup, self.cfg.schedule)
 
         def step(micro_batches: list[Batch]) -> StepResult:
             return train_step(self.model_loss, micro_batches, self.optimizer, params=self.params, lr=lr,
-                              max_grad_norm=self.cfg.max_grad_norm, parallel=self.parallel)
+                              max_grad_norm=self.cfg.max_grad_norm, parallel=self.parallel, scaler=self.scaler)
 
         share = self.parallel.share(group)
         micro_batches = self.objective.prepare(share, self.state.step) if self.objective is not None else share
@@ -409,6 +413,8 @@ class _Trainer:
                   "tokens_per_s": tokens_per_s, "trained_tokens": state.trained_tokens, "elapsed": now}
         if eval_loss is not None:
             record["eval_loss"] = eval_loss
+        if self.scaler is not None:  # fp16: the loss scale now, and the steps skipped for overflowing gradients so far
+            record["loss_scale"], record["skipped_steps"] = self.scaler.scale, self.scaler.skipped
         auxiliary = self.model_loss.auxiliary.take()  # e.g. MoLE load balancing; None for most methods
         if auxiliary is not None:
             self.parallel.collect(auxiliary)
@@ -471,7 +477,8 @@ class _Trainer:
         checkpoint = ckpt.Checkpoint(
             weights=self.parallel.trainable_state(self.model), optimizer_tensors=optimizer_tensors,
             optimizer_meta=optimizer_meta, rng_tensors=rng_tensors,
-            state={"format": 1, "loop": asdict(state), "rng": rng_meta})
+            state={"format": 1, "loop": asdict(state), "rng": rng_meta,
+                   **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})})
         state.elapsed = saved_elapsed
         folder = self.run_dir / "checkpoints" / f"step-{state.step}"
         if self.parallel.is_main:

@@ -4,7 +4,9 @@ For each micro-batch: move it to the device, run the forward pass under the prec
 autocast, sum the loss over the batch's units (the token cross-entropy over trained positions for
 SFT; the per-pair loss for a preference objective), add the gradient of any auxiliary losses,
 divide by the step's unit count and backward; then clip, set the lr, step the optimizer and zero
-the gradients. What varies around that step is passed in or wraps it:
+the gradients. In fp16 a `LossScaler` (train/precision.py) scales the loss before backward and the
+gradients back before clipping; a step whose gradients overflow is skipped. What varies around that
+step is passed in or wraps it:
 
 - `ModelLoss` (made by `make_loss_sum`): the model as the step runs it. `loss_sum` is
   `model(**inputs)` then `token_loss_sum`, or the chunked loss (train/fastloss.py) that takes the
@@ -40,7 +42,7 @@ from lorakit.errors import LorakitError
 from lorakit.labels import IGNORE_INDEX
 from lorakit.train.distributed import Parallel
 from lorakit.train.fastloss import HeadSplit, chunked_loss_sum, split_head
-from lorakit.train.precision import Precision
+from lorakit.train.precision import LossScaler, Precision
 from lorakit.train.varlen import is_enabled as varlen_enabled
 from lorakit.train.varlen import varlen_inputs
 
@@ -61,14 +63,17 @@ class StepResult:
     trained_tokens: torch.Tensor  # trained tokens of the whole step, summed over the ranks
     grad_norm: torch.Tensor | None  # total gradient norm before clipping; None without max_grad_norm
     units: torch.Tensor | None = None  # the step's normaliser summed over the ranks: trained tokens, or pairs
+    skipped: bool = False  # fp16: the gradients overflowed, so the optimizer did not step (train/precision.py)
 
 
 def train_step(model: ModelLoss, micro_batches: list[Batch], optimizer: torch.optim.Optimizer, *,
                params: list[nn.Parameter], lr: float, max_grad_norm: float | None = None,
-               parallel: Parallel = SINGLE_PROCESS) -> StepResult:
+               parallel: Parallel = SINGLE_PROCESS, scaler: LossScaler | None = None) -> StepResult:
     """One optimizer step over `micro_batches` (this rank's share of it); gradients are zero on entry.
 
-    `params` are the trained parameters, in the order their gradient norm is taken.
+    `params` are the trained parameters, in the order their gradient norm is taken. With a `scaler` (fp16), the
+    backward pass runs on the scaled loss and the gradients are unscaled before clipping; a step whose gradients
+    overflow is skipped (`StepResult.skipped`) and the scaler updated either way.
     """
     counts = parallel.total(model.counts(micro_batches))  # (units, trained tokens) of the whole step
     count = counts[0]
@@ -81,15 +86,22 @@ def train_step(model: ModelLoss, micro_batches: list[Batch], optimizer: torch.op
             with model.precision.autocast(model.device):
                 summed = model.loss_sum(batch)  # model(**inputs) -> summed cross-entropy (or the objective's sum)
                 summed = model.auxiliary.add_gradient(summed, lambda: model.units(batch))  # e.g. MoLE balancing
-            (summed / n_units).backward()
+            loss = summed / n_units
+            (loss if scaler is None else loss * scaler.scale).backward()  # fp16: scaled, so small gradients survive
         step_loss += summed.detach()
     with not_retried():  # an update stopped half way cannot be redone, so an out-of-memory here is raised
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True) if max_grad_norm else None
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        finite = scaler is None or scaler.unscale(params, parallel.total)  # False: an inf/nan gradient, on any rank
+        clip = max_grad_norm and finite
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True) if clip else None
+        if finite:  # an overflowed step changes no weight and no optimizer state
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum=step_loss, trained_tokens=counts[1], grad_norm=grad_norm, units=count)
+        if scaler is not None:
+            scaler.update(finite)
+    return StepResult(loss_sum=step_loss, trained_tokens=counts[1], grad_norm=grad_norm, units=count,
+                      skipped=not finite)
 
 
 @dataclass
