@@ -16,6 +16,7 @@ from a saved one (e.g. DPO or GRPO on top of SFT).
     checkpoints/       resumable checkpoints, when train.save_every > 0     (written by the loop)
     loss_curve.png     train and eval loss against step                     (written by the loop)
     summary.json       the loop's closing numbers                           (written by the loop)
+    data_stats.json    rows, examples, truncation, tokens and trained tokens of the data (`write_data_stats`)
     adapter/           the final adapter in PEFT format, or model/ (+ tokenizer) for method full
     report.md          a short human summary with a link to the loss curve
     tensorboard/, mlflow.db, wandb/, trackers.json   what train.report_to tracks locally (train/trackers.py)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,7 @@ from lorakit.data.preference import make_pair_batches, preview_pair, prompt_form
 from lorakit.data.prompts import make_prompt_batches, preview_prompt, prompt_rows_format, tokenize_prompt_rows
 from lorakit.data.shared_prompt import make_shared_prompt_batches, shared_prompt_note, shared_prompt_problem
 from lorakit.data.prompting import PromptFormat, RunRecord, special_tokens
-from lorakit.data.tokenize import resolve_format, truncation_warnings
+from lorakit.data.tokenize import resolve_format, tokenize_rows, truncation_warnings
 from lorakit.errors import ConfigError, DataError
 from lorakit.models import (EMBEDDED_DATASETS, fingerprint, load_model, load_tokenizer, portable_name,
                             quiet_progress_bars)
@@ -60,6 +62,7 @@ from lorakit.train.trackers import require_trackers
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.md"
+DATA_STATS_FILE = "data_stats.json"
 
 Log = Callable[[str], None]
 Layout = Callable[..., Any]  # make_batches' signature without `pack`: examples -> an epoch's micro-batches
@@ -179,6 +182,21 @@ def stats_line(stats: Any, unit: str = "examples") -> str:
             f"{stats.n_tokens} tokens trained")
 
 
+def data_unit(cfg: RunConfig) -> str:
+    """What a run's rows become: examples (SFT), pairs (preference objectives) or prompts (grpo)."""
+    return "pairs" if cfg.train.preference else "prompts" if cfg.train.objective == GRPO else "examples"
+
+
+def write_data_stats(run_dir: Path, cfg: RunConfig, stats: Any, validation: int) -> Path:
+    """data_stats.json: the training rows' tokenization counts (`TokenizeStats`), what they became (`data_unit`),
+    data.max_length and the number of validation examples; what `lorakit report` shows as data statistics."""
+    record = {"unit": data_unit(cfg), "max_length": cfg.data.max_length, "train": dataclasses.asdict(stats),
+              "validation_examples": validation}
+    path = run_dir / DATA_STATS_FILE
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def resolve_embedded_data(data_cfg: Any) -> Any:
     """The data config with the embedded dataset names ('embedded-train', 'embedded-eval',
     'embedded-general') as `source`/`val_source` replaced by their files inside lorakit."""
@@ -192,17 +210,22 @@ def tokenize_data(cfg: RunConfig, tokenizer: Any, log: Log) -> tuple[list, list,
     """(train examples, validation examples, train stats, the prompt format), after the pre-flight preview; for a
     preference objective the examples are pairs."""
     train_rows, val_rows = load_rows(resolve_embedded_data(cfg.data))
+    if cfg.method.media_slots() and cfg.train.objective != "sft":
+        raise ConfigError(f"method {method_name(cfg.method)} trains with train.objective sft only, not "
+                          f"{cfg.train.objective}")
     if cfg.train.preference:
         return tokenize_pairs(cfg, tokenizer, log, train_rows, val_rows)
     if cfg.train.objective == GRPO:
         return tokenize_prompts(cfg, tokenizer, log, train_rows, val_rows)
     prompt = PromptFormat.of_run(cfg.data, resolve_format(train_rows, cfg.data).name, tokenizer)
-    train_examples, stats = cached_tokenize(train_rows, tokenizer, cfg.data, log=log)
+    slots = cfg.method.media_slots()  # a modality method: images become soft tokens (rows with them are not cached)
+    tokenize = functools.partial(tokenize_rows, slots=slots) if slots else functools.partial(cached_tokenize, log=log)
+    train_examples, stats = tokenize(train_rows, tokenizer, cfg.data)
     if not train_examples:
         raise DataError(f"no training examples are left after tokenization ({stats_line(stats)})")
-    val_examples, val_stats = cached_tokenize(val_rows, tokenizer, cfg.data, log=log)
+    val_examples, val_stats = tokenize(val_rows, tokenizer, cfg.data)
     log("pre-flight: one training example, trained tokens in [[...]]:")
-    log(preview_example(train_examples[0], tokenizer))
+    log(preview_example(next((ex for ex in train_examples if "media" in ex), train_examples[0]), tokenizer, slots))
     log(f"data: {stats_line(stats)}; {len(val_examples)} validation examples")
     for line in [*truncation_warnings(stats, cfg.data), *truncation_warnings(val_stats, cfg.data, "validation rows")]:
         log(line)
@@ -308,6 +331,12 @@ def resolve_run_packing(cfg: RunConfig, model: Any, examples: list, log: Log) ->
             raise DataError("data.packing true: train.objective grpo trains on the completions it samples at each "
                             "step, in padded micro-batches; set data.packing auto or false")
         return make_prompt_batches
+    if any("media" in example for example in examples):  # soft tokens enter row by row: never packed
+        if cfg.data.packing is True:
+            raise DataError("data.packing true: rows with images cannot be packed (their soft tokens enter the "
+                            "input embeddings row by row); set data.packing auto or false")
+        log("packing: off (the rows carry images, whose soft tokens enter row by row; padded micro-batches)")
+        return functools.partial(make_batches, pack=False)
     if cfg.data.packing is True:
         check_packing(model, max_length=cfg.data.max_length)
         return functools.partial(make_batches, pack=True)
@@ -358,7 +387,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def write_report(result: RunResult, cfg: RunConfig, wall_s: float, choices: Sequence[str] = ()) -> Path:
     """report.md: what trained, how fast, how well, and where the outputs are; `choices`: the lines of the
     settings auto chose."""
-    s, stats, grpo = result.summary, result.data_stats, cfg.train.objective == GRPO
+    s, stats = result.summary, result.data_stats
     share = 100.0 * s.trainable_params / max(1, s.total_params)
     eval_line = (f"{_fmt(s.best_eval_loss)} (step {s.best_eval_step})" if s.best_eval_loss is not None
                  else "n/a (no validation rows)")
@@ -367,7 +396,7 @@ def write_report(result: RunResult, cfg: RunConfig, wall_s: float, choices: Sequ
         "",
         f"- model: `{cfg.model.name_or_path}`, method: `{method_name(cfg.method)}`",
         f"- trainable parameters: {s.trainable_params:,} of {s.total_params:,} ({share:.4f}%)",
-        f"- data: {stats_line(stats, 'pairs' if cfg.train.preference else 'prompts' if grpo else 'examples')}",
+        f"- data: {stats_line(stats, data_unit(cfg))}",
         f"- steps: {s.steps} ({s.epochs:.2f} epochs), trained tokens: {s.trained_tokens:,}",
         f"- training time: {s.wall_time_s:.1f} s ({wall_s:.1f} s for the whole command), "
         f"{s.tokens_per_s:,.0f} tokens/s",
@@ -453,6 +482,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Log = print) -> R
     eval_batches = eval_batches_of(val_examples, cfg, pad_id, layout)
     if main:
         save_config(cfg, run_dir / CONFIG_FILE)  # only now: a run that fails to start leaves no folder
+        write_data_stats(run_dir, cfg, stats, len(val_examples))
     log(f"run folder: {run_dir}")
     log(f"time to first step: {time.perf_counter() - started:.1f} s (data {data_ready - started:.1f} s, model "
         f"{model_ready - data_ready:.1f} s; compiling, when on, comes with the first steps)")

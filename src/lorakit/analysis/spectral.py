@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+SPECTRA_FIGURE = "spectra.png"  # what `lorakit inspect TARGET` writes into TARGET (and `lorakit report` shows)
+SPECTRA_TABLE = "spectra.json"  # one summary row per module (`summary_rows`)
+
 
 @dataclass
 class Intruder:
@@ -86,3 +89,12 @@ def compare_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.Te
         if name in base and name in tuned and base[name].dim() == 2 and base[name].shape == tuned[name].shape:
             out.append(compare_matrices(name, base[name], tuned[name], top_k, threshold))
     return out
+
+
+def summary_rows(spectra: list[ModuleSpectrum]) -> list[dict]:
+    """One row per module: name, shape, |dW|/|W|, effective rank of dW, its top singular value and the number of
+    intruder dimensions (what `lorakit inspect` prints and writes to SPECTRA_TABLE)."""
+    return [{"module": m.name.removesuffix(".weight"), "shape": "x".join(map(str, m.shape)),
+             "relative_change": m.relative_change, "effective_rank": m.effective_rank,
+             "top_singular_value": m.delta_singular_values[0] if m.delta_singular_values else 0.0,
+             "intruders": len(m.intruders)} for m in spectra]

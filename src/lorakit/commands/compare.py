@@ -7,11 +7,11 @@ samples from its own generator seeded by --seed, so a report is reproducible.
 from __future__ import annotations
 
 import argparse
-import html
 import shutil
 import textwrap
 from pathlib import Path
 
+from lorakit.analysis.html_page import esc, page, text_cell
 from lorakit.commands.inputs import (add_decoding_arguments, add_model_arguments, load_run_model, prompt_format_of,
                                      read_prompts, sampling_from_args)
 from lorakit.data.prompting import PromptFormat, output_folder, read_record, run_name
@@ -57,14 +57,14 @@ def to_markdown(prompts: list[str], columns: dict[str, list[str]]) -> str:
 
 
 def to_html(prompts: list[str], columns: dict[str, list[str]]) -> str:
-    """A standalone HTML page with the same table."""
-    head = "".join(f"<th>{html.escape(name)}</th>" for name in ["prompt", *columns])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(text.strip())}</td>"
-                                    for text in [prompt, *(col[i] for col in columns.values())]) + "</tr>"
-                   for i, prompt in enumerate(prompts))
-    return ("<!doctype html><meta charset='utf-8'><title>lorakit compare</title><style>table{border-collapse:"
-            "collapse}td,th{border:1px solid #999;padding:4px;vertical-align:top;white-space:pre-wrap}</style>"
-            f"<table><tr>{head}</tr>{body}</table>\n")
+    """A standalone HTML page with the same table: columns of equal width, each answer wrapped (anywhere, so a
+    long repeated token too) and scrolling inside its cell past a maximum height (analysis/html_page.py)."""
+    head = "".join(f"<th>{esc(name)}</th>" for name in ["prompt", *columns])
+    body = "".join("<tr>" + "".join(text_cell(text.strip()) for text in [prompt, *(col[i] for col in columns.values())])
+                   + "</tr>" for i, prompt in enumerate(prompts))
+    models = ", ".join(columns)
+    return page("lorakit compare", f'<table class="wide"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>',
+                subtitle=esc(f"{len(prompts)} prompt{'s' * (len(prompts) != 1)}, answered by {models}"))
 
 
 def to_terminal(prompts: list[str], columns: dict[str, list[str]], width: int = 100) -> str:

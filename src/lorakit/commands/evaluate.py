@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from lorakit import dtypes
 from lorakit.commands.inputs import add_format_arguments
 from lorakit.errors import LorakitError
 
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length cap")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default=None, help=f"{dtypes.accepted()} (default: as saved)")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda")
     parser.add_argument("--show", type=int, default=5, help="print this many example answers")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -124,18 +125,23 @@ def _run_config(run: str):
 
 def _run_rows(args: argparse.Namespace, cfg, columns: dict[str, str], say) -> tuple[list[dict], object]:
     """The rows to score for a run: --data, else the run's validation rows; and the run's data config."""
-    from lorakit.data import load_rows
-    from lorakit.run import resolve_embedded_data
-
     if args.data is not None:
         return _file_rows(args.data, args.limit), _data_config(cfg.data, columns)
-    _, rows = load_rows(_rebased(resolve_embedded_data(cfg.data), Path(args.run), cfg, say))
+    _, rows = run_rows(Path(args.run), cfg, say)
     if not rows:
         raise LorakitError(f"{args.run} has no validation rows (its data config sets no val_source, val_split or "
                            "val_fraction); score a file with --data FILE")
     rows = rows[:args.limit] if args.limit else rows
     say(f"data: the run's {len(rows)} validation rows (--data FILE to score others)")
     return rows, _data_config(cfg.data, columns or cfg.data.columns)
+
+
+def run_rows(run: Path, cfg, say) -> tuple[list[dict], list[dict]]:
+    """(training rows, validation rows) of a run folder as its config reads them, from any folder (`_rebased`)."""
+    from lorakit.data import load_rows
+    from lorakit.run import resolve_embedded_data
+
+    return load_rows(_rebased(resolve_embedded_data(cfg.data), run, cfg, say))
 
 
 def _rebased(data_cfg, run: Path, cfg, say):

@@ -2,7 +2,8 @@
 
 For every linear layer: the relative size of the update dW, the effective rank of dW (Roy &
 Vetterli) and the intruder dimensions of the fine-tuned matrix (Shuttleworth et al. 2024), as a
-table and a PNG (singular values of dW; intruders per layer).
+table and a PNG (singular values of dW; intruders per layer). The PNG and the table (spectra.png, spectra.json)
+go into TARGET by default, where `lorakit report` finds them.
 """
 from __future__ import annotations
 
@@ -24,16 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="an intruder's highest |cos| with any base singular vector is below this")
     parser.add_argument("--png", type=Path, default=None, help="figure path (default: TARGET/spectra.png)")
-    parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="the printed table as JSON, one row per module (default: TARGET/spectra.json)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write every number (all singular values, each intruder) to this JSON file")
 
 
 def table(spectra: Sequence[ModuleSpectrum]) -> str:
     """One line per module, then the totals."""
+    from lorakit.analysis.spectral import summary_rows
+
     lines = [f"{'module':<40}{'shape':>12}{'|dW|/|W|':>10}{'eff. rank dW':>14}{'top s(dW)':>11}{'intruders':>10}"]
-    for m in spectra:
-        top = m.delta_singular_values[0] if m.delta_singular_values else 0.0
-        lines.append(f"{m.name.removesuffix('.weight'):<40}{'x'.join(map(str, m.shape)):>12}"
-                     f"{m.relative_change:>10.4f}{m.effective_rank:>14.2f}{top:>11.4f}{len(m.intruders):>10}")
+    for row in summary_rows(list(spectra)):
+        lines.append(f"{row['module']:<40}{row['shape']:>12}{row['relative_change']:>10.4f}"
+                     f"{row['effective_rank']:>14.2f}{row['top_singular_value']:>11.4f}{row['intruders']:>10}")
     total = sum(len(m.intruders) for m in spectra)
     mean_rank = sum(m.effective_rank for m in spectra) / max(len(spectra), 1)
     lines.append(f"{len(spectra)} modules: {total} intruder dimensions in all, mean effective rank of dW "
@@ -44,7 +49,7 @@ def table(spectra: Sequence[ModuleSpectrum]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Load both weight sets, compare every linear layer, print the table, write the PNG."""
     from lorakit.analysis.plots import spectra_figure
-    from lorakit.analysis.spectral import compare_state_dicts
+    from lorakit.analysis.spectral import SPECTRA_FIGURE, SPECTRA_TABLE, compare_state_dicts, summary_rows
     from lorakit.analysis.weights import load_pair
     from lorakit.models import quiet_progress_bars
 
@@ -53,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
     spectra = compare_state_dicts(base, tuned, names, args.top_k, args.threshold)
     print(f"{args.target} vs base {base_name}  (intruders: top {args.top_k}, |cos| < {args.threshold})")
     print(table(spectra))
-    png = args.png or Path(args.target) / "spectra.png"
+    png = args.png or Path(args.target) / SPECTRA_FIGURE
     print(f"figure: {spectra_figure(spectra, png, f'{Path(args.target).name} vs {base_name}')}")
+    rows = args.table or Path(args.target) / SPECTRA_TABLE
+    settings = {"base": base_name, "top_k": args.top_k, "threshold": args.threshold}
+    rows.write_text(json.dumps({**settings, "modules": summary_rows(spectra)}, indent=1) + "\n")
+    print(f"table: {rows}")
     if args.json:
         args.json.write_text(json.dumps([asdict(m) for m in spectra], indent=1) + "\n")
     return 0

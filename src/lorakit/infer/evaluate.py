@@ -186,13 +186,20 @@ def _generate_answers(model, tokenizer, rows, prompt_format: PromptFormat, colum
             raise DataError(f"row {index}: {error}") from None
         prompts.append(ids)
         references.append(reference)
+    answers = greedy_answers(model, tokenizer, prompts, prompt_format, max_new_tokens, batch_size)
+    questions = [_question(apply_columns(row, columns), prompt_format.format) for row in rows]
+    return {"questions": questions, "predictions": answers, "references": references}
+
+
+def greedy_answers(model, tokenizer, prompts: Sequence[list[int]], prompt_format: PromptFormat, max_new_tokens: int,
+                   batch_size: int = 32) -> list[str]:
+    """The greedy answer to each prompt (token ids in `prompt_format`), ended by EOS or the format's end of turn."""
     stops = stop_token_ids(tokenizer, model, [prompt_format])
     answers = greedy_ids(model, tokenizer, prompts, stops=stops, max_new_tokens=max_new_tokens, batch_size=batch_size)
     marker = prompt_format.end_of_turn(tokenizer)
     if marker:  # a text end-of-turn marker (not a special token) ends the answer where the model wrote it
         answers = [answer.split(marker)[0] for answer in answers]
-    questions = [_question(apply_columns(row, columns), prompt_format.format) for row in rows]
-    return {"questions": questions, "predictions": answers, "references": references}
+    return answers
 
 
 def _question(row: dict, format_name: str) -> str:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
 from lorakit.plotting import new_figure, save_figure
 
 METRICS_FILE = "metrics.jsonl"
@@ -77,11 +79,20 @@ def truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "loss") -> None:
-    """Train and eval loss against step, as a PNG."""
+def loss_figure(records: list[dict[str, Any]], title: str = "loss", size: tuple[float, float] = (6, 4),
+                log_y: bool = False) -> Any:
+    """Train loss per logged step and eval loss per evaluation against the optimizer step, on one axes with
+    ticks, axis labels and a legend (the run folder's PNG and the HTML report draw this one figure). `log_y`: a
+    log loss axis (ticks at 1, 2, 5 per decade) when the losses span a factor of 10 or more."""
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-    figure, (axes,) = new_figure(6, 4)
+    figure, (axes,) = new_figure(*size)
+    losses = [loss for _, loss in train + evals]
+    if log_y and losses and min(losses) > 0 and max(losses) >= 10 * min(losses):
+        axes.set_yscale("log")
+        axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axes.yaxis.set_minor_formatter(NullFormatter())
     if train:
         axes.plot(*zip(*train), label="train", linewidth=1.5)
     if evals:
@@ -92,7 +103,12 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "los
     axes.grid(alpha=0.3)
     if train or evals:
         axes.legend()
-    save_figure(figure, path)
+    return figure
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str = "loss") -> None:
+    """Train and eval loss against step, as a PNG."""
+    save_figure(loss_figure(records, title), path)
 
 
 def write_summary(summary: TrainSummary, path: Path) -> None:
