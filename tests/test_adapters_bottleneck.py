@@ -132,5 +132,5 @@ def test_unknown_lorakit_method_in_a_folder_is_named(tmp_path):
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "lorakit_method": "bottelneck"}))
     with pytest.raises(AdapterError, match="lorakit_method 'bottelneck' has no folder loader; lorakit's own folders "
-                                           "hold one of: bottleneck, mole"):
+                                           "hold one of: bottleneck, modality, mole"):
         load_adapter(tiny_llama(), folder)

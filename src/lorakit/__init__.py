@@ -27,6 +27,8 @@ _EXPORTS = {
     "PromptTuning": "lorakit.adapters.config",
     "Bottleneck": "lorakit.adapters.config",
     "MoLE": "lorakit.adapters.config",
+    "Modality": "lorakit.adapters.config",
+    "ModalitySpec": "lorakit.adapters.config",
     "apply": "lorakit.adapters",
     "count": "lorakit.adapters",
     "trainable_parameters": "lorakit.adapters",

@@ -22,7 +22,8 @@ _MULTI = "lorakit.adapters.multi"
 _EXPORTS = {
     "METHODS": _CONFIG, "register_method": "lorakit.adapters.registry",
     "Full": _CONFIG, "LoRA": _CONFIG, "DoRA": _CONFIG, "QLoRA": _CONFIG, "PromptTuning": _CONFIG,
-    "Bottleneck": _CONFIG, "MoLE": _CONFIG,
+    "Bottleneck": _CONFIG, "MoLE": _CONFIG, "Modality": _CONFIG, "ModalitySpec": _CONFIG,
+    "media_rows": "lorakit.adapters.modality", "modality_slots": "lorakit.adapters.modality",
     "adapters_disabled": _DISPATCH, "apply": _DISPATCH, "apply_from_folder": _DISPATCH, "count": _DISPATCH, "load_adapter": _DISPATCH, "merge": _DISPATCH,
     "save_adapter": _DISPATCH, "unload": _DISPATCH, "unmerge": _DISPATCH,
     "find_targets": "lorakit.adapters.match",

@@ -12,12 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from lorakit import dtypes
 from lorakit.adapters.registry import METHODS, implementation, register_method
+from lorakit.media import KINDS, MediaSlot
 from lorakit.schema import Config, setting
 
 PLACEMENTS = {"attention": ("attention",), "mlp": ("mlp",), "both": ("attention", "mlp")}
 
-__all__ = ["METHODS", "Bottleneck", "DoRA", "Full", "LoRA", "MoLE", "MethodConfig", "PromptTuning", "QLoRA"]
+__all__ = ["METHODS", "Bottleneck", "DoRA", "Full", "LoRA", "MoLE", "MethodConfig", "Modality", "ModalitySpec",
+           "PromptTuning", "QLoRA"]
 
 
 class MethodConfig(Config):
@@ -31,6 +34,10 @@ class MethodConfig(Config):
     def apply(self, model: Any) -> Any:
         """Apply this method to `model` in place (see the implementation module); returns the model."""
         return implementation(self).apply(self, model)
+
+    def media_slots(self) -> dict[str, MediaSlot]:
+        """What the data must reserve for each non-text item a row carries, by modality (none: text only)."""
+        return {}
 
 
 @register_method
@@ -126,8 +133,13 @@ class QLoRA(LoRA):
                "or FP4.")
     double_quant: bool = setting(True, "Quantise the per-block absmax scales to 8 bits too (saves ~0.37 bits per "
                                        "weight, paper section 3).")
-    compute_dtype: Literal["bf16", "fp32"] = setting(
-        "bf16", "dtype in which the base weights are dequantised and multiplied; LoRA's A and B stay float32.")
+    compute_dtype: str = setting(
+        "bf16", f"dtype in which the base weights are dequantised and multiplied: {dtypes.accepted()}; fp16 for "
+                "GPUs without bf16. LoRA's A and B stay fp32.", choices=dtypes.CANONICAL)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compute_dtype", dtypes.spelled(self.compute_dtype))  # bfloat16 -> bf16, ...
+        super().__post_init__()
 
 
 @register_method
@@ -198,3 +210,78 @@ class MoLE(LowRank):
         if self.top_k is not None and self.top_k > self.num_experts:
             problems.append(("top_k", f"must be between 1 and num_experts={self.num_experts}"))
         return problems
+
+
+@dataclass
+class ModalitySpec(Config):
+    """One modality of a modality adapter: its encoder (trained from scratch), projector and LoRA."""
+
+    section: ClassVar[str] = "method.modalities"
+
+    kind: Literal["image"] = setting("image", "How an item is read and encoded: image (RGB, resized to image_size "
+                                              "squared; a patch embedding and transformer layers).")
+    image_size: int = setting(32, "Side of the square each image is resized to, in pixels.", gt=0)
+    patch_size: int = setting(8, "Side of a square patch: the encoder sees (image_size / patch_size)^2 patch tokens.",
+                              gt=0)
+    width: int = setting(64, "Encoder width (patch-token size).", gt=0)
+    depth: int = setting(2, "Encoder transformer layers.", ge=0)
+    heads: int = setting(4, "Attention heads per encoder layer (width must be a multiple).", gt=0)
+    num_tokens: int = setting(16, "Soft tokens each item becomes in the LM's input, in place of its placeholder "
+                                  "(at most the number of patches; patches are average-pooled down to it).", gt=0)
+    r: int = setting(8, "Rank of this modality's LoRA on the LM, active only for rows that carry the modality; 0: "
+                        "no LoRA (the projector's soft tokens alone carry the modality).", ge=0)
+    alpha: float = setting(16.0, "LoRA scale numerator: s = alpha / r (alpha / sqrt(r) with rslora).", gt=0)
+    targets: str | list[str] = setting("all-linear", "LM modules this modality's LoRA adapts (as LoRA's targets).")
+    rslora: bool = setting(False, "Rank-stabilised LoRA scaling s = alpha / sqrt(r).")
+    lora_rows: Literal["modality", "all"] = setting(
+        "modality", "Rows this modality's LoRA reaches: modality (only rows that carry it: text rows stay the base "
+                    "model exactly) or all (a LoRA shared by every row, text rows included: an ablation baseline).")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Patches must tile the image, heads the width, and the soft tokens fit the patches."""
+        patches = (self.image_size // self.patch_size) ** 2
+        if self.image_size % self.patch_size:
+            return [("patch_size", f"must divide image_size={self.image_size}")]
+        if self.width % self.heads:
+            return [("heads", f"must divide width={self.width}")]
+        if self.num_tokens > patches:
+            return [("num_tokens", f"must be at most the {patches} patches of a {self.image_size}px image "
+                                   f"(patch_size {self.patch_size})")]
+        return _target_problems(self.targets, [])
+
+    def slot(self) -> MediaSlot:
+        """What the data reserves for one item: num_tokens positions, an RGB image_size^2 array."""
+        return MediaSlot(self.num_tokens, (3, self.image_size, self.image_size), self.kind)
+
+
+@register_method
+@dataclass
+class Modality(MethodConfig):
+    """Per-modality adapters (the Phi-4-multimodal pattern): for each modality an encoder trained from scratch, a
+    projector to the LM's hidden size whose soft tokens replace each placeholder (`<image>`), and a LoRA on the
+    frozen LM that is active only for rows that carry that modality, so text rows compute the base model exactly."""
+
+    name: ClassVar[str] = "modality"
+    implementation: ClassVar[str] = "lorakit.adapters.modality"
+    folder_type: ClassVar[str] = "modality"  # adapter_config.json's lorakit_method
+    routed: ClassVar[bool] = True  # active per row by what the row carries: named adapters may sit beside it
+
+    modalities: dict[str, ModalitySpec] = setting(
+        factory=lambda: {"image": ModalitySpec()},
+        doc="Modality name -> its encoder, projector and LoRA settings, e.g. {image: {image_size: 32, num_tokens: 16, "
+            "r: 8}}. A name is its placeholder (<image>) and its rows' column (images or image); several "
+            f"modalities each get their own encoder and LoRA. Kinds: {', '.join(KINDS)}.")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """At least one modality, each named as a placeholder can be."""
+        if not self.modalities:
+            return [("modalities", "must name at least one modality, e.g. {image: {}}")]
+        bad = [name for name in self.modalities if not name.isidentifier() or not name.islower()]
+        if bad:
+            return [("modalities", f"names must be lowercase identifiers (they become <{bad[0]}> and column "
+                                   f"{bad[0]}s), got {bad[0]!r}")]
+        return []
+
+    def media_slots(self) -> dict[str, MediaSlot]:
+        """Each modality's slot: num_tokens positions per item, and the decoded item's shape."""
+        return {name: spec.slot() for name, spec in self.modalities.items()}

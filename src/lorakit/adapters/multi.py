@@ -173,7 +173,9 @@ def adapter_names(model: nn.Module) -> list[str]:
 def _bank(model: nn.Module) -> AdapterBank:
     bank = getattr(model, BANK_ATTR, None)
     if bank is None:
-        if get_state(model) is not None or lora_layers(model):
+        state = get_state(model)
+        routed = state is not None and getattr(state.method, "routed", False)  # text rows see the base: composable
+        if (state is not None and not routed) or lora_layers(model):
             raise AdapterError(f"{type(model).__name__} already carries an adapter applied with apply/load_adapter; "
                                "named adapters go on a plain base model (unload it, or add it by name instead)")
         bank = AdapterBank()

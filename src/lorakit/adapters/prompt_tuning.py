@@ -156,7 +156,8 @@ class PromptRun:
 RowPrompts = Callable[[int], Sequence[torch.Tensor | None]]  # batch size -> each row's (n_r, d) prompt or None
 
 
-def _cached_length(cache: Any) -> int:
+def cached_length(cache: Any) -> int:
+    """Positions already in a KV cache (0: none, or no cache): the forward that sees 0 is a prompt pass."""
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
@@ -191,7 +192,7 @@ def prepend_virtual(model: nn.Module, args: tuple, kwargs: dict, run: PromptRun,
     embeds, input_ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
     batch, length = (embeds if embeds is not None else input_ids).shape[:2]
     prompts = prompts_of(batch)
-    cached = _cached_length(kwargs.get("cache", kwargs.get("past_key_values")))
+    cached = cached_length(kwargs.get("cache", kwargs.get("past_key_values")))
     run.pending_length = None
     if cached == 0:
         run.front = max((p.shape[0] for p in prompts if p is not None), default=0)

@@ -14,12 +14,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Prompts, model, adapter and decoding options."""
     parser.epilog = ("examples:\n  lorakit generate 'What is the capital of France?'\n"
                      "  lorakit generate --adapter runs/x/adapter 'What is the capital of Peru?'\n"
-                     "  lorakit generate --adapter runs/x --prompts-file prompts.jsonl --temperature 0.7\n")
+                     "  lorakit generate --adapter runs/x --prompts-file prompts.jsonl --temperature 0.7\n"
+                     "  lorakit generate --adapter runs/flags/adapter --image flag.png 'Which country is this?'\n")
     add_decoding_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--adapter", default=None,
                         help="an adapter folder to load onto the base model (or a run folder, or a full fine-tuning "
                              "model folder)")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image for every prompt (repeatable), read by a modality adapter: its soft tokens "
+                             "go where the prompt says <image>, else in front of it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     for index, prompt in enumerate(prompts):
         print(f"### prompt {index + 1}: {prompt}", flush=True)
         generate_texts(model, tokenizer, [prompt], sampling=sampling, max_new_tokens=args.max_new_tokens,
-                       prompt_format=prompt_format, seed=args.seed, on_text=lambda _row, piece: _write(piece))
+                       prompt_format=prompt_format, seed=args.seed, on_text=lambda _row, piece: _write(piece),
+                       images=[args.image] if args.image else None)
         print("\n", flush=True)
     return 0
 

@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+from lorakit import dtypes
 from lorakit.commands.compare import parse_adapters
 from lorakit.errors import LorakitError
 from lorakit.optional import require
@@ -19,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-').chat.completions.create("
                      "model='sql', ...)\n")
     parser.add_argument("--model", default="embedded", help="base model: 'embedded', a local folder or a hub id")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as saved)")
+    parser.add_argument("--dtype", default=None, help=f"{dtypes.accepted()} (default: as saved)")
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]FOLDER",
                         help="an adapter to serve under NAME (repeatable; NAME defaults to the folder's name)")
     parser.add_argument("--base-name", default="base", help="the request `model` value for the plain base model")
@@ -75,6 +76,24 @@ def run(args: argparse.Namespace) -> int:
         return serve(args, sock, uvicorn)
 
 
+def _load_modality_adapter(model, adapters: dict[str, str]) -> str | None:
+    """Load the one modality adapter among `adapters` onto the model (load_adapter: it is routed by the images a
+    request carries, not by name); the name it is served as, or None."""
+    from lorakit.adapters import load_adapter
+    from lorakit.adapters.modality import is_modality_folder
+
+    found = [name for name, folder in adapters.items() if is_modality_folder(folder)]
+    if len(found) > 1:
+        raise LorakitError(f"adapters {found[0]!r} and {found[1]!r} are both modality adapters; serve one (a "
+                           "modality adapter holds several modalities)")
+    if not found:
+        return None
+    load_adapter(model, adapters[found[0]])
+    print(f"adapter {found[0]!r}: a modality adapter, for chats with image_url parts (its LoRA reaches their rows "
+          "only)")
+    return found[0]
+
+
 def serve(args: argparse.Namespace, sock: socket.socket, uvicorn) -> int:
     """Load the model and adapters, then serve on the bound `sock` until Ctrl-C."""
     from lorakit.adapters.multi import add_adapter
@@ -91,8 +110,11 @@ def serve(args: argparse.Namespace, sock: socket.socket, uvicorn) -> int:
         formats[None] = base_record.prompt
         print(f"model {args.model}: chat requests to {args.base_name!r} get its recorded prompt format, "
               f"{base_record.prompt.describe(tokenizer)}")
-    for name, folder in parse_adapters(args.adapter).items():
-        add_adapter(model, name, folder)
+    adapters = parse_adapters(args.adapter)
+    modality = _load_modality_adapter(model, adapters)  # first: named adapters hook the layers it wraps
+    for name, folder in adapters.items():
+        if name != modality:
+            add_adapter(model, name, folder)
         record = read_record(folder)
         if record is not None:
             formats[name] = record.prompt
@@ -112,6 +134,6 @@ def serve(args: argparse.Namespace, sock: socket.socket, uvicorn) -> int:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         request_log.addHandler(handler)
-    config = uvicorn.Config(create_app(model, tokenizer, cfg, formats), log_level="warning")
+    config = uvicorn.Config(create_app(model, tokenizer, cfg, formats, modality), log_level="warning")
     uvicorn.Server(config).run(sockets=[sock])
     return 0

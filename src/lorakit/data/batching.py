@@ -8,6 +8,9 @@ cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100).
 Padded batch:  input_ids (B, T), labels (B, T), attention_mask (B, T) of 1/0, right padding.
 Packed batch:  input_ids (B, T), labels (B, T), position_ids (B, T) restarting at 0 for each
                example, attention_mask (B, 1, T, T) float additive block-diagonal causal mask.
+
+Examples with items (images: data/media.py) add, per modality, `{name}_values` (B, K, *shape) uint8 and
+`{name}_positions` (B, K), where each item's soft tokens start (-1: none); only padded batches carry them.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from lorakit.data.tokenize import Example
 from lorakit.errors import DataError
 from lorakit.labels import IGNORE_INDEX
+from lorakit.media import positions_key, values_key
 
 
 def pack_lengths(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -99,14 +103,37 @@ def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tens
         input_ids[b, :n] = torch.tensor(ex["input_ids"])
         labels[b, :n] = torch.tensor(shift_labels(ex["labels"]))
         attention_mask[b, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, **collate_media(examples)}
+
+
+def collate_media(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Per modality the examples' items (B, K, *shape) uint8 and where each starts (B, K), -1 past a row's items."""
+    found: dict[str, list[list[tuple[int, object]]]] = {}
+    for b, ex in enumerate(examples):
+        for modality, start, values in ex.get("media", ()):
+            found.setdefault(modality, [[] for _ in examples])[b].append((start, values))
+    batch = {}
+    for modality, rows in found.items():
+        width = max(len(row) for row in rows)
+        shape = torch.as_tensor(next(v for row in rows for _, v in row)).shape
+        values = torch.zeros((len(rows), width, *shape), dtype=torch.uint8)  # (B, K, *shape)
+        positions = torch.full((len(rows), width), -1, dtype=torch.long)  # (B, K)
+        for b, row in enumerate(rows):
+            for k, (start, item) in enumerate(row):
+                values[b, k], positions[b, k] = torch.as_tensor(item), start
+        batch[values_key(modality)], batch[positions_key(modality)] = values, positions
+    return batch
 
 
 def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
     """Several whole examples per row, each in its own causal block; rows padded to the longest.
 
-    Padding positions form one-token blocks of their own (so no attention row is empty).
+    Padding positions form one-token blocks of their own (so no attention row is empty). Examples with items
+    (images) are refused: their rows are laid out padded (run.py says so).
     """
+    if any("media" in ex for row in rows for ex in row):
+        raise DataError("examples with images cannot be packed: their soft tokens go in through the model's input "
+                        "embeddings row by row; set data.packing false")
     width = max(sum(len(ex["input_ids"]) for ex in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)

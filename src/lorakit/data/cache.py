@@ -74,6 +74,7 @@ NOT_IN_KEY = {
     "max_row_bytes": "checked when rows are read",
     "packing": "acts on the examples, after tokenization",
     "cache_dir": "where Hugging Face datasets keeps its downloads",
+    "media_dir": "read only for rows with images, which are tokenized without the cache",
 }
 # lorakit's code between a row and an example; a change to any of these files is a new key
 CODE_MODULES = ("lorakit.data.tokenize", "lorakit.data.formats", "lorakit.data.chat", "lorakit.data.rows",

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lorakit.data.rows import Rendered, RowError
+from lorakit.media import placeholder
 
 if TYPE_CHECKING:
     from lorakit.data.config import DataConfig
@@ -45,12 +46,32 @@ def chat_column(row: dict[str, Any]) -> str:
     return next((column for column in CHAT_COLUMNS if column in row), CHAT_COLUMNS[0])
 
 
+def content_text(content: Any, where: str, image_part: str = "image") -> Any:
+    """A message's content as text: a string as it is, or a list of parts (OpenAI's, TRL's) joined in order by
+    newlines, each `{"type": "text", "text": ...}` its text and each part of type `image_part` the image
+    placeholder (`<image>`; the items themselves are the row's `images` column, or the request's URLs). Anything
+    else is returned as it is, for the caller's own message."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == image_part:
+            texts.append(placeholder("image"))
+        else:
+            raise RowError(f"{where} part {index} must be {{\"type\": \"text\", \"text\": STRING}} or "
+                           f"{{\"type\": \"{image_part}\"}}, got {str(part)[:60]}")
+    return "\n".join(texts)
+
+
 def _message(item: Any, where: str) -> dict[str, str]:
     """One message as {role, content}, accepting ShareGPT's {from, value} spelling and role names."""
     if not isinstance(item, dict):
         raise RowError(f"{where} must be a dict with role and content, got {type(item).__name__}")
     role = item.get("role", item.get("from"))
-    content = item.get("content", item.get("value"))
+    content = content_text(item.get("content", item.get("value")), where)
     if not isinstance(role, str):
         raise RowError(f"{where} has no string 'role' (keys: {', '.join(item)})")
     if ROLE_ALIASES.get(role, role) not in ROLES:

@@ -96,6 +96,9 @@ class DataConfig(Config):
                 "out as one row with its prompt once, where the shared-prompt probe passes on the model (true: an "
                 "error when it fails; auto: padded pairs then, and under LORAKIT_AUTO=off); false: padded pairs. "
                 "The run prints what auto chose.")
+    media_dir: str | None = setting(
+        None, "Folder that relative image paths in rows (the `images` column) are read from; default: the folder of "
+              "the data file (the data folder itself for a folder source), else the current folder.")
     cache_dir: str | None = setting(
         None, "Cache folder for Hugging Face datasets (default: the datasets library's own).")
 

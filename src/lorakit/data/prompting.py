@@ -30,8 +30,9 @@ from lorakit.data.chat import chat_template_for
 from lorakit.data.config import DataConfig
 from lorakit.data.formats import FORMATS, apply_columns
 from lorakit.data.rows import Rendered
-from lorakit.data.tokenize import bos_prefix, encode, segment_encoder
+from lorakit.data.tokenize import Span, bos_prefix, encode_with_media, segment_encoder
 from lorakit.errors import DataError, LorakitError
+from lorakit.media import MediaSlot
 
 RECORD_NAME = "lorakit_run.json"
 RECORD_VERSION = 1
@@ -80,6 +81,12 @@ class PromptFormat:
 
     def messages_ids(self, tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation up to the answer cue. Formats without turns take the last user message."""
+        return self.media_ids(tokenizer, messages, {})[0]
+
+    def media_ids(self, tokenizer: Any, messages: list[dict[str, str]], slots: dict[str, MediaSlot]
+                  ) -> tuple[list[int], list[Span]]:
+        """`messages_ids`, each placeholder of a modality in `slots` (`<image>`) taking its slot's positions as in
+        training (data/tokenize.py), and each item's (modality, start) in the ids."""
         if self.format == "chat":
             row: dict[str, Any] = {"messages": [*messages, {"role": "assistant", "content": PLACEHOLDER}]}
         else:
@@ -88,14 +95,19 @@ class PromptFormat:
                 raise DataError("a conversation without a user message has no question to prompt with")
             row = _question_row(self.format, users[-1])
             if row is None:
-                return _encode(Rendered([(users[-1], False)], add_eos=False), tokenizer)
-        return self.split(row, tokenizer)[0]
+                return _encode(Rendered([(users[-1], False)], add_eos=False), tokenizer, slots)
+        return _encode(self._prompt(row, tokenizer)[0], tokenizer, slots)
 
     def split(self, row: dict[str, Any], tokenizer: Any, columns: dict[str, str] | None = None
               ) -> tuple[list[int], str]:
         """(prompt ids, reference answer) of a data row in this format: the last trained segment is the
         answer (its end-of-turn marker removed), everything before it the prompt."""
-        rendered = FORMATS[self.format].render(apply_columns(row, columns or {}), tokenizer, self.data_config())
+        prompt, answer = self._prompt(apply_columns(row, columns or {}), tokenizer)
+        return _encode(prompt, tokenizer, {})[0], answer
+
+    def _prompt(self, row: dict[str, Any], tokenizer: Any) -> tuple[Rendered, str]:
+        """(the prompt's segments, the reference answer) of a data row (see `split`)."""
+        rendered = FORMATS[self.format].render(row, tokenizer, self.data_config())
         last = max((i for i, (_, trained) in enumerate(rendered.segments) if trained), default=None)
         if last is None or self.format == "text":
             raise DataError(f"a {self.format} row has no prompt to answer; score text runs by loss only")
@@ -104,7 +116,7 @@ class PromptFormat:
         marker = self.end_of_turn(tokenizer)
         if marker and answer.rstrip().endswith(marker):
             answer = answer.rstrip()[:-len(marker)]
-        return _encode(prompt, tokenizer), answer.strip()
+        return prompt, answer.strip()
 
     def end_of_turn(self, tokenizer: Any) -> str | None:
         """The text the model learned to end its answer with, when it is not the tokenizer's EOS (chat templates'
@@ -144,10 +156,10 @@ def _question_row(format_name: str, question: str) -> dict[str, str] | None:
     raise DataError(f"row format {format_name!r} has no rule for turning a question into a prompt")
 
 
-def _encode(rendered: Rendered, tokenizer: Any) -> list[int]:
-    ids, _, _ = encode(rendered, segment_encoder(tokenizer), bos_prefix(tokenizer), tokenizer.eos_token_id,
-                       train_on_prompt=False)
-    return ids
+def _encode(rendered: Rendered, tokenizer: Any, slots: dict[str, MediaSlot]) -> tuple[list[int], list[Span]]:
+    ids, _, _, spans = encode_with_media(rendered, segment_encoder(tokenizer), bos_prefix(tokenizer),
+                                         tokenizer.eos_token_id, False, slots)
+    return ids, spans
 
 
 @dataclass

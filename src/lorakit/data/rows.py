@@ -5,7 +5,8 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lorakit.errors import DataError
@@ -22,6 +23,7 @@ class Rendered:
     segments: list[tuple[str, bool]]  # (text, trained) in order
     add_bos: bool = True  # prepend the tokenizer's own leading special tokens (BOS), untrained
     add_eos: bool = True  # append tokenizer.eos_token_id, trained, so the model learns to stop
+    media: dict[str, list[Any]] = field(default_factory=dict)  # modality -> decoded items, in placeholder order
 
 
 class RowPlaces:
@@ -39,6 +41,7 @@ class RowPlaces:
         self._starts: list[int] = []  # index of each part's first row
         self._parts: list[tuple[str | None, Sequence[int] | None]] = []  # (name, line of each row or None)
         self.count = 0
+        self.folder: Path | None = None  # the local folder the rows were read from (relative media paths start there)
 
     def add(self, name: str | None, count: int, lines: Sequence[int] | None = None) -> None:
         """Append `count` rows of the part called `name` (None: rows in memory); `lines`: their line numbers."""

@@ -88,6 +88,7 @@ def _read_local(path: Path, source: str, split: str, cfg: DataConfig) -> tuple[R
     else:
         files = _folder_files(path.resolve(), source, split)
     places, parts = RowPlaces(), []
+    places.folder = path.parent if path.is_file() else path
     for file, name in files:
         rows, lines = _read_file(file, name, cfg)
         places.add(name, len(rows), lines)

@@ -6,17 +6,23 @@ Shifting for next-token prediction happens later, in `make_batches`.
 """
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import asdict, dataclass
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from lorakit.data.config import DataConfig
 from lorakit.data.formats import FORMATS, RowFormat, apply_columns, check_kind, detect_format
-from lorakit.data.rows import Rendered, RowError, place_of
+from lorakit.data.media import attach_media
+from lorakit.data.rows import NumberedRows, Rendered, RowError, place_of
 from lorakit.errors import DataError
 from lorakit.labels import IGNORE_INDEX
+from lorakit.media import MediaSlot, placeholder
 
-Example = dict[str, list[int]]
+Example = dict[str, list[int]]  # plus, for a row with images, "media": [(modality, start, (*shape) uint8), ...]
+Span = tuple[str, int]  # (modality, first position of an item's soft tokens)
 
 
 @dataclass
@@ -79,22 +85,43 @@ def encode(rendered: Rendered, encode_segment: Callable[[str, bool], list[int]],
 
     answer_start is where the final trained segment begins; truncation keeps it whole.
     """
+    return encode_with_media(rendered, encode_segment, bos, eos_id, train_on_prompt, {})[:3]
+
+
+@functools.lru_cache(maxsize=32)
+def _placeholders(modalities: tuple[str, ...]) -> re.Pattern:
+    return re.compile("(" + "|".join(re.escape(placeholder(m)) for m in modalities) + ")")
+
+
+def encode_with_media(rendered: Rendered, encode_segment: Callable[[str, bool], list[int]], bos: list[int],
+                      eos_id: int, train_on_prompt: bool, slots: dict[str, MediaSlot]
+                      ) -> tuple[list[int], list[int], int, list[Span]]:
+    """`encode`, where each placeholder of a modality in `slots` becomes that slot's positions (filled with EOS
+    ids, never trained, replaced by soft tokens in the model) instead of text; also returns each item's span."""
     ids: list[int] = list(bos) if rendered.add_bos else []
     labels = [IGNORE_INDEX] * len(ids)
     answer_start = None
     text_start = len(ids)
+    spans: list[Span] = []
+    marks = {placeholder(m): m for m in slots}
     for text, trained in rendered.segments:
-        piece = encode_segment(text, len(ids) == text_start)  # first=True: nothing encoded yet
         if trained:
             answer_start = len(ids)
-        ids += piece
-        labels += piece if (trained or train_on_prompt) else [IGNORE_INDEX] * len(piece)
+        for part in _placeholders(tuple(slots)).split(text) if slots else [text]:
+            if part in marks:
+                spans.append((marks[part], len(ids)))
+                ids += [eos_id] * slots[marks[part]].tokens
+                labels += [IGNORE_INDEX] * slots[marks[part]].tokens
+                continue
+            piece = encode_segment(part, len(ids) == text_start) if part else []  # first: nothing encoded yet
+            ids += piece
+            labels += piece if (trained or train_on_prompt) else [IGNORE_INDEX] * len(piece)
     if rendered.add_eos:
         if answer_start is None:
             answer_start = len(ids)
         ids.append(eos_id)
         labels.append(eos_id)
-    return ids, labels, len(ids) if answer_start is None else answer_start
+    return ids, labels, len(ids) if answer_start is None else answer_start, spans
 
 
 def truncate(ids: list[int], labels: list[int], answer_start: int, keep_front: int,
@@ -179,7 +206,24 @@ def untrained_error(place: str, fmt: RowFormat, cfg: DataConfig, what: str = "")
                      "data.drop_untrained")
 
 
-def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> tuple[list[Example], TokenizeStats]:
+def media_folder(rows: list[Any], cfg: DataConfig) -> Path:
+    """Where relative media paths of `rows` are read from: data.media_dir, else the local folder the rows were read
+    from, else the current folder."""
+    if cfg.media_dir:
+        return Path(cfg.media_dir).expanduser()
+    folder = rows.places.folder if isinstance(rows, NumberedRows) else None
+    return folder if folder is not None else Path.cwd()
+
+
+def media_renderer(render: Callable, slots: dict[str, MediaSlot], folder: Path) -> Callable:
+    """`render` that also decodes the row's items (data/media.py); their problems are row errors."""
+    def render_with_media(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> Rendered:
+        return attach_media(render(row, tokenizer, cfg), row, slots, folder)
+    return render_with_media
+
+
+def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig,
+                  slots: dict[str, MediaSlot] | None = None) -> tuple[list[Example], TokenizeStats]:
     """Render, tokenize, mask and truncate rows. Raises DataError naming the first bad row.
 
     A bad row is named by its place: its file and line (or row) when it comes from load_rows,
@@ -187,6 +231,10 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
     cfg.skip_bad_rows is on. An example with no trained token (after truncation) is an error
     naming the row unless cfg.drop_untrained is on; so is a list of rows that yields nothing.
     Preference rows are an error: they are tokenized in pairs (data/preference.py).
+
+    `slots` (a method's `media_slots()`): each placeholder of those modalities becomes the slot's positions and
+    the row's items are decoded into the example's "media" (data/media.py). Truncation never cuts an item: an
+    example with items that is too long is dropped under truncation 'drop', else an error naming the row.
     """
     if not rows:
         return [], TokenizeStats()
@@ -196,9 +244,15 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
     encode_segment = segment_encoder(tokenizer)
     stats = TokenizeStats(n_rows=len(rows))
     examples: list[Example] = []
-    for k, rendered in rendered_rows(rows, fmt.render, tokenizer, cfg, stats):
-        ids, labels, answer_start = encode(rendered, encode_segment, bos, tokenizer.eos_token_id,
-                                           cfg.train_on_prompt)
+    slots = slots or {}
+    render = media_renderer(fmt.render, slots, media_folder(rows, cfg)) if slots else fmt.render
+    for k, rendered in rendered_rows(rows, render, tokenizer, cfg, stats):
+        ids, labels, answer_start, spans = encode_with_media(rendered, encode_segment, bos, tokenizer.eos_token_id,
+                                                             cfg.train_on_prompt, slots)
+        if spans and len(ids) > cfg.max_length and cfg.truncation != "drop":
+            raise DataError(f"{place_of(rows, k)}: {len(ids)} tokens with its items' soft tokens, over "
+                            f"data.max_length={cfg.max_length}; items are never cut: raise data.max_length, or set "
+                            "data.truncation: drop")
         ids, labels, outcome = truncate(ids, labels, answer_start, keep_front(ids, bos, tokenizer),
                                         cfg.max_length, cfg.truncation)
         stats.n_truncated += outcome in ("truncated", "answer_cut")
@@ -211,7 +265,8 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -
         if outcome == "dropped":
             stats.n_dropped += 1
             continue
-        examples.append({"input_ids": ids, "labels": labels})
+        examples.append({"input_ids": ids, "labels": labels} if not spans else
+                        {"input_ids": ids, "labels": labels, "media": media_of(spans, rendered.media)})
         stats.n_trained_tokens += trained
         stats.n_tokens += len(ids)
     stats.n_examples = len(examples)
@@ -233,12 +288,28 @@ def truncation_warnings(stats: TokenizeStats, cfg: DataConfig, rows: str = "trai
     return lines
 
 
-def preview_example(example: Example, tokenizer: Any) -> str:
-    """The example as text with every trained span wrapped in [[...]] (pre-flight check)."""
+def media_of(spans: list[Span], media: dict[str, list[Any]]) -> list[tuple[str, int, Any]]:
+    """(modality, start, decoded item) of each span: a modality's spans take its items in order."""
+    taken = {modality: iter(items) for modality, items in media.items()}
+    return [(modality, start, next(taken[modality])) for modality, start in spans]
+
+
+def preview_example(example: Example, tokenizer: Any, slots: dict[str, MediaSlot] | None = None) -> str:
+    """The example as text with every trained span wrapped in [[...]] (pre-flight check); with the run's `slots`,
+    each item's soft tokens show as `<image:16 soft tokens>`."""
     parts: list[str] = []
     run: list[int] = []
     run_trained = False
-    for token, label in zip(example["input_ids"], example["labels"]):
+    items = {start: modality for modality, start, _ in example.get("media", ())} if slots else {}
+    skip = 0
+    for position, (token, label) in enumerate(zip(example["input_ids"], example["labels"])):
+        if position in items:
+            parts += [_show(run, run_trained, tokenizer)] if run else []
+            run, skip = [], slots[items[position]].tokens
+            parts.append(f"<{items[position]}:{skip} soft tokens>")
+        if skip:
+            skip -= 1
+            continue
         trained = label != IGNORE_INDEX
         if run and trained != run_trained:
             parts.append(_show(run, run_trained, tokenizer))

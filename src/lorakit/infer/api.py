@@ -9,17 +9,21 @@ import reprlib
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from lorakit.data.chat import content_text
+from lorakit.data.media import decode_item
 from lorakit.data.prompting import PromptFormat
 from lorakit.errors import LorakitError
 from lorakit.infer.batcher import Job
 from lorakit.infer.generate import CHAT
 from lorakit.decoding.sampling import Sampling
+from lorakit.media import MediaItem, MediaSlot
 from lorakit.schema import Config, setting
 
 _SHOWN = reprlib.Repr()  # a bad value as quoted in an error message
@@ -160,27 +164,55 @@ class _Request(_Strict):
         return None
 
 
+def image_urls(content) -> list[tuple[int, str]]:
+    """(part index, URL) of each image_url part of a message's content (a list of OpenAI's parts), checked."""
+    urls = []
+    for index, part in enumerate(content if isinstance(content, list) else []):
+        if not isinstance(part, dict) or part.get("type") != "image_url":
+            continue
+        image = part.get("image_url")
+        if set(part) != {"type", "image_url"} or not isinstance(image, dict) or not isinstance(image.get("url"), str) \
+                or not set(image) <= {"url", "detail"}:
+            raise ValueError(f"part {index} must be {{\"type\": \"image_url\", \"image_url\": {{\"url\": STRING}}}}")
+        urls.append((index, image["url"]))
+    return urls
+
+
 def text_of_content(content):
-    """A message's content: a string, or OpenAI's list of parts of which only text parts are
-    accepted, joined in order by newlines."""
+    """A message's content: a string, or OpenAI's list of text and image_url parts, joined in order by newlines,
+    each image as the `<image>` placeholder its soft tokens take (data/chat.py's rule, as training renders
+    TRL's content parts); the images themselves go to a modality adapter (`ChatMessage.images`)."""
     if not isinstance(content, list):
         return content
-    texts = []
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
-            raise ValueError(f"part {index} has type {_SHOWN.repr(kind)}: only text parts are supported")
-        if not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+        if kind not in ("text", "image_url"):
+            raise ValueError(f"part {index} has type {_SHOWN.repr(kind)}: only text and image_url parts are supported")
+        if kind == "text" and (not isinstance(part.get("text"), str) or set(part) != {"type", "text"}):
             raise ValueError(f"part {index} must be {{\"type\": \"text\", \"text\": STRING}}")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    image_urls(content)
+    return content_text(content, "content", image_part="image_url")
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str  # a string or a list of text parts
+    content: str  # a string or a list of text and image_url parts
+    _images: list[tuple[int, str]] = PrivateAttr(default_factory=list)  # (part index, URL) of its image_url parts
 
     content_as_text = field_validator("content", mode="before")(text_of_content)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_images(cls, data, handler):
+        message = handler(data)
+        if isinstance(data, dict):
+            message._images = image_urls(data.get("content"))
+        return message
+
+    @property
+    def images(self) -> list[tuple[int, str]]:
+        """(part index, URL) of the message's image_url parts, in order."""
+        return self._images
 
 
 class ChatRequest(_Request):
@@ -254,7 +286,7 @@ def parse_request(body: dict, chat: bool) -> ChatRequest | CompletionRequest:
 
 
 def make_job(request: ChatRequest | CompletionRequest, prompt_ids: list[int], adapter: str | None,
-             cfg: ServerConfig) -> Job:
+             cfg: ServerConfig, media: list[MediaItem] | None = None) -> Job:
     """A Job from a checked request, or 400 when its length does not fit the context."""
     name, max_tokens = request.budget()
     if max_tokens > cfg.context_length:
@@ -271,7 +303,7 @@ def make_job(request: ChatRequest | CompletionRequest, prompt_ids: list[int], ad
     except LorakitError as error:
         raise APIError(400, str(error)) from error
     return Job(prompt_ids, sampling, max_tokens, adapter, request.seed, stop=request.stop,
-               top_logprobs=request.top_alternatives())
+               top_logprobs=request.top_alternatives(), media=media or None)
 
 
 def prompt_ids_of(request: ChatRequest | CompletionRequest, tokenizer, prompt_format: PromptFormat | None = None
@@ -288,6 +320,38 @@ def prompt_ids_of(request: ChatRequest | CompletionRequest, tokenizer, prompt_fo
         except LorakitError as error:
             raise APIError(400, str(error), param="messages") from error
     return CHAT.messages_ids(tokenizer, messages)  # the tokenizer's chat template, or lorakit's built-in one
+
+
+def media_prompt_of(request: ChatRequest | CompletionRequest, tokenizer, prompt_format: PromptFormat | None,
+                    slots: dict[str, MediaSlot]) -> tuple[list[int], list[MediaItem]]:
+    """`prompt_ids_of`, and for a chat whose messages hold image_url parts the items a modality adapter reads
+    (`slots`: the model's `modality_slots`): each data URL decoded, its soft tokens where its part was. Any
+    problem with an image is a 400 naming its part."""
+    images = [(f"messages[{m}].content[{p}].image_url", url) for m, message in
+              enumerate(getattr(request, "messages", [])) for p, url in message.images]
+    if not images:
+        return prompt_ids_of(request, tokenizer, prompt_format), []
+    if "image" not in slots:
+        raise APIError(400, "an 'image_url' part needs a modality adapter that reads images (method: modality); this "
+                            "model has none", param=images[0][0].rpartition("[")[0])
+    items = []
+    for param, url in images:
+        if not url.startswith("data:"):
+            raise APIError(400, "only data URLs (data:image/png;base64,...) are accepted: this server fetches nothing",
+                           param=param)
+        try:
+            items.append(decode_item(url, slots["image"], Path.cwd(), "the image"))
+        except LorakitError as error:
+            raise APIError(400, str(error), param=param) from error
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    try:
+        ids, spans = (prompt_format or CHAT).media_ids(tokenizer, messages, {"image": slots["image"]})
+    except LorakitError as error:
+        raise APIError(400, str(error), param="messages") from error
+    if len(spans) != len(items):
+        raise APIError(400, f"the prompt holds {len(spans)} of the {len(items)} images (the adapter's prompt format "
+                            "reads the last user message only)", param="messages")
+    return ids, [(modality, start, item) for (modality, start), item in zip(spans, items)]
 
 
 def completion_id(chat: bool) -> str:

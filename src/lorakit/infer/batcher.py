@@ -8,7 +8,8 @@ step, so little is padding and a long prompt does not hold back short ones) and 
 merged into the running batch's, left-padded, so a new request never waits for the others to
 finish. Rows that finish leave at once, and cache columns that only padding holds are dropped.
 Every row goes through the per-row multi-adapter path with its own adapter, sampling options, seed
-and budget, so a row's text does not depend on which rows share its steps. (Models whose KV cache
+and budget (and its images, if any, through the modality adapter: adapters/modality.py's `media_rows`),
+so a row's text does not depend on which rows share its steps. (Models whose KV cache
 is not a plain one per layer, e.g. sliding-window layers, run each batch to its end before the next
 starts.) The steps are decoding/decode.py's: its forward, token choice and logprobs.
 
@@ -29,10 +30,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from lorakit.adapters.modality import keep_media_rows, media_rows
 from lorakit.adapters.multi import adapter_rows, keep_rows
 from lorakit.decoding.decode import TokenLogprobs, _forward, _forward_kwargs, choose_tokens, left_pad, token_logprobs
 from lorakit.infer.generate import TextStream
 from lorakit.decoding.sampling import Sampling
+from lorakit.media import MediaItem
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Job:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # the row ends at the first of these in its text, which is cut before it
     top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k most likely
+    media: list[MediaItem] | None = None  # the items (images) a modality adapter reads for this row
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     # ("text", str, [TokenLogprob]) ... then ("done", finish_reason, completion_tokens) or ("error", message)
 
@@ -304,7 +308,8 @@ class Batcher:
             left = [job for i, job in enumerate(jobs) if i not in first]
         device = next(self.model.parameters()).device
         try:
-            with adapter_rows(self.model, [job.adapter for job in chosen]):
+            with adapter_rows(self.model, [job.adapter for job in chosen]), \
+                    media_rows(self.model, [job.media for job in chosen]):  # the prompt pass takes their images
                 ids, mask = left_pad([job.prompt_ids for job in chosen], self.pad_id)
                 ids, mask = ids.to(device), mask.to(device)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -323,8 +328,9 @@ class Batcher:
             running = joining
         else:
             running.merge(joining)
-        routing.close()  # the rows' adapters, in their new order
+        routing.close()  # the rows' adapters (and modality routes), in their new order
         routing.enter_context(adapter_rows(self.model, [row.job.adapter for row in running.rows]))
+        routing.enter_context(media_rows(self.model, [row.job.media for row in running.rows]))
         self.stats.largest = max(self.stats.largest, len(running.rows))
         return running, left
 
@@ -360,6 +366,7 @@ class Batcher:
             if len(kept) < len(rows):
                 running.keep(kept)
                 keep_rows(self.model, kept)
+                keep_media_rows(self.model, kept)
                 step = step[kept]
                 if self.mergeable:
                     running.trim()

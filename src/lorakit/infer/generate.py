@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.adapters import load_adapter
+from lorakit.adapters.modality import keep_media_rows, media_rows, modality_slots
 from lorakit.adapters.multi import adapter_rows, keep_rows
+from lorakit.data.media import decode_item
 from lorakit.data.prompting import (RECORD_NAME, PromptFormat, RunRecord, adapter_config_base, is_model_folder,
                                     output_folder, read_record)
 from lorakit.errors import LorakitError
+from lorakit.media import MediaItem, placeholder
 from lorakit.decoding.decode import decode
 from lorakit.decoding.sampling import Sampling
 from lorakit.models import fingerprint, load_model, load_tokenizer, portable_name, quiet_progress_bars
@@ -49,6 +52,32 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool = False, prompt_format: 
     if prompt_format is None:
         return list(tokenizer(prompt)["input_ids"])
     return prompt_format.prompt_ids(tokenizer, prompt)
+
+
+def media_prompt_ids(model, tokenizer, prompt: str, images: Sequence[Any], *, chat: bool = False,
+                     prompt_format: PromptFormat | None = None, folder: Path | None = None
+                     ) -> tuple[list[int], list[MediaItem]]:
+    """(token ids, items) of a prompt with images (paths, bytes, data URLs or PIL images; relative paths from
+    `folder`, else the current folder) for the model's modality adapter: each `<image>` of the prompt takes its
+    soft-token positions as in training; a prompt without one gets one per image in front, each on its own line
+    (as a chat message's [image, text] content parts render). The prompt rule is `encode_prompt`'s."""
+    if not images:
+        return encode_prompt(tokenizer, prompt, chat=chat, prompt_format=prompt_format), []
+    slots = modality_slots(model)
+    if "image" not in slots:
+        raise LorakitError("images need a modality adapter that reads them (method: modality, an image modality); "
+                           "the model has none")
+    mark = placeholder("image")
+    if mark not in prompt:
+        prompt = "\n".join([mark] * len(images) + [prompt])
+    if prompt.count(mark) != len(images):
+        raise LorakitError(f"the prompt has {prompt.count(mark)} {mark} placeholders but {len(images)} images "
+                           "were given")
+    prompt_format = prompt_format or (CHAT if chat else PromptFormat("text"))  # "text": the prompt as typed
+    ids, spans = prompt_format.media_ids(tokenizer, [{"role": "user", "content": prompt}], {"image": slots["image"]})
+    items = [(modality, start, decode_item(source, slots[modality], folder or Path.cwd(), f"image {index + 1}"))
+             for index, ((modality, start), source) in enumerate(zip(spans, images))]
+    return ids, items
 
 
 def stop_token_ids(tokenizer, model=None, formats: Sequence[PromptFormat | None] = ()) -> set[int]:
@@ -122,11 +151,13 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
 
 def generate_ids(model, tokenizer, ids: Sequence[list[int]], *, stops: set[int], sampling=None,
                  max_new_tokens: int = 64, adapters: Sequence[str | None] | None = None, seed: int | None = None,
-                 on_text: Callable[[int, str], None] | None = None) -> list[str]:
+                 on_text: Callable[[int, str], None] | None = None,
+                 media: Sequence[Sequence[MediaItem] | None] | None = None) -> list[str]:
     """Complete token-id prompts in one batch; the new text of each.
 
     `adapters` names a loaded named adapter (or None: the base) per prompt (lorakit.adapters.multi); `seed`
-    makes sampling repeatable per prompt; `on_text(row, piece)` receives the text as it is generated.
+    makes sampling repeatable per prompt; `on_text(row, piece)` receives the text as it is generated; `media`
+    gives each prompt's items (`media_prompt_ids`) for the model's modality adapter (lorakit.adapters.modality).
     """
     streams = [TextStream(tokenizer) for _ in ids]
 
@@ -138,11 +169,12 @@ def generate_ids(model, tokenizer, ids: Sequence[list[int]], *, stops: set[int],
     was_training = model.training
     model.eval()
     try:
-        with adapter_rows(model, list(adapters) if adapters is not None else [None] * len(ids)):
+        with adapter_rows(model, list(adapters) if adapters is not None else [None] * len(ids)), \
+                media_rows(model, list(media) if media is not None else [None] * len(ids)):
             new = decode(model, list(ids), [sampling or Sampling()] * len(ids),
                          max_new_tokens=[max_new_tokens] * len(ids), stop_ids=stops, pad_id=pad,
                          seeds=[seed] * len(ids), on_token=on_token if on_text else None,
-                         on_shrink=lambda kept: keep_rows(model, kept))
+                         on_shrink=lambda kept: (keep_rows(model, kept), keep_media_rows(model, kept)))
     finally:
         model.train(was_training)
     for row, stream in enumerate(streams if on_text else []):
@@ -154,11 +186,13 @@ def generate_ids(model, tokenizer, ids: Sequence[list[int]], *, stops: set[int],
 def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, max_new_tokens: int = 64,
                    chat: bool = False, prompt_format: PromptFormat | Sequence[PromptFormat | None] | None = None,
                    adapters: Sequence[str | None] | None = None, seed: int | None = None,
-                   on_text: Callable[[int, str], None] | None = None) -> list[str]:
+                   on_text: Callable[[int, str], None] | None = None,
+                   images: Sequence[Sequence[Any]] | None = None) -> list[str]:
     """Complete every prompt in one batch; return the new text of each.
 
     Prompts go through `prompt_format` (one for all, or one per prompt), or the chat template with
-    `chat`, else as typed (`encode_prompt`). The rest is `generate_ids`.
+    `chat`, else as typed (`encode_prompt`). `images` gives each prompt's images for the model's modality
+    adapter (`media_prompt_ids`: placeholders, sources). The rest is `generate_ids`.
     """
     if isinstance(prompt_format, (list, tuple)):
         if len(prompt_format) != len(prompts):
@@ -166,9 +200,16 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, sampling=None, m
         formats = list(prompt_format)
     else:
         formats = [prompt_format or (CHAT if chat else None)] * len(prompts)
-    ids = [encode_prompt(tokenizer, p, prompt_format=f) for p, f in zip(prompts, formats)]
+    if images is not None:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+        encoded = [media_prompt_ids(model, tokenizer, p, list(found), prompt_format=f)
+                   for p, f, found in zip(prompts, formats, images)]
+        ids, media = [found_ids for found_ids, _ in encoded], [items for _, items in encoded]
+    else:
+        ids, media = [encode_prompt(tokenizer, p, prompt_format=f) for p, f in zip(prompts, formats)], None
     return generate_ids(model, tokenizer, ids, stops=stop_token_ids(tokenizer, model, formats), sampling=sampling,
-                        max_new_tokens=max_new_tokens, adapters=adapters, seed=seed, on_text=on_text)
+                        max_new_tokens=max_new_tokens, adapters=adapters, seed=seed, on_text=on_text, media=media)
 
 
 # --- what to load, and the prompt rule ----------------------------------------------------------------
@@ -276,12 +317,15 @@ def load_target(target: Target, *, dtype: str | None = None, device: str | None 
 def generate(prompts: str | Sequence[str], adapter: str | Path | None = None, model: str | None = None, *,
              raw: bool = False, chat: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = 0,
-             dtype: str | None = None, device: str | None = None,
+             dtype: str | None = None, device: str | None = None, images: Sequence[Any] = (),
              log: Callable[[str], None] = print) -> list[str]:
     """Answers to `prompts` from `model` (default: the adapter's recorded base, else the embedded model) with
     `adapter` (an adapter, fine-tuned model or run folder), prompts rendered by the rule of this module:
 
         lorakit.generate("What is the capital of Peru?", adapter="runs/pirate/adapter")
+        lorakit.generate("Which country's flag is this?", adapter="runs/flags", images=["flag.png"])
+
+    `images` go with every prompt, to a modality adapter (`media_prompt_ids`).
 
     Greedy unless `temperature` > 0. The choices made (base, prompt format) are passed to `log` once.
     """
@@ -292,4 +336,5 @@ def generate(prompts: str | Sequence[str], adapter: str | Path | None = None, mo
     log(line)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     return generate_texts(loaded, tokenizer, prompts, sampling=sampling, max_new_tokens=max_new_tokens,
-                          prompt_format=prompt_format, seed=seed)
+                          prompt_format=prompt_format, seed=seed,
+                          images=[list(images)] * len(prompts) if images else None)

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from lorakit.adapters.modality import modality_slots
 from lorakit.adapters.multi import add_adapter, adapter_names, delete_adapter
 from lorakit.data.prompting import PromptFormat, read_record
 from lorakit.errors import LorakitError
 from lorakit.infer.batcher import Batcher, Job, TokenLogprob
-from lorakit.infer.api import (APIError, ServerConfig, check_key, completion_id, make_job, now, parse_request,
-                               prompt_ids_of, read_json)
+from lorakit.infer.api import (APIError, ServerConfig, check_key, completion_id, make_job, media_prompt_of, now,
+                               parse_request, read_json)
 
 
 def _spelt(token: str, logprob: float) -> dict:
@@ -115,8 +116,9 @@ async def _sse(job: Job, reply: Reply, state):
 
 
 def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batcher,
-               formats: dict[str, PromptFormat]) -> None:
-    """Register every route on `app`; `formats`: adapter name -> the prompt format it was trained with."""
+               formats: dict[str, PromptFormat], modality: str | None = None) -> None:
+    """Register every route on `app`; `formats`: adapter name -> the prompt format it was trained with; `modality`:
+    the name the model's modality adapter is served as (a chat with image_url parts goes to it)."""
 
     def remember_format(name: str, path: str) -> None:
         record = read_record(path)
@@ -126,12 +128,14 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
         formats[name] = record.prompt
         batcher.stop_ids |= record.prompt.stop_ids(tokenizer)
 
+    def served() -> list[str]:
+        return [cfg.base_name, *([modality] if modality else []), *adapter_names(model)]
+
     def adapter_of(name: str) -> tuple[str, str | None]:
-        if name == cfg.base_name:
+        if name in (cfg.base_name, modality):
             return name, None
         if name not in adapter_names(model):
-            raise APIError(404, f"the model {name!r} does not exist; available: "
-                                f"{', '.join([cfg.base_name, *adapter_names(model)])}", param="model",
+            raise APIError(404, f"the model {name!r} does not exist; available: {', '.join(served())}", param="model",
                            code="model_not_found")
         return name, name
 
@@ -140,9 +144,13 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
         checked = parse_request(await read_json(request, cfg), chat)
         name, adapter = adapter_of(checked.model)
         request.state.model = name
-        ids = prompt_ids_of(checked, tokenizer, formats.get(adapter))
+        if adapter is not None and any(m.images for m in getattr(checked, "messages", [])):
+            raise APIError(400, f"the model {name!r} reads no images; send image_url parts to "
+                                f"{modality or cfg.base_name!r}", param="model")
+        ids, media = media_prompt_of(checked, tokenizer, formats.get(name if name == modality else adapter),
+                                     modality_slots(model))
         request.state.prompt_tokens = len(ids)
-        job = make_job(checked, ids, adapter, cfg)
+        job = make_job(checked, ids, adapter, cfg, media)
         reply = Reply(chat, name, len(ids), logprobs=job.top_logprobs is not None,
                       echo=checked.prompt if not chat and checked.echo else "",
                       include_usage=checked.stream_options is not None and checked.stream_options.include_usage)
@@ -162,7 +170,7 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request, cfg)
-        names = [cfg.base_name, *adapter_names(model)]
+        names = served()
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "lorakit"}
                                            for n in names]}
 
@@ -171,7 +179,7 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
         check_key(request, cfg, admin=True)
         body = await read_json(request, cfg)
         name, path = body.get("name"), body.get("path")
-        if not isinstance(name, str) or not isinstance(path, str) or name == cfg.base_name:
+        if not isinstance(name, str) or not isinstance(path, str) or name in (cfg.base_name, modality):
             raise APIError(400, "send {\"name\": NAME, \"path\": ADAPTER_FOLDER}; NAME may not be the base's name",
                            param="name")
         try:
@@ -179,7 +187,7 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
             remember_format(name, path)
         except LorakitError as error:
             raise APIError(400, str(error), param="path") from error
-        return {"loaded": name, "models": [cfg.base_name, *adapter_names(model)]}
+        return {"loaded": name, "models": served()}
 
     @app.delete("/admin/adapters/{name}")
     async def unload(name: str, request: Request):
@@ -188,7 +196,7 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
             raise APIError(404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found")
         await asyncio.to_thread(_locked, batcher, delete_adapter, model, name)
         formats.pop(name, None)
-        return {"unloaded": name, "models": [cfg.base_name, *adapter_names(model)]}
+        return {"unloaded": name, "models": served()}
 
     @app.get("/admin/stats")
     async def stats(request: Request):

@@ -4,7 +4,8 @@
     GET  /v1/models                                   (the base model and every loaded adapter)
     POST /admin/adapters {"name", "path"}, DELETE /admin/adapters/{name}   (API key required)
 
-The request's `model` picks the adapter (or the base, by its name). Concurrent requests are
+The request's `model` picks the adapter (or the base, by its name); a chat's image_url parts (data URLs) go to
+the modality adapter, if one is loaded, whose LoRA and soft tokens reach that request's row only. Concurrent requests are
 batched (infer/batcher.py) through the per-row multi-adapter path. Every bad request gets a 4xx
 with OpenAI's error body {"error": {"message", "type", "param", "code"}} and the server goes on.
 
@@ -71,10 +72,12 @@ class RequestLog:
                 write()
 
 
-def create_app(model, tokenizer, cfg: ServerConfig, formats: dict[str | None, PromptFormat] | None = None) -> FastAPI:
+def create_app(model, tokenizer, cfg: ServerConfig, formats: dict[str | None, PromptFormat] | None = None,
+               modality: str | None = None) -> FastAPI:
     """The FastAPI app serving `model` (plus the named adapters added to it); `formats`: adapter name (None: the
     base, e.g. a full fine-tuning run's model) -> the prompt format it was trained with (its lorakit_run.json),
-    applied to its chat requests."""
+    applied to its chat requests; `modality`: the name the model's modality adapter (load_adapter'ed onto it) is
+    served as: chats with image_url parts (data URLs) go to it, text rows never do."""
     formats = dict(formats or {})
     stops = stop_token_ids(tokenizer, model).union(*(f.stop_ids(tokenizer) for f in formats.values()))
     batcher = Batcher(model, tokenizer, stops, window_s=cfg.window_ms / 1000, max_batch=cfg.max_batch)
@@ -97,5 +100,5 @@ def create_app(model, tokenizer, cfg: ServerConfig, formats: dict[str | None, Pr
         return APIError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
 
     app.add_middleware(RequestLog)
-    add_routes(app, model, tokenizer, cfg, batcher, formats)
+    add_routes(app, model, tokenizer, cfg, batcher, formats, modality)
     return app
