@@ -29,11 +29,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("lorakit.commands.report", "one self-contained HTML page for a run folder"),
     "lab-report": ("lorakit.commands.lab_report", "re-run the lab experiments on the embedded model, write docs/lab.md"),
     "lab-rl": ("lorakit.commands.lab_rl", "the lab's RL experiment: GRPO with LoRA r1, r8 and full; docs/lab.md's (g)"),
+    "lab-vision": ("lorakit.commands.lab_vision", "the lab's image experiment: per-modality adapters on flags; docs/lab.md's (h)"),
     "generate": ("lorakit.commands.generate", "complete prompts with a model, alone or with an adapter (streams)"),
     "compare": ("lorakit.commands.compare", "the same prompts through the base and adapters, side by side"),
     "chat": ("lorakit.commands.chat", "talk to a model (+ adapter) turn by turn, in its trained prompt format"),
     "merge": ("lorakit.commands.merge", "fold an adapter into its base: a standalone transformers model folder"),
     "serve": ("lorakit.commands.serve", "an OpenAI-compatible HTTP server for a base model and its adapters"),
+    "export": ("lorakit.commands.export", "a run, adapter or model as one GGUF file for llama.cpp, Ollama, LM Studio"),
+    "push": ("lorakit.commands.push", "upload a run's adapter (or merged model) and a model card to the Hugging Face Hub"),
 }
 
 
