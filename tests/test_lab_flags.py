@@ -43,17 +43,18 @@ def test_rows_split_composed_questions_and_never_reuse_a_rendering(tmp_path):
     split = flags.split_flags(0)
     assert set(split.composed_train).isdisjoint(split.composed_held_out)
     assert set(split.composed_train) | set(split.composed_held_out) == set(flags.FLAGS)
-    train_images = {row["image"] for row in sets["train"]}
-    eval_images = {row["image"] for key in ("eval_flag", "eval_composed") for row in sets[key]}
-    assert train_images.isdisjoint(eval_images)
+    images = {part: {row["images"][0] for key, rows in sets.items() if key.startswith(part) for row in rows}
+              for part in ("train", "validation", "test")}
+    assert images["train"].isdisjoint(images["validation"]) and images["train"].isdisjoint(images["test"])
+    assert images["validation"].isdisjoint(images["test"])
     composed_trained = {row["country"] for row in sets["train"] if row["kind"] != "flag"}
     assert composed_trained == set(split.composed_train)
-    assert {row["country"] for row in sets["eval_composed"]} == set(split.composed_held_out)
-    assert {row["country"] for row in sets["eval_flag"]} == set(flags.FLAGS)
-    row = next(row for row in sets["eval_composed"] if row["kind"] == "capital")
+    assert {row["country"] for row in sets["test_composed"]} == set(split.composed_held_out)
+    assert {row["country"] for row in sets["test_flag"]} == set(flags.FLAGS)
+    row = next(row for row in sets["test_composed"] if row["kind"] == "capital")
     assert row["prompt"] == ("Question: <image>\nWhat is the capital of the country whose flag this is?"
                              "\nAnswer:")
-    japan = next(row for row in sets["eval_flag"] if row["country"] == "Japan")
+    japan = next(row for row in sets["test_flag"] if row["country"] == "Japan")
     assert japan["completion"] == " Japan"
-    netherlands = next(row for row in sets["eval_flag"] if row["country"] == "the Netherlands")
+    netherlands = next(row for row in sets["test_flag"] if row["country"] == "the Netherlands")
     assert netherlands["completion"] == " The Netherlands"

@@ -177,7 +177,7 @@ def image_row(image_path: str, name: str, kind: str) -> dict:
     row = country(name)
     question = FLAG_QUESTION if kind == "flag" else COMPOSED[kind]
     answer = row.title if kind == "flag" else getattr(row, kind)
-    return {"image": image_path, "prompt": IMAGE_PROMPT.format(question=question),
+    return {"images": [image_path], "prompt": IMAGE_PROMPT.format(question=question),
             "completion": " " + answer, "kind": kind, "country": row.name}
 
 
@@ -200,43 +200,43 @@ def split_flags(seed: int = 0, held_out_fraction: float = 0.3) -> FlagSplit:
 
 def build_flag_rows(out_dir: Path, *, seed: int = 0, train_renderings: int = 24,
                     eval_renderings: int = 4, size: int = 32) -> dict[str, list[dict]]:
-    """Render the images under `out_dir`/images and return the row sets:
+    """Render the images under `out_dir`/images and return the row sets (image paths relative to `out_dir`, where
+    the rows' files go, as training reads them):
 
     - train: the flag question for every country (`train_renderings` each) and the composed
       questions for the composed-train countries;
-    - eval_flag: the flag question on held-out renderings of every country;
-    - eval_composed: the composed questions on held-out renderings of the held-out countries;
-    - eval_composed_seen: the same for composed-train countries (new renderings).
-    Training renderings use seeds 1..; evaluation renderings seeds from 10**6 on, never shared.
+    - for each of "validation" (chooses learning rates) and "test" (reports), on renderings of their
+      own (`eval_renderings` per country): `<split>_flag`, the flag question for every country;
+      `<split>_composed`, the composed questions for the held-out countries; `<split>_composed_seen`,
+      the composed questions for the composed-train countries.
+    Renderings use disjoint seed ranges: training 1.., validation 2*10**6.., test 10**6...
     """
     split = split_flags(seed)
     out_dir = Path(out_dir)
+    ranges = {"train": 1, "test": 1_000_000, "validation": 2_000_000}
 
-    def picture(name: str, render_seed: int) -> str:
-        slug = name.replace(" ", "_")
-        path = out_dir / "images" / f"{slug}-{render_seed}.png"
-        if not path.exists():
-            save_png(render(name, render_seed, size), path)
-        return str(path)
+    def picture(name: str, part: str, index: int) -> str:
+        render_seed = ranges[part] + seed * 100_003 + sorted(FLAGS).index(name) * 1_000 + index
+        relative = f"images/{name.replace(' ', '_')}-{render_seed}.png"  # rows name images from their file's folder
+        if not (out_dir / relative).exists():
+            save_png(render(name, render_seed, size), out_dir / relative)
+        return relative
 
-    def seed_for(name: str, index: int, held_out: bool) -> int:
-        base = 1_000_000 if held_out else 1
-        return base + seed * 100_003 + sorted(FLAGS).index(name) * 1_000 + index
-
-    train: list[dict] = []
+    sets: dict[str, list[dict]] = {"train": []}
     for name in sorted(FLAGS):
         for index in range(train_renderings):
-            path = picture(name, seed_for(name, index, False))
-            train.append(image_row(path, name, "flag"))
+            path = picture(name, "train", index)
+            sets["train"].append(image_row(path, name, "flag"))
             if name in split.composed_train:
-                train.append(image_row(path, name, list(COMPOSED)[index % len(COMPOSED)]))
-    random.Random(seed).shuffle(train)
-    eval_flag, eval_composed, eval_seen = [], [], []
-    for name in sorted(FLAGS):
-        for index in range(eval_renderings):
-            path = picture(name, seed_for(name, index, True))
-            eval_flag.append(image_row(path, name, "flag"))
-            target = eval_composed if name in split.composed_held_out else eval_seen
-            target.extend(image_row(path, name, kind) for kind in COMPOSED)
-    return {"train": train, "eval_flag": eval_flag, "eval_composed": eval_composed,
-            "eval_composed_seen": eval_seen}
+                sets["train"].append(image_row(path, name, list(COMPOSED)[index % len(COMPOSED)]))
+    random.Random(seed).shuffle(sets["train"])
+    for part in ("validation", "test"):
+        flag, composed, seen = [], [], []
+        for name in sorted(FLAGS):
+            for index in range(eval_renderings):
+                path = picture(name, part, index)
+                flag.append(image_row(path, name, "flag"))
+                target = composed if name in split.composed_held_out else seen
+                target.extend(image_row(path, name, kind) for kind in COMPOSED)
+        sets.update({f"{part}_flag": flag, f"{part}_composed": composed, f"{part}_composed_seen": seen})
+    return sets

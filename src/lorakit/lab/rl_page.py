@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lorakit.lab.rl import MARGIN, SWEEP_SEED
+from lorakit.lab.sections import put_section
 from lorakit.plotting import new_figure, save_figure
 
 HEADING = "## (g) Reinforcement learning: is LoRA rank 1 enough?"
@@ -107,16 +108,4 @@ def write_rl_section(lab_md: Path, results: dict) -> Path:
     lab_md.parent.mkdir(parents=True, exist_ok=True)
     curves_figure(results, lab_md.parent / FIGURE)
     (lab_md.parent / RESULTS_COPY).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    section = rl_section(results)
-    text = lab_md.read_text(encoding="utf-8") if lab_md.is_file() else ""
-    if HEADING in text:
-        before, _, after = text.partition(HEADING)
-        rest = after.find("\n## ")
-        text = before + section + ("\n" + after[rest:] if rest >= 0 else "\n")
-    elif "## All runs" in text:
-        before, _, after = text.partition("## All runs")
-        text = before + section + "\n\n## All runs" + after
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + section + "\n"
-    lab_md.write_text(text, encoding="utf-8")
-    return lab_md
+    return put_section(lab_md, HEADING, rl_section(results))
