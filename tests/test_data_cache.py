@@ -108,7 +108,7 @@ def test_a_tokenizer_with_another_eos_is_a_miss():
 CHANGES = {"format": "prompt_completion", "columns": {"prompt": "completion", "completion": "prompt"},
            "prompt_template": "{prompt}\n", "system_prompt": "Be kind.", "chat_template": "builtin",
            "max_length": 17, "truncation": "end", "drop_untrained": True, "train_on_prompt": True,
-           "skip_bad_rows": True}
+           "skip_bad_rows": True, "add_eos": False}
 
 
 @pytest.mark.parametrize("field", sorted(CHANGES))

@@ -14,17 +14,23 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from safetensors.torch import load_file
 
 from lorakit.adapters import METHODS
 from lorakit.analysis.targets import resolve_target_set, skeleton_model
 from lorakit.errors import ConfigError
 from lorakit.infer.evaluate import evaluate
-from lorakit.run import run_training
+from lorakit.infer.metrics import example_losses, scored_ids
+from lorakit.run import pad_id_of, run_training
+from lorakit.train.checkpoint import load_trainable_state, step_dirs
 from lorakit.train.metrics import METRICS_FILE, read_metrics
 
 CELL_FILE = "cell.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+LOSSES_FILE = "losses.json"  # {row set: [mean token loss of each row]} after training
+CHECKPOINTS_FILE = "checkpoints.json"  # [{"step": N, row set: [losses]}] at each checkpoint of the run
 Log = Callable[[str], None]
 
 
@@ -45,7 +51,16 @@ class Cell:
             parts.append(f"r{self.r}")
         if self.targets is not None:
             parts.append(self.targets)
-        return "-".join(parts + [f"lr{self.lr:.0e}"])
+        return "-".join(parts + [f"lr{lr_text(self.lr)}"])
+
+
+def lr_text(lr: float) -> str:
+    """The shortest exponent form that gives `lr` back: 1e-03, 2.5e-04, 1.25e-04 (at most 3 digits)."""
+    for digits in range(3):
+        text = f"{lr:.{digits}e}"
+        if float(text) == lr:
+            return text
+    return f"{lr:.2e}"
 
 
 def method_fields(method: str) -> set[str]:
@@ -110,6 +125,36 @@ def _score(model: Any, tokenizer: Any, general_rows: list[dict] | None, qa_rows:
     return scores
 
 
+def row_losses(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 64) -> list[float]:
+    """Mean token loss of each row, scored as `evaluate` scores them: the completion (plus EOS) of a
+    prompt/completion row, every token of a text row."""
+    examples = []
+    for row in rows:
+        pair = ("", str(row["text"])) if "completion" not in row else (row["prompt"], row["completion"])
+        ids, labels = scored_ids(tokenizer, *pair)
+        examples.append({"input_ids": ids, "labels": labels})
+    sums = example_losses(model, examples, pad_id_of(tokenizer), batch_size=batch_size)
+    return [total / max(count, 1) for total, count in sums]
+
+
+def _score_rows(model: Any, tokenizer: Any, loss_rows: Mapping[str, Sequence[dict]]) -> dict[str, list[float]]:
+    model.eval()
+    return {name: row_losses(model, tokenizer, rows) for name, rows in loss_rows.items()}
+
+
+def _score_checkpoints(model: Any, tokenizer: Any, loss_rows: Mapping[str, Sequence[dict]], cell_dir: Path) -> None:
+    """Score `loss_rows` at every checkpoint of the run (into CHECKPOINTS_FILE), then delete the checkpoints."""
+    root = cell_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    points = []
+    for folder in step_dirs(root):
+        load_trainable_state(model, load_file(folder / "trainable.safetensors"), folder)
+        points.append({"step": int(folder.name.removeprefix("step-")), **_score_rows(model, tokenizer, loss_rows)})
+    (cell_dir / CHECKPOINTS_FILE).write_text(json.dumps(points) + "\n")
+    shutil.rmtree(root)
+
+
 def final_train_loss(records: list[dict], tail: float = 0.1) -> float | None:
     """Mean training loss over the last `tail` fraction of logged steps (at least one record)."""
     losses = [r["loss"] for r in records if r.get("loss") is not None]
@@ -121,8 +166,9 @@ def final_train_loss(records: list[dict], tail: float = 0.1) -> float | None:
 
 def run_cell(base: Any, cell: Cell, sweep_dir: Path, *, alpha: float | None = None,
              general_rows: list[dict] | None = None, qa_rows: list[dict] | None = None,
-             log: Log = print) -> dict:
-    """Train and score one cell (or read it back when already complete); returns its row."""
+             loss_rows: Mapping[str, Sequence[dict]] | None = None, log: Log = print) -> dict:
+    """Train and score one cell (or read it back when already complete); returns its row. `loss_rows`: named
+    row sets scored row by row (LOSSES_FILE), and at each checkpoint the run wrote (CHECKPOINTS_FILE)."""
     cell_dir = Path(sweep_dir) / cell.name
     done = read_cell(cell_dir)
     if done is not None:
@@ -140,6 +186,9 @@ def run_cell(base: Any, cell: Cell, sweep_dir: Path, *, alpha: float | None = No
            "final_train_loss": final_train_loss(read_metrics(cell_dir / METRICS_FILE)),
            "eval_loss": s.final_eval_loss, "train_time_s": s.wall_time_s}
     row.update(_score(result.model, result.tokenizer, general_rows, qa_rows, cell_dir))
+    if loss_rows:
+        (cell_dir / LOSSES_FILE).write_text(json.dumps(_score_rows(result.model, result.tokenizer, loss_rows)) + "\n")
+        _score_checkpoints(result.model, result.tokenizer, loss_rows, cell_dir)
     row["wall_time_s"] = time.perf_counter() - started
     (cell_dir / CELL_FILE).write_text(json.dumps(row, indent=2) + "\n")
     log(f"done {cell.name}: train loss {row['final_train_loss']:.4f} in {row['wall_time_s']:.0f} s")

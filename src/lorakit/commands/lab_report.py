@@ -1,26 +1,38 @@
 """`lorakit lab-report`: run the lab experiments on the embedded model and write docs/lab.md.
 
-    lorakit lab-report --out docs --work runs/lab     # ~12 minutes on one CPU thread, resumable
+    lorakit lab-report --out docs --work runs/lab          # (a)-(f): resumable, see the README for its length
+    lorakit lab-report --out docs --work runs/lab --rl     # and (g), lab-rl's experiment, the whole page at once
+    lorakit lab-report --quick --out /tmp/lab --work /tmp/lab-work   # the same pipeline on tiny settings
 
-Trains the cells of `lorakit.lab.experiments.LAB_CELLS` (skipping completed ones), then writes
-docs/lab.md and its figures (`lorakit.lab.page`).
+Trains the runs of `lorakit.lab.experiments` that are not complete (skipping finished ones), writes
+WORK/results.json, then docs/lab.md and its figures (`lorakit.lab.page`). Section (g) comes from lab-rl's
+WORK/rl/results.json whenever it exists (`--rl` runs or resumes it first); other lettered sections already in
+OUT/lab.md (written by their own experiments) are kept.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lorakit lab-report`."""
     parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for lab.md and its figures")
-    parser.add_argument("--work", type=Path, default=Path("runs/lab"), help="folder of the lab's run folders")
+    parser.add_argument("--work", type=Path, default=Path("runs/lab"),
+                        help="folder of the lab's run folders (WORK/quick with --quick); lab-rl's are in WORK/rl")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings (fewer rows, epochs, seeds and grid points): the pipeline in a minute")
+    parser.add_argument("--rl", action="store_true",
+                        help="also run (or resume) lab-rl's experiment (WORK/rl, WORK/rl-quick with --quick) for (g)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs trained at a time, each in its own process on one thread (e.g. 2 on two cores)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Train what is missing, then write the page."""
-    from lorakit.lab.experiments import run_lab
+    from lorakit.lab import experiments, rl
     from lorakit.lab.page import write_lab
     from lorakit.models import quiet_progress_bars
 
@@ -29,6 +41,14 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    base, rows = run_lab(args.work)
-    print(f"lab: {write_lab(base, rows, args.work, args.out)}")
+    work = args.work / "quick" if args.quick else args.work
+    results = experiments.run_lab(work, experiments.QUICK if args.quick else experiments.FULL,
+                                  workers=args.workers)
+    rl_work = args.work / ("rl-quick" if args.quick else "rl")
+    if args.rl:
+        rl.run_rl(rl_work, rl.QUICK if args.quick else rl.FULL)
+    rl_file = rl_work / rl.RESULTS_FILE
+    rl_results = json.loads(rl_file.read_text()) if rl_file.is_file() else None
+    print(f"lab: {work / experiments.RESULTS_FILE}; {results['budget']['distinct']} runs")
+    print(f"lab: {write_lab(results, work, args.out, rl_results)}")
     return 0

@@ -83,6 +83,10 @@ class DataConfig(Config):
                "failing with an error that names the row.")
     train_on_prompt: bool = setting(
         False, "Train on every token, prompts included (turns the output-only loss mask off).")
+    add_eos: bool = setting(
+        True, "End each SFT example with the tokenizer's EOS token, trained, so the model learns to stop. false: "
+              "no EOS is appended (as transformers' DataCollatorForLanguageModeling trains plain text: the "
+              "bloomz-awesome-prompts recipe as the lecture wrote it). Chat rows end as their template says.")
     skip_bad_rows: bool = setting(
         False, "Skip (and count) rows that do not fit the format instead of failing on the first one.")
     packing: bool | Literal["auto"] = setting(

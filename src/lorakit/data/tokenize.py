@@ -247,6 +247,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig,
     slots = slots or {}
     render = media_renderer(fmt.render, slots, media_folder(rows, cfg)) if slots else fmt.render
     for k, rendered in rendered_rows(rows, render, tokenizer, cfg, stats):
+        rendered.add_eos = rendered.add_eos and cfg.add_eos
         ids, labels, answer_start, spans = encode_with_media(rendered, encode_segment, bos, tokenizer.eos_token_id,
                                                              cfg.train_on_prompt, slots)
         if spans and len(ids) > cfg.max_length and cfg.truncation != "drop":

@@ -1,279 +1,314 @@
-"""The sections of docs/lab.md: each lecture claim, the lab's numbers, and a computed verdict.
+"""The sections (a)-(f) of docs/lab.md: each lecture claim, its rule, the lab's numbers and the verdict.
 
-Verdict rules are written next to each section so a reader can check them; every number comes
-from the sweep rows (`cell.json` of each run) and the base model's scores.
+Every section states its rules (the `Rule`s below, printed by `Rule.describe`) before its numbers; every number
+and interval is computed here from `lab.experiments.run_lab`'s results by `lab.evidence`; nothing is typed in.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from lorakit.lab.experiments import ALPHA, EPOCHS, LORA_LR
+import numpy as np
+
+from lorakit.lab.evidence import (LEVEL, Estimate, Rule, bootstrap, fit_optimum, lattice_lr, verdict_word)
+from lorakit.lab.intruders import EPS
 
 REGENERATE = "lorakit lab-report --out docs --work runs/lab"
+MATCH = 1.5  # "matches": a loss ratio within 1.5x either way
+SFT = Rule("above", low=0.5)  # (a) LoRA's test exact match minus the base model's
+KNEW = Rule("above", low=0.5)  # (a) the base model's fill-in-the-blank accuracy
+RANK_MATCH = Rule("within", low=1 / MATCH, high=MATCH)  # (b) highest rank's training-row loss / full's
+RANK_LOW = Rule("above", low=1.0)  # (b) lowest rank's training-row loss / highest rank's
+LR_RATIO = Rule("within", low=5.0, high=20.0)  # (c) LoRA's fitted optimal lr / full's ("about 10x")
+ATTENTION = Rule("above", low=1.0)  # (d) attention-only's test loss / all-linear's
+MLP = Rule("within", low=1 / MATCH, high=MATCH)  # (d) MLP-only's test loss / all-linear's
+LEARNS_LESS = Rule("above", low=1.0)  # (e) LoRA's test loss / full's
+FORGETS_LESS = Rule("below", high=0.0)  # (e) LoRA's general-text loss minus full's
+CURVE_MARGIN = 0.05  # nats of general-text loss
+SAME_CURVE = Rule("within", low=-CURVE_MARGIN, high=CURVE_MARGIN)  # (e) frontier gap at matched learning
+LEVELS = 5  # (e) matched learning levels on the overlap of both frontiers
+MORE_INTRUDERS = Rule("above", low=0.0)  # (f) LoRA's intruder count minus full's
+NOT_RANDOM = Rule("above", low=0.0)  # (f) LoRA's intruder count minus a random update's of the same spectrum
+CAUSAL_FORGETS = Rule("below", high=0.0)  # (f) general-text loss with LoRA's intruders scaled down minus without
+CAUSAL_KEEPS = Rule("within", low=-0.05, high=0.05)  # (f) test exact match with them scaled down minus without
+EPS_SHOWN = (0.3, EPS, 0.7)
 
 
-def find(rows: Sequence[dict], method: str, r: int | None = None, targets: str | None = None,
-         lr: float | None = None) -> list[dict]:
-    """Rows matching the given cell fields (None: any)."""
-    return [row for row in rows if row["method"] == method and (r is None or row.get("r") == r)
-            and (targets is None or row.get("targets") == targets)
-            and (lr is None or abs(row["lr"] - lr) < 1e-12)]
-
-
-def best(rows: Sequence[dict], metric: str) -> dict:
-    """The row with the lowest `metric`."""
-    return min((row for row in rows if row.get(metric) is not None), key=lambda row: row[metric])
-
-
-def reference_cells(rows: Sequence[dict]) -> dict[str, dict]:
-    """LoRA r16 and r64 (all-linear, lab lr) and full fine-tuning at its best held-out loss."""
-    cells = {f"lora_r{r}": find(rows, "lora", r, "all-linear", LORA_LR) for r in (16, 64)}
-    cells = {label: found[0] for label, found in cells.items() if found}
-    full = find(rows, "full")
-    if full:
-        cells["full"] = best(full, "eval_loss")
-    return cells
-
-
-def _verdict(ok: bool | None) -> str:
-    return {True: "**Reproduced.**", False: "**Not reproduced.**", None: "**Partly reproduced.**"}[ok]
-
-
-def _pct(value: float) -> str:
+def pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def header(rows: Sequence[dict]) -> str:
-    """What was run, how, and how to run it again."""
-    lora_params = {row["r"]: row["trainable_params"] for row in rows if row.get("targets") == "all-linear"}
-    total = next((row["trainable_params"] for row in rows if row["method"] == "full"), None)
-    return "\n".join([
-        "# The lecture's claims at small scale: the embedded lab",
-        "",
-        f"Regenerate this page (and its figures) with `{REGENERATE}` (resumable; about 12 minutes on one CPU thread).",
-        "",
-        f"- Model: the embedded Llama-shaped model (hidden 128, 4 layers, {total:,} parameters), pre-trained on "
-        "documents about countries; it has never seen a question.",
-        "- Fine-tuning data: the embedded question/answer set (600 rows about 60% of the countries). Held-out set: "
-        "198 questions about the other countries, answerable only from pre-training. General text: 200 fresh "
-        "pre-training-style documents (forgetting).",
-        f"- Every run: {EPOCHS} epochs, micro-batch 16, linear decay after 10 warmup steps, AdamW, fp32, "
-        f"seed 0 (one seed per cell: differences of a few percent are within noise). LoRA alpha is fixed at "
-        f"{ALPHA:.0f}, so the update is scaled by {ALPHA:.0f}/r (LoRA Without Regret's choice).",
-        f"- {len(rows)} runs. LoRA trainable parameters by rank (all-linear): "
-        + ", ".join(f"r={r}: {n:,}" for r, n in sorted(lora_params.items())) + ".",
-    ])
+def times(value: float) -> str:
+    return f"{value:.2f}x"
 
 
-def _load_predictions(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def nats(value: float) -> str:
+    return f"{value:+.3f}"
 
 
-def base_vs_sft(base: dict, rows: Sequence[dict], sweep_dir: Path, shown: int = 8) -> str:
-    """(a) held-out accuracy and a few answers before and after fine-tuning."""
-    cells = reference_cells(rows)
-    lora, full = cells.get("lora_r16"), cells.get("full")
+def show(found: Estimate, fmt: Callable[[float], str] = "{:.4f}".format) -> str:
+    """'value [low, high]'."""
+    return f"{fmt(found.value)} [{fmt(found.low)}, {fmt(found.high)}]"
+
+
+def claim_line(label: str, found: Estimate | None, rule: Rule, fmt: Callable[[float], str], note: str = "",
+               force: str | None = None) -> str:
+    """The verdict of one claim and the interval it rests on; `force`: a verdict the data cannot decide."""
+    if found is None:
+        return f"{verdict_word('inconclusive')} {label}: not measured. {note}".rstrip()
+    word = force or rule.verdict(found.interval)
+    return f"{verdict_word(word)} {label}: {show(found, fmt)}. {note}".rstrip()
+
+
+def rule_lines(rules: Sequence[tuple[str, Rule, Callable[[float], str]]]) -> list[str]:
+    """The section's rules, fixed before the runs, as a list."""
+    return ["**Rules, fixed before the runs:**", ""] + [f"- {rule.describe(quantity, fmt)}"
+                                                         for quantity, rule, fmt in rules]
+
+
+# --- reading results ----------------------------------------------------------------------------------------------
+
+def matrix(runs: Sequence[dict], get: Callable[[dict], Sequence[float]]) -> np.ndarray:
+    """(runs x items) of one per-row score."""
+    return np.array([list(get(run)) for run in runs], dtype=float)
+
+
+def test_correct(run: dict) -> list[bool]:
+    return run["correct"]["test"]
+
+
+def losses(name: str) -> Callable[[dict], list[float]]:
+    return lambda run: run["losses"][name]
+
+
+def mean_of(results: dict, arm: str, get: Callable[[dict], Sequence[float]]) -> Estimate:
+    """An arm's finals: the mean of a per-row score over seeds and rows, with its interval."""
+    marks = matrix(results["arms"][arm]["finals"], get)
+    return bootstrap({"a": marks}, lambda m: m["a"], results["settings"]["bootstrap"])
+
+
+def compare(results: dict, a: str, b: str, get: Callable[[dict], Sequence[float]], how: str = "ratio"
+            ) -> Estimate:
+    """a's finals against b's on the same rows (paired): the ratio or the difference of their means."""
+    arms = {"a": matrix(results["arms"][a]["finals"], get), "b": matrix(results["arms"][b]["finals"], get)}
+    statistic = (lambda m: m["a"] / m["b"]) if how == "ratio" else (lambda m: m["a"] - m["b"])
+    return bootstrap(arms, statistic, results["settings"]["bootstrap"])
+
+
+def base_marks(results: dict, get: Callable[[dict], Sequence[float]]) -> np.ndarray:
+    return matrix([results["base"]], get)
+
+
+def reference(results: dict) -> str:
+    return f"lora-r{results['reference_rank']}"
+
+
+def lora_ranks(results: dict) -> list[str]:
+    """The all-linear LoRA arms, lowest rank first."""
+    arms = [(arm["r"], name) for name, arm in results["arms"].items()
+            if arm["method"] == "lora" and arm["targets"] == "all-linear"]
+    return [name for _, name in sorted(arms)]
+
+
+def arm_row(results: dict, name: str) -> str:
+    """A table row of an arm's finals: params, lr, training-row loss, test loss, test exact match."""
+    arm = results["arms"][name]
+    return (f"| {name} | {arm['finals'][0]['trainable_params']:,} | {lattice_lr(arm['best_k']):.3g} | "
+            f"{show(mean_of(results, name, losses('train')))} | {show(mean_of(results, name, losses('test')))} | "
+            f"{show(mean_of(results, name, test_correct), pct)} |")
+
+
+ARM_HEADER = ["| arm | trainable params | lr (grid best) | training-row loss | test QA loss | test exact match |",
+              "|---|---:|---:|---:|---:|---:|"]
+
+
+# --- the sections -------------------------------------------------------------------------------------------------
+
+def header(results: dict) -> str:
+    """What was run, how learning rates are chosen, how verdicts are decided, and the run budget."""
+    s, q = results["settings"], results["questions"]
+    countries = {name: len({row["country"] for row in rows}) for name, rows in q.items()}
+    budget = results["budget"]
+    lines = [
+        "# The lecture's claims at small scale: the embedded lab", "",
+        f"Regenerate this page (and its figures) with `{REGENERATE}` (resumable: every run is a folder with a "
+        "cell.json, so a killed lab continues where it stopped; `--workers 2` trains two runs at a time, "
+        "`--rl` also runs section (g), `--quick` the same pipeline on tiny settings).", "",
+        "- Model: the embedded Llama-shaped model (hidden 128, 4 layers), pre-trained on documents about "
+        "countries; it has never seen a question.",
+        f"- Fine-tuning data: {results['rows']['train']} question/answer rows about the training countries. "
+        f"Held-out questions about the other countries, split by country: **validation** ({len(q['validation'])} "
+        f"questions, {countries['validation']} countries) chooses every learning rate and nothing else; **test** "
+        f"({len(q['test'])} questions, {countries['test']} countries) gives every reported number. General text: "
+        f"{results['rows']['general']} fresh pre-training-style documents (forgetting).",
+        f"- Every run: {s['epochs']} epochs, micro-batch {results['recipe']['micro_batch_size']}, "
+        f"{results['recipe']['schedule']} decay after {results['recipe']['warmup_steps']} warmup steps, AdamW. "
+        f"LoRA alpha is fixed at {results['alpha']:.0f}, so the update is scaled by {results['alpha']:.0f}/r "
+        "(LoRA Without Regret's choice).",
+        "- Learning rates (fixed before the runs): on the lattice lr = 1e-3 x 2^k, a coarse grid at seed 0 (LoRA "
+        f"k in {list(s['lora_coarse'])}, full k in {list(s['full_coarse'])}), one coarse step further out while the "
+        f"lowest validation QA loss sits at an edge (at most {s['cap']} points), then both neighbours of the best "
+        "point (2x spacing). The fitted optimum is the vertex of the parabola through the best point and its "
+        "neighbours in log-lr. Each arm's seeds "
+        f"({', '.join(map(str, s['seeds']))}) run at its grid best.",
+        f"- Intervals: {LEVEL:.0%} bootstrap intervals ({s['bootstrap']} resamples) over test questions (or "
+        "documents, or training rows) and seeds, the rows resampled once for both arms of a comparison (paired). "
+        "A verdict is **reproduced** only when the interval lies on the claimed side of the rule's threshold (or "
+        "inside its band), **not reproduced** when it lies wholly on the other side, **inconclusive** otherwise. "
+        f"With {len(q['test'])} test questions and {len(s['seeds'])} seeds, expect inconclusive verdicts where "
+        "arms differ by a few points.",
+        f"- Run budget: {budget['distinct']} runs in all; by section (a run used by two sections counts in both): "
+        + ", ".join(f"({name}) {count}" for name, count in sorted(budget["runs"].items())) + ".",
+    ]
+    capped = [name for name, arm in results["arms"].items() if arm["state"] == "capped"]
+    if capped:
+        lines += ["", f"> **Warning: grid edge.** The best learning rate of {', '.join(capped)} sits at the edge of "
+                      f"its grid after {s['cap']} points (the cap): the true optimum may lie beyond it, and every "
+                      "number of that arm is at a learning rate that may be too small or too large."]
+    return "\n".join(lines)
+
+
+def base_vs_sft(results: dict, shown: int = 8) -> str:
+    """(a) held-out accuracy before and after SFT, per question kind, and the fill-in-the-blank probe."""
+    ref, base, bootstraps = reference(results), results["base"], results["settings"]["bootstrap"]
+    probe = matrix([base["probe"]], lambda p: p["correct"])
     lines = ["## (a) Base model vs fine-tuned: held-out questions", "",
              "Claim: pre-training teaches knowledge, post-training teaches behaviour; a little SFT makes a model "
              "that only continues text answer questions about facts it read, including facts never asked about "
              "in fine-tuning.", "",
-             "| model | held-out exact match | held-out QA loss | general-text loss |", "|---|---:|---:|---:|",
-             f"| base | {_pct(base['accuracy'])} | {base['qa_loss']:.3f} | {base['general_loss']:.3f} |"]
-    for label, row in (("LoRA r16", lora), ("full", full)):
-        if row:
-            lines.append(f"| {label} ({row['name']}) | {_pct(row['accuracy'])} | {row['eval_loss']:.3f} | "
-                         f"{row['general_loss']:.3f} |")
-    if lora:
-        predictions = {label: _load_predictions(sweep_dir / row["name"] / "predictions.jsonl")
-                       for label, row in (("lora", lora), ("full", full)) if row}
-        lines += ["", "| question | reference | base | LoRA r16 | full |", "|---|---|---|---|---|"]
-        count = len(predictions["lora"])
-        for i in [(k * count) // shown + k % 3 for k in range(shown)]:  # spread over countries and kinds
-            row = predictions["lora"][i]
-            cells = [row["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:"), row["completion"],
-                     base["predictions"][i], row["prediction"],
-                     predictions["full"][i]["prediction"] if "full" in predictions else ""]
-            lines.append("| " + " | ".join(" ".join(c.split())[:50].replace("|", "/") for c in cells) + " |")
-        ok = lora["accuracy"] > base["accuracy"] + 0.5
-        lines += ["", f"{_verdict(ok)} The base model answers {_pct(base['accuracy'])} of the held-out questions "
-                  f"(it continues the text instead); after LoRA SFT {_pct(lora['accuracy'])}"
-                  + (f", after full SFT {_pct(full['accuracy'])}" if full else "") + "."]
+             *rule_lines([(f"{ref}'s test exact match minus the base model's", SFT, pct),
+                          ("the base model's fill-in-the-blank accuracy on the test questions (the question turned "
+                           "into the corpus's own sentence, e.g. \"The capital of France is\"; right when the "
+                           "greedy continuation starts with the answer)", KNEW, pct)]), "",
+             "| model | test exact match | test QA loss | general-text loss |", "|---|---:|---:|---:|"]
+    base_acc = bootstrap({"a": base_marks(results, test_correct)}, lambda m: m["a"], bootstraps)
+    lines.append(f"| base | {show(base_acc, pct)} | {np.mean(base['losses']['test']):.4f} | "
+                 f"{np.mean(base['losses']['general']):.4f} |")
+    for name in (ref, "full"):
+        lines.append(f"| {name} (seeds {', '.join(str(r['seed']) for r in results['arms'][name]['finals'])}) | "
+                     f"{show(mean_of(results, name, test_correct), pct)} | "
+                     f"{show(mean_of(results, name, losses('test')))} | "
+                     f"{show(mean_of(results, name, losses('general')))} |")
+    lines += ["", *kind_table(results, probe), "", *examples(results, shown), ""]
+    gain = bootstrap({"a": matrix(results["arms"][ref]["finals"], test_correct),
+                      "b": base_marks(results, test_correct)}, lambda m: m["a"] - m["b"], bootstraps)
+    knew = bootstrap({"a": probe}, lambda m: m["a"], bootstraps)
+    lines += [claim_line(f"SFT teaches the behaviour: {ref} minus base, test exact match", gain, SFT, pct), "",
+              claim_line("The base model already knew the facts: fill-in-the-blank accuracy", knew, KNEW, pct)]
     return "\n".join(lines)
 
 
-def rank_section(rows: Sequence[dict]) -> str:
-    """(b) loss vs step by rank, full fine-tuning as reference."""
-    by_rank: dict[int, list[dict]] = {}
-    for row in find(rows, "lora", targets="all-linear"):
-        by_rank.setdefault(row["r"], []).append(row)
-    lora = [best(group, "final_train_loss") for _, group in sorted(by_rank.items())]  # each rank at its best lr
-    full = find(rows, "full")
+def kind_table(results: dict, probe: np.ndarray) -> list[str]:
+    """Test exact match per question kind: base (question and fill-in-the-blank), LoRA, full."""
+    kinds = [row["kind"] for row in results["questions"]["test"]]
+    ref, b = reference(results), results["settings"]["bootstrap"]
+    columns = [("base, question", base_marks(results, test_correct)), ("base, fill-in-the-blank", probe),
+               (ref, matrix(results["arms"][ref]["finals"], test_correct)),
+               ("full", matrix(results["arms"]["full"]["finals"], test_correct))]
+    lines = ["| kind | questions | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for kind in sorted(set(kinds)):
+        pick = [i for i, k in enumerate(kinds) if k == kind]
+        cells = [show(bootstrap({"a": marks[:, pick]}, lambda m: m["a"], b), pct) for _, marks in columns]
+        lines.append(f"| {kind} | {len(pick)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def examples(results: dict, shown: int) -> list[str]:
+    """A few test questions with the base model's answer, its fill-in-the-blank continuation, LoRA's and full's."""
+    questions, base, ref = results["questions"]["test"], results["base"], reference(results)
+    n_val = len(results["questions"]["validation"])
+    lora, full = results["arms"][ref]["finals"][0], results["arms"]["full"]["finals"][0]
+    lines = [f"| question | reference | base | base, fill-in-the-blank | {ref} | full |", "|---|---|---|---|---|---|"]
+    for i in sorted({(j * len(questions)) // shown for j in range(shown)}):
+        row = questions[i]
+        cells = [row["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:"), row["completion"],
+                 base["predictions"][n_val + i], base["probe"]["rows"][i]["prompt"] + base["probe"]["predictions"][i],
+                 lora["predictions"][i], full["predictions"][i]]
+        lines.append("| " + " | ".join(" ".join(c.split())[:60].replace("|", "/") for c in cells) + " |")
+    return lines
+
+
+def rank_section(results: dict) -> str:
+    """(b) capacity by rank: training-row loss of each rank at its lr, full fine-tuning as reference."""
+    ranks = lora_ranks(results)
+    low, top = ranks[0], ranks[-1]
     lines = ["## (b) Rank sweep", "",
              "Claim (LoRA Without Regret, Schulman et al. 2025): with enough rank LoRA follows full fine-tuning's "
              "learning curve; low ranks fall behind once the data exceed their capacity.", "",
-             "![loss vs step by rank](lab_rank_curves.png)", "",
-             "Each rank at its best learning rate (lowest final training loss) among those tried: "
-             + "; ".join(f"r={r}: " + ", ".join(f"{row['lr']:.0e}" for row in sorted(group, key=lambda x: x["lr"]))
-                         for r, group in sorted(by_rank.items())) + ". Full fine-tuning at every lr tried.", "",
-             "| run | trainable params | final train loss | held-out loss | held-out accuracy |",
-             "|---|---:|---:|---:|---:|"]
-    for row in lora + sorted(full, key=lambda row: row["lr"]):
-        lines.append(f"| {row['name']} | {row['trainable_params']:,} | {row['final_train_loss']:.4f} | "
-                     f"{row['eval_loss']:.4f} | {_pct(row['accuracy'])} |")
-    if lora and full:
-        top, low, ref = lora[-1], lora[0], best(full, "final_train_loss")
-        gap = top["final_train_loss"] / ref["final_train_loss"]
-        ordered = all(a["final_train_loss"] >= b["final_train_loss"] * 0.9 for a, b in zip(lora, lora[1:]))
-        ok = True if gap < 1.5 and ordered else (None if ordered or gap < 1.5 else False)
-        lines += ["", f"{_verdict(ok)} Rule: reproduced when the highest rank ends within 1.5x of full "
-                  "fine-tuning's training loss and loss falls (within 10%) as rank grows. Here r="
-                  f"{top['r']} ends at {top['final_train_loss']:.4f} vs full's {ref['final_train_loss']:.4f} "
-                  f"({ref['name']}): {gap:.1f}x; r={low['r']} ends at {low['final_train_loss']:.4f}. Loss "
-                  f"{'does' if ordered else 'does not'} fall monotonically with rank. Held-out loss (what the "
-                  f"task needs): r={low['r']} {low['eval_loss']:.4f}, r={top['r']} {top['eval_loss']:.4f}, full "
-                  f"at its best lr {best(full, 'eval_loss')['eval_loss']:.4f}."]
+             *rule_lines([(f"{top}'s loss on its own training rows divided by full fine-tuning's (each at its "
+                           "learning rate; training rows and seeds resampled)", RANK_MATCH, times),
+                          (f"{low}'s training-row loss divided by {top}'s", RANK_LOW, times)]), "",
+             "![loss vs step by rank](lab_rank_curves.png)", "", *ARM_HEADER]
+    lines += [arm_row(results, name) for name in ranks + ["full"]]
+    match = compare(results, top, "full", losses("train"))
+    behind = compare(results, low, top, losses("train"))
+    lines += ["", claim_line(f"Enough rank matches full: {top} / full, training-row loss", match, RANK_MATCH, times),
+              "", claim_line(f"Low rank falls behind: {low} / {top}, training-row loss", behind, RANK_LOW, times), "",
+              f"The regime: {results['settings']['epochs']} epochs over {results['rows']['train']} rows, so these "
+              "runs memorise a small set; the paper's curves come from about one pass over data larger than the "
+              "adapter's capacity, which this section does not test."]
     return "\n".join(lines)
 
 
-def lr_section(rows: Sequence[dict]) -> str:
-    """(c) final loss vs learning rate, LoRA vs full."""
-    lora = sorted(find(rows, "lora", 16, "all-linear"), key=lambda row: row["lr"])
-    full = sorted(find(rows, "full"), key=lambda row: row["lr"])
-    lines = ["## (c) Learning-rate sweep, LoRA vs full", "",
+def _grid_marks(arm: dict) -> dict[int, np.ndarray]:
+    """Lattice exponent -> (1 x validation questions) losses of the arm's seed-0 grid."""
+    return {run["k"]: np.array([run["losses"]["validation"]]) for run in arm["grid"]}
+
+
+def optimum_ratio(results: dict, a: str, b: str) -> Estimate:
+    """a's fitted optimal lr divided by b's, each fitted on its validation-loss grid; validation questions
+    resampled (one seed: the grid's)."""
+    grids = {name: _grid_marks(results["arms"][name]) for name in (a, b)}
+    arms = {f"{name}:{k}": marks for name, grid in grids.items() for k, marks in grid.items()}
+
+    def statistic(means: dict[str, float]) -> float:
+        fitted = {name: fit_optimum({k: means[f"{name}:{k}"] for k in grid})[0] for name, grid in grids.items()}
+        return 2.0 ** (fitted[a] - fitted[b])
+
+    return bootstrap(arms, statistic, results["settings"]["bootstrap"])
+
+
+def lr_section(results: dict) -> str:
+    """(c) every arm's lr grid, and LoRA's optimal lr against full fine-tuning's."""
+    ref = reference(results)
+    lines = ["## (c) Learning rates, LoRA vs full", "",
              "Claim (LoRA Without Regret): LoRA's best learning rate is about 10x full fine-tuning's.", "",
-             "![final loss vs learning rate](lab_lr_sweep.png)", "",
-             "| method | lr | final train loss | held-out loss | held-out accuracy | general-text loss |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for row in lora + full:
-        lines.append(f"| {row['method']}{' r16' if row.get('r') else ''} | {row['lr']:.0e} | "
-                     f"{row['final_train_loss']:.4f} | {row['eval_loss']:.4f} | {_pct(row['accuracy'])} | "
-                     f"{row['general_loss']:.3f} |")
-    if lora and full:
-        ratios = {metric: best(lora, metric)["lr"] / best(full, metric)["lr"]
-                  for metric in ("final_train_loss", "eval_loss")}
-        ok_all = [5 <= ratio <= 20 for ratio in ratios.values()]
-        near = [2.5 <= ratio <= 40 for ratio in ratios.values()]
-        ok = True if all(ok_all) else (None if any(ok_all) or all(near) else False)
-        lines += ["", f"{_verdict(ok)} Rule: reproduced when the ratio of best learning rates is 5-20x on both "
-                  "metrics, partly when one metric gives that or both are within one grid step (2.5-40x). "
-                  f"Best lr by final training loss: LoRA {best(lora, 'final_train_loss')['lr']:.0e}, full "
-                  f"{best(full, 'final_train_loss')['lr']:.0e} (ratio {ratios['final_train_loss']:.1f}x); by "
-                  f"held-out loss: LoRA {best(lora, 'eval_loss')['lr']:.0e}, full "
-                  f"{best(full, 'eval_loss')['lr']:.0e} (ratio {ratios['eval_loss']:.1f}x). The grid has steps "
-                  "of about 3x, so a ratio is known to within a factor of ~3." + _edges(lora, full)]
+             *rule_lines([(f"{ref}'s fitted optimal learning rate divided by full fine-tuning's (validation QA loss, "
+                           "seed 0; validation questions resampled, the parabola refitted each time). An optimum at "
+                           "the edge of its grid makes the verdict inconclusive", LR_RATIO, times)]), "",
+             "![validation loss vs learning rate](lab_lr_sweep.png)", "",
+             "| arm | validation QA loss by lr (seed 0) | grid best | fitted optimum |", "|---|---|---:|---:|"]
+    for name, arm in results["arms"].items():
+        grid = ", ".join(f"{run['lr']:.3g}: {run['validation_loss']:.4f}" for run in arm["grid"])
+        edge = " (**grid edge**)" if arm["at_edge"] else ""
+        lines.append(f"| {name} | {grid} | {lattice_lr(arm['best_k']):.3g}{edge} | {lattice_lr(arm['fit_k']):.3g} |")
+    edges = [name for name in (ref, "full") if results["arms"][name]["at_edge"]]
+    note = (f"{' and '.join(edges)}'s optimum sits at the edge of its grid, so the ratio is not known." if edges
+            else f"Fitted optima: {ref} {lattice_lr(results['arms'][ref]['fit_k']):.3g}, full "
+                 f"{lattice_lr(results['arms']['full']['fit_k']):.3g}.")
+    lines += ["", claim_line(f"{ref} / full, fitted optimal learning rate", optimum_ratio(results, ref, "full"),
+                             LR_RATIO, times, note, force="inconclusive" if edges else None)]
     return "\n".join(lines)
 
 
-def _edges(lora: Sequence[dict], full: Sequence[dict]) -> str:
-    """A warning for each best lr that sits at the end of its grid (the true optimum may lie beyond)."""
-    notes = []
-    for label, group in (("LoRA", lora), ("full", full)):
-        lrs = sorted(row["lr"] for row in group)
-        for metric, name in (("final_train_loss", "training"), ("eval_loss", "held-out")):
-            lr = best(group, metric)["lr"]
-            if lr in (lrs[0], lrs[-1]):
-                notes.append(f" {label}'s best lr by {name} loss ({lr:.0e}) is at the end of its grid, so its "
-                             "true best may lie beyond it.")
-    return "".join(notes)
-
-
-def targets_section(rows: Sequence[dict]) -> str:
-    """(d) attention-only vs MLP-only vs all-linear LoRA."""
-    sets = {t: find(rows, "lora", 16, t, LORA_LR) for t in ("attention", "mlp", "all-linear")}
-    sets = {t: found[0] for t, found in sets.items() if found}
-    lines = ["## (d) Target sets", "",
-             "Claim (LoRA Without Regret): attention-only LoRA underperforms; MLP-only does about as well as "
-             "all-linear.", "", "![target sets](lab_target_sets.png)", "",
-             "| targets | trainable params | final train loss | held-out loss | held-out accuracy |",
-             "|---|---:|---:|---:|---:|"]
-    for t, row in sets.items():
-        lines.append(f"| {t} | {row['trainable_params']:,} | {row['final_train_loss']:.4f} | "
-                     f"{row['eval_loss']:.4f} | {_pct(row['accuracy'])} |")
-    if len(sets) == 3:
-        att, mlp, every = sets["attention"], sets["mlp"], sets["all-linear"]
-        att_worse = att["final_train_loss"] > mlp["final_train_loss"] and att["eval_loss"] > mlp["eval_loss"]
-        mlp_close = mlp["final_train_loss"] <= 1.5 * every["final_train_loss"]
-        ok = True if att_worse and mlp_close else (None if att_worse or mlp_close else False)
-        lines += ["", f"{_verdict(ok)} Rule: attention-only must be worse than MLP-only on both training and "
-                  "held-out loss, and MLP-only within 1.5x of all-linear's training loss. Attention-only is "
-                  f"{'worse' if att_worse else 'not worse'} than MLP-only (train {att['final_train_loss']:.4f} vs "
-                  f"{mlp['final_train_loss']:.4f}, held-out {att['eval_loss']:.4f} vs {mlp['eval_loss']:.4f}); "
-                  f"MLP-only's training loss is {mlp['final_train_loss'] / every['final_train_loss']:.1f}x "
-                  "all-linear's. All three at one lr and rank 16, so they differ in parameter count too. This "
-                  "task (turning stored facts into answers) may lean on attention more than the "
-                  "knowledge-heavy fine-tuning of the claim."]
-    return "\n".join(lines)
-
-
-def _frontier(rows: Sequence[dict], floor: float) -> dict | None:
-    """The row with the lowest general loss among those reaching `floor` held-out accuracy."""
-    reached = [row for row in rows if row["accuracy"] >= floor]
-    return min(reached, key=lambda row: row["general_loss"]) if reached else None
-
-
-def _lr_forgetting(rows: Sequence[dict], label: str) -> str:
-    """Whether a method's highest-lr run is also its most-forgetting run."""
-    top_lr = max(rows, key=lambda row: row["lr"])
-    most = max(rows, key=lambda row: row["general_loss"])
-    relation = "is" if top_lr is most else "is not"
-    return (f"{label}'s highest lr ({top_lr['name']}, general loss {top_lr['general_loss']:.3f}) {relation} "
-            f"its most-forgetting run ({most['name']}, {most['general_loss']:.3f}).")
-
-
-def forgetting_section(base: dict, rows: Sequence[dict]) -> str:
-    """(e) learning vs forgetting, LoRA vs full."""
-    lora, full = find(rows, "lora"), find(rows, "full")
-    lines = ["## (e) Forgetting, LoRA vs full", "",
-             "Claim (Biderman et al. 2024, \"LoRA Learns Less and Forgets Less\"): full fine-tuning learns the "
-             "target task better; LoRA keeps more of the base model's other abilities.", "",
-             "![learning vs forgetting](lab_forgetting.png)", "",
-             f"General-text loss of the base model: {base['general_loss']:.3f}. Every run's numbers are in the "
-             "tables above and below."]
-    if not (lora and full):
-        return "\n".join(lines)
-    learn_lora, learn_full = best(lora, "eval_loss"), best(full, "eval_loss")
-    learns_less = learn_lora["eval_loss"] > learn_full["eval_loss"]
-    lines += ["", "| held-out accuracy at least | LoRA: lowest general loss (run) | full: lowest general loss (run) |",
-              "|---:|---|---|"]
-    forgets_less = []
-    for floor in (0.85, 0.90, 0.93):
-        a, b = _frontier(lora, floor), _frontier(full, floor)
-        show = lambda row: f"{row['general_loss']:.3f} ({row['name']})" if row else "none reached it"  # noqa: E731
-        lines.append(f"| {_pct(floor)} | {show(a)} | {show(b)} |")
-        if a and b:
-            forgets_less.append(a["general_loss"] < b["general_loss"])
-    ok = True if learns_less and forgets_less and all(forgets_less) else (
-        None if learns_less or any(forgets_less) else False)
-    lines += ["", f"{_verdict(ok)} Rule: LoRA's best held-out loss must be worse than full's (learns less) and, "
-              "at each accuracy level both reach, LoRA's least forgetting run must forget less. Learns less: "
-              f"{'yes' if learns_less else 'no'} (best held-out loss LoRA {learn_lora['eval_loss']:.4f}, "
-              f"{learn_lora['name']}; full {learn_full['eval_loss']:.4f}, {learn_full['name']}). Forgets less at "
-              f"matched accuracy: {sum(forgets_less)} of {len(forgets_less)} levels. "
-              + " ".join(_lr_forgetting(group, label) for label, group in (("LoRA", lora), ("Full", full)))]
-    return "\n".join(lines)
-
-
-def intruder_section(spectra: dict[str, dict]) -> str:
-    """(f) intruder dimensions, LoRA vs full."""
-    lines = ["## (f) Intruder dimensions, LoRA vs full", "",
-             "Claim (Shuttleworth et al. 2024, \"LoRA vs Full Fine-tuning: An Illusion of Equivalence\"): LoRA "
-             "creates intruder dimensions, new high-ranking singular vectors unlike any of the base weight's; "
-             "full fine-tuning barely does. Measured with `lorakit inspect` (top 10 singular vectors, "
-             "|cos| < 0.5), on the 28 linear layers.", "",
-             "| run | modules with intruders | intruders in all | mean effective rank of dW | figure |",
-             "|---|---:|---:|---:|---|"]
-    counts = {}
-    for label, item in spectra.items():
-        modules = item["spectra"]
-        counts[label] = sum(len(m.intruders) for m in modules)
-        rank = sum(m.effective_rank for m in modules) / max(len(modules), 1)
-        lines.append(f"| {item['row']['name']} | {sum(1 for m in modules if m.intruders)} of {len(modules)} | "
-                     f"{counts[label]} | {rank:.1f} | ![{label}](intruders_{label}.png) |")
-    if "full" in counts and "lora_r16" in counts:
-        ok = counts["lora_r16"] > counts["full"] and counts["full"] <= 2
-        lines += ["", f"{_verdict(ok)} Rule: LoRA r16 must show more intruders than full fine-tuning, and full "
-                  f"at most 2. LoRA r16: {counts['lora_r16']}, full: {counts['full']}"
-                  + (f", LoRA r64: {counts['lora_r64']}" if "lora_r64" in counts else "") + "."]
+def targets_section(results: dict) -> str:
+    """(d) attention-only vs MLP-only vs all-linear LoRA at matched trainable counts."""
+    ref = reference(results)
+    attention = next(name for name in results["arms"] if name.startswith("attention"))
+    mlp = next(name for name in results["arms"] if name.startswith("mlp"))
+    params = {name: results["arms"][name]["finals"][0]["trainable_params"] for name in (attention, mlp, ref)}
+    lines = ["## (d) Target sets at matched parameter counts", "",
+             "Claim (LoRA Without Regret): attention-only LoRA underperforms even at the same number of trainable "
+             "parameters; MLP-only does about as well as all-linear.", "",
+             f"Ranks chosen so that each set trains as many numbers as {ref} ({params[ref]:,}): {attention} "
+             f"({params[attention]:,}), {mlp} ({params[mlp]:,}); each with its own learning-rate search.", "",
+             *rule_lines([(f"{attention}'s test QA loss divided by {ref}'s (test questions and seeds resampled)",
+                           ATTENTION, times),
+                          (f"{mlp}'s test QA loss divided by {ref}'s", MLP, times)]), "",
+             "![target sets](lab_target_sets.png)", "", *ARM_HEADER]
+    lines += [arm_row(results, name) for name in (attention, mlp, ref)]
+    lines += ["", claim_line(f"Attention-only underperforms: {attention} / {ref}, test QA loss",
+                             compare(results, attention, ref, losses("test")), ATTENTION, times), "",
+              claim_line(f"MLP-only matches all-linear: {mlp} / {ref}, test QA loss",
+                         compare(results, mlp, ref, losses("test")), MLP, times)]
     return "\n".join(lines)

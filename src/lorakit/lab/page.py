@@ -1,55 +1,66 @@
-"""docs/lab.md: the lab's page and its figures, written from the runs of `lab.experiments`.
+"""docs/lab.md: the lab's one page and its figures, written from the runs of `lab.experiments` (and lab/rl.py's).
 
-Every number and every "reproduced / not reproduced" verdict in the page is computed from the
-runs (`lab.claims`); nothing is typed in by hand. `lorakit lab-report` (commands/lab_report.py)
-trains what is missing, then calls `write_lab`.
+Every number and every verdict in the page is computed from the runs (`lab.claims`, `lab.forgetting`); nothing is
+typed in by hand. `lorakit lab-report` (commands/lab_report.py) trains what is missing, then calls `write_lab`,
+which writes sections (a)-(f), section (g) from lab-rl's results when given, and keeps every other lettered section
+an earlier lab.md holds (e.g. (h), written by its own experiment into the same page), in letter order, before
+"## All runs".
 """
 from __future__ import annotations
 
-import json
-import shutil
+import re
 from pathlib import Path
-from typing import Sequence
 
-from lorakit.analysis.plots import markdown_table, spectra_figure, write_outputs
-from lorakit.analysis.spectral import compare_state_dicts
-from lorakit.analysis.weights import load_pair
-from lorakit.lab import claims
-from lorakit.lab.rl import RESULTS_FILE
+import numpy as np
+
+from lorakit.lab import claims, forgetting
+from lorakit.lab.figures import write_figures
 from lorakit.lab.rl_page import FIGURE as RL_FIGURE, curves_figure, rl_section
 
-FIGURES = ("rank_curves", "lr_sweep", "target_sets", "forgetting")
+ALL_RUNS = "## All runs"
+_LETTER = re.compile(r"^## \((\w)\)")
+REGENERATED = "abcdef"  # the sections write_lab always writes
 
 
-def _intruder_figures(rows: Sequence[dict], sweep_dir: Path, out: Path) -> dict[str, dict]:
-    """Spectral comparison of the reference LoRA and full cells; writes intruders_<method>.png."""
-    results = {}
-    for label, row in claims.reference_cells(rows).items():
-        base, tuned, names, _ = load_pair(sweep_dir / row["name"])
-        spectra = compare_state_dicts(base, tuned, names)
-        spectra_figure(spectra, out / f"intruders_{label}.png", f"{row['name']} vs the embedded base")
-        results[label] = {"row": row, "spectra": spectra}
-    return results
+def lettered_sections(text: str) -> dict[str, str]:
+    """{letter: the section's text, heading included} of every '## (x) ...' section of a page."""
+    found = {}
+    for chunk in re.split(r"\n(?=## )", text):
+        match = _LETTER.match(chunk)
+        if match:
+            found[match.group(1)] = chunk.strip("\n")
+    return found
 
 
-def write_lab(base: dict, rows: list[dict], work: Path, out: Path) -> Path:
-    """docs/lab.md and its PNGs from the base scores and the sweep rows."""
+def runs_table(results: dict) -> str:
+    """Every run of the lab: arm, seed, lr and its scores."""
+    lines = ["| arm | run | seed | lr | steps | trainable params | final train loss | validation QA loss | "
+             "test QA loss | test exact match | general-text loss |", "|---|---|" + "---:|" * 9]
+    for name, arm in results["arms"].items():
+        for run in arm["grid"] + arm["finals"]:
+            lines.append(f"| {name} | {run['name']} | {run['seed']} | {run['lr']:.3g} | {run['steps']} | "
+                         f"{run['trainable_params']:,} | {run['final_train_loss']:.4f} | "
+                         f"{run['validation_loss']:.4f} | "
+                         f"{np.mean(run['losses']['test']):.4f} | {claims.pct(np.mean(run['correct']['test']))} | "
+                         f"{np.mean(run['losses']['general']):.4f} |")
+    return "\n".join(lines)
+
+
+def write_lab(results: dict, work: Path, out: Path, rl_results: dict | None = None) -> Path:
+    """docs/lab.md and its PNGs in `out`; `rl_results`: lab-rl's results.json, for section (g)."""
     out.mkdir(parents=True, exist_ok=True)
-    sweep_dir = work / "sweep"
-    figures = write_outputs(rows, sweep_dir, base)
-    for name in FIGURES:
-        if name in figures:
-            shutil.copyfile(figures[name], out / f"lab_{name}.png")
-    spectra = _intruder_figures(rows, sweep_dir, out)
-    sections = [claims.header(rows), claims.base_vs_sft(base, rows, sweep_dir),
-                claims.rank_section(rows), claims.lr_section(rows), claims.targets_section(rows),
-                claims.forgetting_section(base, rows), claims.intruder_section(spectra)]
-    rl_results = work / "rl" / RESULTS_FILE  # `lorakit lab-rl`'s, when it has run
-    if rl_results.is_file():
-        results = json.loads(rl_results.read_text())
-        curves_figure(results, out / RL_FIGURE)
-        sections.append(rl_section(results))
-    sections.append("## All runs\n\n" + markdown_table(rows))
     path = out / "lab.md"
-    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    kept = lettered_sections(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    write_figures(results, Path(work), out)
+    sections = {"": claims.header(results), "a": claims.base_vs_sft(results), "b": claims.rank_section(results),
+                "c": claims.lr_section(results), "d": claims.targets_section(results),
+                "e": forgetting.forgetting_section(results), "f": forgetting.intruder_section(results)}
+    if rl_results is not None:
+        curves_figure(rl_results, out / RL_FIGURE)
+        sections["g"] = rl_section(rl_results)
+    for letter, text in kept.items():
+        if letter not in REGENERATED and letter not in sections:
+            sections[letter] = text
+    ordered = [sections[key] for key in sorted(sections)]
+    path.write_text("\n\n".join(ordered + [ALL_RUNS + "\n\n" + runs_table(results)]) + "\n", encoding="utf-8")
     return path

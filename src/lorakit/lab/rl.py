@@ -12,8 +12,8 @@ even at rank 1: an episode carries only a few bits. This experiment tests that o
             its lr is the one with the highest validation exact match (ties: the smaller lr).
     finals  each arm at its lr, one run per seed of `seeds`, scored on test after every eval_every steps (the
             loop's greedy eval_reward: held-out exact match) and at the end (per question, for the intervals).
-    verdict `verdict` (below), from a bootstrap over test questions and seeds of rank 1's minus full's final
-            test accuracy.
+    verdict `verdict` (below, a `lab.evidence.Rule`), from a bootstrap over test questions and seeds of rank 1's
+            minus full's final test accuracy.
 
 Every run is an ordinary lab sweep cell (`analysis.sweep.run_cell`): one run folder and one cell.json each, so a
 killed experiment resumes where it stopped. `run_rl` returns (and writes) results.json; lab/rl_page.py renders it.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,7 +32,9 @@ from lorakit.adapters import METHODS
 from lorakit.analysis.sweep import PREDICTIONS_FILE, Cell, run_cell
 from lorakit.config import load_config
 from lorakit.infer.metrics import exact_match
+from lorakit.lab import evidence
 from lorakit.lab.datasets import read_jsonl, write_jsonl
+from lorakit.lab.evidence import Rule, bootstrap_accuracy
 from lorakit.lab.experiments import ALPHA
 from lorakit.models import EMBEDDED_DATASETS
 from lorakit.train.metrics import METRICS_FILE, read_metrics
@@ -43,7 +44,6 @@ RESULTS_FILE = "results.json"
 SPLIT_FILES = {"validation": "validation.jsonl", "test": "test.jsonl"}
 SWEEP_SEED = 0  # the lr sweep's seed; the finals use other seeds, so no final run repeats a sweep run
 MARGIN = 0.05  # |rank-1 minus full| test exact match within which rank 1 "matches" full
-VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 # Full fine-tuning of the embedded model for WEAK_SFT_STEPS steps at WEAK_SFT_LR (the quickstart recipe otherwise,
 # micro-batch 16, 10 warmup steps, linear decay): measured on the 198 held-out questions, 40 steps at 1e-4 gave
 # 12.6%, 60 steps 39.9%, 70 steps 48.5%, 90 steps 70.7% (30 steps at 3e-4: 49.0%). 60 steps: the right format,
@@ -82,23 +82,12 @@ def verdict(interval: tuple[float, float], margin: float = MARGIN) -> str:
     """The claim's verdict from the 95% interval of (rank 1 minus full) test accuracy: reproduced when the whole
     interval lies within +-margin (rank 1 matches full); not reproduced when it lies wholly below 0 (rank 1 is
     clearly below) and not within the margin; inconclusive otherwise (too wide, or rank 1 above by more)."""
-    low, high = interval
-    if -margin <= low and high <= margin:
-        return VERDICTS[0]
-    if high < 0:
-        return VERDICTS[1]
-    return VERDICTS[2]
+    return Rule("within", -margin, margin, refute_below=0.0).verdict(interval)
 
 
 def split_held_out(rows: Sequence[dict], settings: RLSettings) -> dict[str, list[dict]]:
-    """{"validation": rows, "test": rows}: the held-out rows split by country (a fixed shuffle)."""
-    countries = sorted({row["country"] for row in rows})
-    random.Random("lorakit-rl-split").shuffle(countries)
-    validation = set(countries[:settings.validation_countries])
-    rest = countries[settings.validation_countries:]
-    test = set(rest if settings.test_countries is None else rest[:settings.test_countries])
-    return {"validation": [row for row in rows if row["country"] in validation],
-            "test": [row for row in rows if row["country"] in test]}
+    """{"validation": rows, "test": rows}: the held-out rows split by country (`evidence.split_held_out`)."""
+    return evidence.split_held_out(rows, settings.validation_countries, settings.test_countries)
 
 
 def weak_sft(work: Path, settings: RLSettings, held_out: list[dict], log: Log) -> tuple[dict, Path]:
@@ -140,24 +129,6 @@ def curve(cell_dir: Path) -> list[tuple[int, float]]:
 def choose_lr(sweep: Sequence[dict]) -> float:
     """The lr with the highest validation accuracy (ties: the smaller lr)."""
     return min(sweep, key=lambda row: (-row["validation_accuracy"], row["lr"]))["lr"]
-
-
-def bootstrap_accuracy(marks: np.ndarray, other: np.ndarray | None, resamples: int, seed: int = 0
-                       ) -> tuple[float, tuple[float, float]]:
-    """(mean, 95% percentile interval) of accuracy over `marks` (seeds x questions, 0/1), or of its difference to
-    `other` (the same questions): questions resampled once for both (paired), seeds independently per arm."""
-    rng = np.random.default_rng(seed)
-    n_questions = marks.shape[1]
-    values = np.empty(resamples)
-    for b in range(resamples):
-        questions = rng.integers(0, n_questions, n_questions)
-        value = marks[rng.integers(0, len(marks), len(marks))][:, questions].mean()
-        if other is not None:
-            value -= other[rng.integers(0, len(other), len(other))][:, questions].mean()
-        values[b] = value
-    mean = marks.mean() - (other.mean() if other is not None else 0.0)
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(mean), (float(low), float(high))
 
 
 def _sweep_arm(arm: str, start: Path, files: dict[str, Path], splits: dict, settings: RLSettings,
