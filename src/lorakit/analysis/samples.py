@@ -8,7 +8,10 @@ Each prompt is made as training made it, in the run's recorded prompt format:
     grpo prompt rows  the prompt tokenizer (data/prompts.py); the reference is the row's field a reward reads
                       (a reward's `field`, else `answer`), when it has one
 A text run has no prompt to answer, so it gets no samples. "Base" is the run's base model without any adapter
-(for a run that started from model.init_adapter, without that one either).
+(for a run that started from model.init_adapter, without that one either). For a modality run the tuned model
+reads each row's images at their soft-token positions (infer/evaluate.py's `prompts_of`, training's layout); the
+base has no image adapter, so it answers the prompt's text, `<image>` included as plain text (the prompt shown).
+Each sample counts the images the tuned model read ("images").
 """
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lorakit.adapters import load_adapter
+from lorakit.adapters.modality import modality_slots
 from lorakit.config import RunConfig
 from lorakit.data.preference import prompt_format_name, tokenize_preference_rows
 from lorakit.data.prompting import PromptFormat
 from lorakit.data.prompts import prompt_rows_format, tokenize_prompt_rows
-from lorakit.data.tokenize import resolve_format
-from lorakit.infer.evaluate import greedy_answers
+from lorakit.data.tokenize import media_folder, resolve_format
+from lorakit.infer.evaluate import greedy_answers, prompts_of
 from lorakit.infer.generate import Target, load_target, resolve_target
 from lorakit.run import data_unit, pick_device
 
@@ -64,9 +68,11 @@ def base_target(target: Target, cfg: RunConfig) -> Target:
 
 
 def base_and_tuned(run_dir: Path, cfg: RunConfig, rows: list[dict], *, max_new_tokens: int = 32,
-                   device: str | None = None, log: Log = print) -> list[dict[str, str]]:
+                   device: str | None = None, log: Log = print) -> list[dict[str, Any]]:
     """Greedy answers of the base and the tuned model to the prompts of `rows` (one batch each), with the prompt
-    as the model saw it (special tokens left out) and the reference answer; none for a text run."""
+    as the base saw it (special tokens left out), the reference answer and the count of images the tuned model
+    read; none for a text run. `rows` keep their places (data.rows.NumberedRows): relative image paths are read
+    from data.media_dir, else their source's folder."""
     target = resolve_target(Path(run_dir) / cfg.method.output)
     if TEXT in (cfg.data.format, target.record and target.record.prompt.format):
         return []
@@ -85,7 +91,12 @@ def base_and_tuned(run_dir: Path, cfg: RunConfig, rows: list[dict], *, max_new_t
     else:
         del model
         model, _ = load_target(target, **options)
-    tuned = greedy_answers(model, tokenizer, ids, prompt_format, max_new_tokens)
+    items: list[list] = [[] for _ in rows]
+    slots = modality_slots(model)
+    if slots:  # the tuned model's prompts with their images, laid out as training laid them out
+        with_media = prompts_of(rows, tokenizer, prompt_format, cfg.data.columns, slots, media_folder(rows, cfg.data))
+        ids, items = [prompt for prompt, _, _ in with_media], [found for _, _, found in with_media]
+    tuned = greedy_answers(model, tokenizer, ids, prompt_format, max_new_tokens, media=items)
     return [{"prompt": tokenizer.decode(prompt, skip_special_tokens=True).strip(), "reference": reference,
-             "base": before.strip(), "tuned": after.strip()}
-            for (prompt, reference), before, after in zip(prompts, base, tuned)]
+             "base": before.strip(), "tuned": after.strip(), "images": len(found)}
+            for (prompt, reference), before, after, found in zip(prompts, base, tuned, items)]

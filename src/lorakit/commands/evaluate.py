@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load, score and print; returns the exit status."""
+    from lorakit.data.rows import keep_places
     from lorakit.infer.evaluate import as_conversation, evaluate_rows, group_column, scoring_format
     from lorakit.infer.generate import load_target, resolve_target
 
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     say(line)
     if args.chat:
         detected = _detected(rows, data_cfg, args.format)
-        rows, data_cfg = [as_conversation(r, detected, data_cfg.columns) for r in rows], _data_config(data_cfg, {})
+        rows, data_cfg = (keep_places([as_conversation(r, detected, data_cfg.columns) for r in rows], rows),
+                          _data_config(data_cfg, {}))
     column = group_column(rows, args.by)
     if column is not None and args.by is None:
         say(f"groups: by {column!r}, a column of the rows (--by COLUMN to choose another, --by none for no groups)")
@@ -124,36 +126,42 @@ def _run_config(run: str):
 
 
 def _run_rows(args: argparse.Namespace, cfg, columns: dict[str, str], say) -> tuple[list[dict], object]:
-    """The rows to score for a run: --data, else the run's validation rows; and the run's data config."""
+    """The rows to score for a run: --data, else the run's validation rows; and the run's data config (its
+    media_dir, like its sources, read from where the run was started)."""
+    from lorakit.data import load_rows
+    from lorakit.data.rows import keep_places
+
     if args.data is not None:
-        return _file_rows(args.data, args.limit), _data_config(cfg.data, columns)
-    _, rows = run_rows(Path(args.run), cfg, say)
+        data = _rebased(cfg.data, Path(args.run), cfg, say, keys=("media_dir",))
+        return _file_rows(args.data, args.limit), _data_config(data, columns)
+    data = run_data(Path(args.run), cfg, say)
+    _, rows = load_rows(data)
     if not rows:
         raise LorakitError(f"{args.run} has no validation rows (its data config sets no val_source, val_split or "
                            "val_fraction); score a file with --data FILE")
-    rows = rows[:args.limit] if args.limit else rows
+    rows = keep_places(rows[:args.limit], rows) if args.limit else rows
     say(f"data: the run's {len(rows)} validation rows (--data FILE to score others)")
-    return rows, _data_config(cfg.data, columns or cfg.data.columns)
+    return rows, _data_config(data, columns or cfg.data.columns)
 
 
-def run_rows(run: Path, cfg, say) -> tuple[list[dict], list[dict]]:
-    """(training rows, validation rows) of a run folder as its config reads them, from any folder (`_rebased`)."""
-    from lorakit.data import load_rows
+def run_data(run: Path, cfg, say):
+    """A run folder's data config as its rows are read from here: embedded names resolved, relative paths
+    `_rebased`; its `load_rows` are the run's (training rows, validation rows)."""
     from lorakit.run import resolve_embedded_data
 
-    return load_rows(_rebased(resolve_embedded_data(cfg.data), run, cfg, say))
+    return _rebased(resolve_embedded_data(cfg.data), run, cfg, say)
 
 
-def _rebased(data_cfg, run: Path, cfg, say):
-    """The data config with relative file paths that do not exist from here taken from the folder the run was
-    started in (the run folder minus its relative output_dir/name), so a run evaluates from any folder."""
+def _rebased(data_cfg, run: Path, cfg, say, keys: tuple[str, ...] = ("source", "val_source", "media_dir")):
+    """The data config with relative file paths (`keys`) that do not exist from here taken from the folder the run
+    was started in (the run folder minus its relative output_dir/name), so a run evaluates from any folder."""
     tail = (Path(cfg.output_dir) / run.resolve().name).parts
     parts = run.resolve().parts
     if Path(cfg.output_dir).is_absolute() or parts[-len(tail):] != tail:
         return data_cfg
     started = Path(*parts[:-len(tail)])
     moved = {}
-    for key in ("source", "val_source"):
+    for key in keys:
         value = getattr(data_cfg, key)
         if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
                 and (started / value).exists():

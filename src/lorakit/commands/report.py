@@ -3,6 +3,7 @@ statistics, spectra, parameters, config) that opens offline in any browser (anal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from lorakit.errors import LorakitError
@@ -26,8 +27,10 @@ def make_samples(args: argparse.Namespace) -> tuple[list[dict] | None, str]:
     if args.samples == 0:
         return None, "No samples: --samples 0."
     from lorakit.analysis.samples import base_and_tuned
-    from lorakit.commands.evaluate import run_rows
+    from lorakit.commands.evaluate import run_data
     from lorakit.config import build_config, read_yaml
+    from lorakit.data import load_rows
+    from lorakit.data.rows import keep_places
     from lorakit.models import quiet_progress_bars
     from lorakit.run import CONFIG_FILE
 
@@ -38,16 +41,21 @@ def make_samples(args: argparse.Namespace) -> tuple[list[dict] | None, str]:
     if not (args.run_dir / cfg.method.output).is_dir():
         return None, f"No samples: the run has no {cfg.method.output}/ folder (it has not finished)."
     quiet_progress_bars()
-    train, validation = run_rows(args.run_dir, cfg, print)
+    cfg = dataclasses.replace(cfg, data=run_data(args.run_dir, cfg, print))  # its files read from here
+    train, validation = load_rows(cfg.data)
     rows, where = (validation, "validation") if len(validation) else (train, "training")
     print(f"samples: the first {min(args.samples, len(rows))} {where} rows, base and tuned ...")
-    samples = base_and_tuned(args.run_dir, cfg, list(rows[:args.samples]), max_new_tokens=args.max_new_tokens,
-                             device=args.device)
+    samples = base_and_tuned(args.run_dir, cfg, keep_places(list(rows[:args.samples]), rows),
+                             max_new_tokens=args.max_new_tokens, device=args.device)
     if not samples:
         return None, "No samples: a text run continues text; it has no prompts to answer."
     why = "" if where == "validation" else " (the run has no validation rows)"
+    with_images = sum(bool(sample.get("images")) for sample in samples)
+    images = (f" {with_images} of them carry images: the tuned model read them through its image adapter; the base "
+              "has no image adapter, so it answered the text alone (the <image> placeholder is text to it)."
+              if with_images else "")
     return samples, (f"The first {len(samples)} {where} rows{why}, answered by the base model and the tuned one "
-                     f"(greedy, at most {args.max_new_tokens} new tokens).")
+                     f"(greedy, at most {args.max_new_tokens} new tokens).{images}")
 
 
 def run(args: argparse.Namespace) -> int:

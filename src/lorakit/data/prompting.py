@@ -29,10 +29,11 @@ from typing import Any
 from lorakit.data.chat import chat_template_for
 from lorakit.data.config import DataConfig
 from lorakit.data.formats import FORMATS, apply_columns
+from lorakit.data.media import attach_media
 from lorakit.data.rows import Rendered
-from lorakit.data.tokenize import Span, bos_prefix, encode_with_media, segment_encoder
+from lorakit.data.tokenize import Span, bos_prefix, encode_with_media, media_of, segment_encoder
 from lorakit.errors import DataError, LorakitError
-from lorakit.media import MediaSlot
+from lorakit.media import MediaItem, MediaSlot
 
 RECORD_NAME = "lorakit_run.json"
 RECORD_VERSION = 1
@@ -102,8 +103,20 @@ class PromptFormat:
               ) -> tuple[list[int], str]:
         """(prompt ids, reference answer) of a data row in this format: the last trained segment is the
         answer (its end-of-turn marker removed), everything before it the prompt."""
-        prompt, answer = self._prompt(apply_columns(row, columns or {}), tokenizer)
-        return _encode(prompt, tokenizer, {})[0], answer
+        return self.split_media(row, tokenizer, columns)[:2]
+
+    def split_media(self, row: dict[str, Any], tokenizer: Any, columns: dict[str, str] | None = None,
+                    slots: dict[str, MediaSlot] | None = None, folder: Path | None = None
+                    ) -> tuple[list[int], str, list[MediaItem]]:
+        """`split`, and the prompt's items: each placeholder of a modality in `slots` takes its slot's positions
+        and the row's items are decoded (relative paths from `folder`) as training does (data/tokenize.py,
+        data/media.py), so the prompt ids are the first ids of the row's training example."""
+        row = apply_columns(row, columns or {})
+        prompt, answer = self._prompt(row, tokenizer)
+        if slots:
+            attach_media(prompt, row, slots, folder or Path.cwd())
+        ids, spans = _encode(prompt, tokenizer, slots or {})
+        return ids, answer, media_of(spans, prompt.media)
 
     def _prompt(self, row: dict[str, Any], tokenizer: Any) -> tuple[Rendered, str]:
         """(the prompt's segments, the reference answer) of a data row (see `split`)."""

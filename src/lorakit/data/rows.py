@@ -83,3 +83,11 @@ class NumberedRows(list):
 def place_of(rows: Sequence[Any], k: int) -> str:
     """Where the k-th row of `rows` is: its place in its source, or 'row k+1' of a plain list."""
     return rows.place(k) if isinstance(rows, NumberedRows) else f"row {k + 1}"
+
+
+def keep_places(new: list[dict[str, Any]], rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """`new`, the first len(new) rows of `rows` (maybe changed), still knowing their places and source folder
+    when `rows` does (a slice or a comprehension of NumberedRows is a plain list)."""
+    if not isinstance(rows, NumberedRows):
+        return new
+    return NumberedRows(new, rows.numbers[:len(new)], rows.places)

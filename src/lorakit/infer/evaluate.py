@@ -7,7 +7,8 @@ general-text set used to measure forgetting) get the loss.
 
 `evaluate_rows` scores rows of any training format (prompt/completion, alpaca, chat, text) the way
 a run saw them: prompts through the run's PromptFormat, the loss exactly as training defined it,
-and the same scores per group of rows (a "kind" column, say).
+and the same scores per group of rows (a "kind" column, say); rows with images through the model's
+modality adapter, with their images, as training laid them out.
 """
 from __future__ import annotations
 
@@ -15,14 +16,19 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from lorakit.adapters.modality import modality_slots
+from lorakit.data.chat import content_text
 from lorakit.data.config import DataConfig
 from lorakit.data.formats import apply_columns
+from lorakit.data.media import row_items
 from lorakit.data.prompting import PromptFormat
-from lorakit.data.sources import read_source
-from lorakit.data.tokenize import resolve_format, tokenize_rows
+from lorakit.data.rows import keep_places, place_of
+from lorakit.data.sources import load_rows
+from lorakit.data.tokenize import media_folder, resolve_format, tokenize_rows
 from lorakit.errors import DataError
 from lorakit.infer.generate import CHAT, chat_words, greedy_generate, greedy_ids, stop_token_ids
 from lorakit.infer.metrics import accuracy, example_losses, loss_summary, token_loss
+from lorakit.media import KINDS, MediaItem, MediaSlot, placeholder
 from lorakit.run import pad_id_of
 
 
@@ -58,13 +64,13 @@ def evaluate(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 16
 
 def read_rows(path: str | Path, *, prompt_column: str = "prompt",
               completion_column: str = "completion", limit: int | None = None) -> list[dict]:
-    """Rows of a local data file (json, jsonl, csv, parquet: the training reader, data.sources), with the
-    given columns renamed to prompt/completion."""
+    """The first `limit` rows of a local data file (json, jsonl, csv, parquet: the training reader, data.load_rows),
+    with the given columns renamed to prompt/completion; they remember their places and folder (relative image
+    paths are read from it, as in training)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    source = read_source(str(path), "train", DataConfig(source=str(path)))
-    rows = source if isinstance(source, list) else source.to_list()
+    rows, _ = load_rows(DataConfig(source=str(path)))
     renamed = []
     for row in rows[:limit]:
         row = dict(row)
@@ -73,7 +79,7 @@ def read_rows(path: str | Path, *, prompt_column: str = "prompt",
         if completion_column in row:
             row["completion"] = row.pop(completion_column)
         renamed.append(row)
-    return renamed
+    return keep_places(renamed, rows)
 
 
 # --- rows of any training format, scored as the run saw them ----------------------------------------------
@@ -142,11 +148,16 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], prompt_format: PromptF
                   batch_size: int = 32) -> dict:
     """Score rows of any training format the way the run saw them.
 
-    Each row is split into its prompt ids and reference answer by `prompt_format` (PromptFormat.split, the
+    Each row is split into its prompt ids and reference answer by `prompt_format` (PromptFormat.split_media, the
     training renderers); the greedy answer is scored by exact match and contains. The loss is training's:
     `data_cfg` (columns, max_length, truncation, train_on_prompt; its format fields set from `prompt_format`)
     tokenizes the rows as the run did, and the mean over their trained tokens is taken. Text rows get the
     loss only. `by`: a row column whose values also get their own scores under "groups".
+
+    Rows with images are read as training read them: with the model's modality adapter each `<image>` takes its
+    soft-token positions in the prompt ids and in the loss's batches, and the adapter sees the row's images
+    (relative paths from data.media_dir, else the rows' source folder); a row with images and a model without a
+    modality adapter for them is an error naming the row (`check_media_rows`), never a text-only score.
 
     Returns {"n", "format", ["exact_match", "contains",] "loss", "perplexity", "tokens", ["by", "groups",]
     "questions", "predictions", "references"}.
@@ -157,11 +168,15 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], prompt_format: PromptF
                               drop_untrained=False)
     if cfg.truncation == "drop":  # every row must keep its example, so groups stay aligned
         cfg = dataclasses.replace(cfg, truncation="prompt")
-    examples, _ = tokenize_rows(rows, tokenizer, cfg)
+    slots = modality_slots(model)
+    check_media_rows(rows, cfg.columns, slots)
+    examples, _ = tokenize_rows(rows, tokenizer, cfg, slots=slots)
     losses = example_losses(model, examples, pad_id_of(tokenizer), batch_size=batch_size)
     scored = {"questions": [], "predictions": [], "references": []}
     if prompt_format.format != "text":
-        scored = _generate_answers(model, tokenizer, rows, prompt_format, cfg.columns, max_new_tokens, batch_size)
+        prompts = prompts_of(rows, tokenizer, prompt_format, cfg.columns, slots, media_folder(rows, cfg))
+        scored = _generate_answers(model, tokenizer, rows, prompt_format, cfg.columns, prompts, max_new_tokens,
+                                   batch_size)
     result = {"n": len(rows), "format": prompt_format.describe(tokenizer),
               **_scores(range(len(rows)), losses, scored)}
     column = group_column(rows, by)
@@ -175,27 +190,53 @@ def evaluate_rows(model, tokenizer, rows: Sequence[dict], prompt_format: PromptF
     return {**result, **scored}
 
 
-def _generate_answers(model, tokenizer, rows, prompt_format: PromptFormat, columns, max_new_tokens: int,
-                      batch_size: int) -> dict[str, list[str]]:
-    """The greedy answer to each row's prompt, with its question and reference."""
-    prompts, references = [], []
+def check_media_rows(rows: Sequence[dict], columns: dict[str, str], slots: dict[str, MediaSlot]) -> None:
+    """A DataError naming the first row that carries items (images) the model has no modality adapter for:
+    scored without one, its placeholders would be plain text and its items unseen."""
+    for index, row in enumerate(rows):
+        row = apply_columns(row, columns)
+        for modality in sorted({*KINDS, *slots} - set(slots)):
+            column, items = row_items(row, modality)
+            if items:
+                count, them = (f"1 {modality}", "it") if len(items) == 1 else (f"{len(items)} {modality}s", "them")
+                raise DataError(f"{place_of(rows, index)}: the row has {count} (field {column!r}), but the model "
+                                f"has no {modality} adapter (method: modality) to read {them}, and "
+                                f"scoring without one would take {placeholder(modality)} for plain text; evaluate "
+                                "the modality run's adapter (--adapter RUN/adapter)")
+
+
+def prompts_of(rows: Sequence[dict], tokenizer, prompt_format: PromptFormat, columns: dict[str, str],
+               slots: dict[str, MediaSlot], folder: Path) -> list[tuple[list[int], str, list[MediaItem]]]:
+    """(prompt ids, reference answer, items) of each row as training laid it out (PromptFormat.split_media): with a
+    modality adapter's `slots` each item takes its soft-token positions and is decoded (relative paths from
+    `folder`: data.tokenize.media_folder, training's rule)."""
+    prompts = []
     for index, row in enumerate(rows):
         try:
-            ids, reference = prompt_format.split(row, tokenizer, columns)
+            prompts.append(prompt_format.split_media(row, tokenizer, columns, slots, folder))
         except DataError as error:
-            raise DataError(f"row {index}: {error}") from None
-        prompts.append(ids)
-        references.append(reference)
-    answers = greedy_answers(model, tokenizer, prompts, prompt_format, max_new_tokens, batch_size)
+            raise DataError(f"{place_of(rows, index)}: {error}") from None
+    return prompts
+
+
+def _generate_answers(model, tokenizer, rows, prompt_format: PromptFormat, columns,
+                      prompts: list[tuple[list[int], str, list[MediaItem]]], max_new_tokens: int,
+                      batch_size: int) -> dict[str, list[str]]:
+    """The greedy answer to each row's prompt (`prompts_of`; its items read by the model's modality adapter), with
+    its question and reference."""
+    answers = greedy_answers(model, tokenizer, [ids for ids, _, _ in prompts], prompt_format, max_new_tokens,
+                             batch_size, media=[items for _, _, items in prompts])
     questions = [_question(apply_columns(row, columns), prompt_format.format) for row in rows]
-    return {"questions": questions, "predictions": answers, "references": references}
+    return {"questions": questions, "predictions": answers, "references": [reference for _, reference, _ in prompts]}
 
 
 def greedy_answers(model, tokenizer, prompts: Sequence[list[int]], prompt_format: PromptFormat, max_new_tokens: int,
-                   batch_size: int = 32) -> list[str]:
-    """The greedy answer to each prompt (token ids in `prompt_format`), ended by EOS or the format's end of turn."""
+                   batch_size: int = 32, media: Sequence[Sequence[MediaItem] | None] | None = None) -> list[str]:
+    """The greedy answer to each prompt (token ids in `prompt_format`), ended by EOS or the format's end of turn;
+    `media`: each prompt's items (`prompts_of`) for the model's modality adapter."""
     stops = stop_token_ids(tokenizer, model, [prompt_format])
-    answers = greedy_ids(model, tokenizer, prompts, stops=stops, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = greedy_ids(model, tokenizer, prompts, stops=stops, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         media=media)
     marker = prompt_format.end_of_turn(tokenizer)
     if marker:  # a text end-of-turn marker (not a special token) ends the answer where the model wrote it
         answers = [answer.split(marker)[0] for answer in answers]
@@ -206,7 +247,7 @@ def _question(row: dict, format_name: str) -> str:
     """What a row asks, for showing examples."""
     if format_name == "chat":
         messages = row.get("messages") or row.get("conversations") or []  # lorakit's column or ShareGPT's
-        users = [m.get("content", m.get("value")) for m in messages
+        users = [content_text(m.get("content", m.get("value")), "") for m in messages  # parts: <image> and text
                  if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human")]
         return str(users[-1]) if users else ""
     return str(row.get("instruction" if format_name == "alpaca" else "prompt", ""))

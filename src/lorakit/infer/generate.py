@@ -122,8 +122,9 @@ class TextStream:
 # --- decoding ---------------------------------------------------------------------------------------
 
 def greedy_ids(model, tokenizer, ids: Sequence[list[int]], *, stops: set[int], max_new_tokens: int = 16,
-               batch_size: int = 32) -> list[str]:
-    """Complete token-id prompts greedily, `batch_size` at a time; the new text of each, special tokens removed."""
+               batch_size: int = 32, media: Sequence[Sequence[MediaItem] | None] | None = None) -> list[str]:
+    """Complete token-id prompts greedily, `batch_size` at a time; the new text of each, special tokens removed.
+    `media`: each prompt's items for the model's modality adapter (`generate_ids`)."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -133,8 +134,10 @@ def greedy_ids(model, tokenizer, ids: Sequence[list[int]], *, stops: set[int], m
     try:
         for start in range(0, len(ids), batch_size):
             chunk = list(ids[start:start + batch_size])
-            new = decode(model, chunk, [Sampling()] * len(chunk), max_new_tokens=[max_new_tokens] * len(chunk),
-                         stop_ids=stops, pad_id=pad)
+            held = list(media[start:start + batch_size]) if media is not None else [None] * len(chunk)
+            with media_rows(model, held):
+                new = decode(model, chunk, [Sampling()] * len(chunk), max_new_tokens=[max_new_tokens] * len(chunk),
+                             stop_ids=stops, pad_id=pad, on_shrink=lambda kept: keep_media_rows(model, kept))
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         model.train(was_training)

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
+from lorakit.data.batching import collate_padded
 from lorakit.labels import IGNORE_INDEX
 # one comparison for evaluation and for the GRPO rewards (train/rewards.py), re-exported here
 from lorakit.train.rewards import contains, exact_match, normalize
-from lorakit.train.step import token_loss_sum
+from lorakit.train.step import logits_of, model_inputs, token_loss_sum
 
 __all__ = ["accuracy", "contains", "example_losses", "exact_match", "loss_summary", "normalize", "scored_ids",
            "token_loss"]
@@ -73,25 +74,24 @@ def loss_summary(total: float, count: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def example_losses(model, examples: Sequence[dict[str, list[int]]], pad_id: int, *,
+def example_losses(model, examples: Sequence[dict], pad_id: int, *,
                    batch_size: int = 32) -> list[tuple[float, int]]:
-    """(summed cross-entropy, trained tokens) of each example (data.tokenize_rows' aligned input_ids/labels):
-    the training loss's terms, kept apart so any group of rows can be scored."""
+    """(summed cross-entropy, trained tokens) of each example (data.tokenize_rows' aligned input_ids/labels, and
+    the items of a row with images): the training loss's terms, kept apart so any group of rows can be scored.
+    Each chunk is the batch training makes of it (`collate_padded`: shifted labels, the items' values and
+    positions) and goes through the model as `train_step` calls it."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     sums: list[tuple[float, int]] = []
     try:
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            width = max(len(e["input_ids"]) for e in chunk)
-            input_ids = torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in chunk])
-            labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in chunk])
-            mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in chunk])
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            targets = labels[:, 1:].to(device)  # (B, T-1): the next token of each position
-            for row in range(len(chunk)):
-                loss = token_loss_sum(logits[row:row + 1, :-1], targets[row:row + 1]).item()
+            batch = {key: value.to(device) for key, value in collate_padded(examples[start:start + batch_size],
+                                                                            pad_id).items()}
+            logits = logits_of(model(**model_inputs(batch)))  # (B, T, V)
+            targets = batch["labels"]  # (B, T): already the next token of each position
+            for row in range(targets.shape[0]):
+                loss = token_loss_sum(logits[row:row + 1], targets[row:row + 1]).item()
                 sums.append((loss, int((targets[row] != IGNORE_INDEX).sum())))
     finally:
         model.train(was_training)
