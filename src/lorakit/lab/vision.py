@@ -44,6 +44,7 @@ from lorakit.infer.generate import generate_texts
 from lorakit.infer.metrics import exact_match
 from lorakit.lab import evidence
 from lorakit.lab.datasets import read_jsonl, write_jsonl
+from lorakit.lab.facts import country
 from lorakit.lab.flags import COMPOSED, FLAGS, build_flag_rows, split_flags
 from lorakit.models import EMBEDDED_DATASETS
 from lorakit.run import run_training
@@ -194,9 +195,18 @@ def search_lr(arm: str, run: Callable[[str, float, int, Path], dict], work: Path
             "at_edge": at_edge and len(scored) > 1, "capped": state == "capped"}
 
 
-def _marks(runs: Sequence[dict], measure: str) -> np.ndarray:
-    questions = sorted(runs[0]["marks"][measure])
+def _marks(runs: Sequence[dict], measure: str, kind: str | None = None) -> np.ndarray:
+    """(seeds x questions) exact-match marks of `measure`, only questions of `kind` when given."""
+    questions = sorted(q for q in runs[0]["marks"][measure] if kind is None or q.endswith(f"/{kind}"))
     return np.array([[float(run["marks"][measure][q]) for q in questions] for run in runs])
+
+
+def majority_continent(held_out: Sequence[str]) -> tuple[str, float]:
+    """The continent most held-out countries share, and their share: what always answering it scores on the
+    held-out continent questions."""
+    continents = [country(name).continent for name in held_out]
+    best = max(sorted(set(continents)), key=continents.count)
+    return best, continents.count(best) / len(continents)
 
 
 def summarize(arms: dict[str, dict], start_text: dict[str, bool], settings: VisionSettings) -> dict:
@@ -206,6 +216,8 @@ def summarize(arms: dict[str, dict], start_text: dict[str, bool], settings: Visi
         return {"mean": mean, "interval": list(interval)}
 
     accuracy = {arm: {m: estimate(_marks(found["runs"], m)) for m in MEASURES} for arm, found in arms.items()}
+    by_kind = {arm: {f"{m}/{kind}": estimate(_marks(found["runs"], m, kind)) for m in ("composed", "composed_seen")
+                     for kind in COMPOSED} for arm, found in arms.items()}
     start = np.array([[float(start_text[q]) for q in sorted(start_text)]])
     differences = {
         "routed_minus_projector_composed": estimate(_marks(arms["routed"]["runs"], "composed"),
@@ -217,7 +229,7 @@ def summarize(arms: dict[str, dict], start_text: dict[str, bool], settings: Visi
         "shared_text_minus_start": estimate(_marks(arms["shared"]["runs"], "text"), start),
     }
     routed_text_equal = all(run["marks"]["text"] == start_text for run in arms["routed"]["runs"])
-    return {"accuracy": accuracy, "differences": differences, "routed_text_equal": routed_text_equal,
+    return {"accuracy": accuracy, "by_kind": by_kind, "differences": differences, "routed_text_equal": routed_text_equal,
             "start_text": float(np.mean(list(start_text.values())))}
 
 
@@ -249,6 +261,7 @@ def run_vision(work: Path, settings: VisionSettings = FULL, log: Log = print) ->
                "countries": {"flags": sorted(FLAGS), "composed_train": list(split.composed_train),
                              "composed_held_out": list(split.composed_held_out)},
                "composed_kinds": list(COMPOSED),
+               "majority_continent": majority_continent(split.composed_held_out),
                "rows": {name: len(rows) for name, rows in sets.items()}, "data_dir": str(train_file.parent),
                "lm": {"name": lm_row["name"], "lr": LM_LR, "steps": settings.lm_steps,
                       "text_accuracy": lm_row["accuracy"]},

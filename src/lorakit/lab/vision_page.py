@@ -106,12 +106,28 @@ def vision_section(results: dict) -> str:
     for arm in ARMS:
         params = results["arms"][arm]["runs"][0]["trainable_params"]
         lines.append(f"| {arm} | {params:,} | " + " | ".join(_interval(acc[arm][m]) for m in MEASURES) + " |")
-    lines += ["", "Mean over seeds [95% bootstrap interval]; exact match of the greedy answer.", ""]
+    lines += ["", "Mean over seeds [95% bootstrap interval]; exact match of the greedy answer.", "",
+              "The composed questions by kind (held-out countries | trained countries):", "",
+              "| arm | capital | continent | capital, trained | continent, trained |", "|---|---:|---:|---:|---:|"]
+    for arm in ARMS:
+        kinds = results["by_kind"][arm]
+        lines.append(f"| {arm} | " + " | ".join(_interval(kinds[f"{m}/{k}"]) for m in ("composed", "composed_seen")
+                                                 for k in ("capital", "continent")) + " |")
+    continent, continent_share = results["majority_continent"]
+    lines += ["", f"Always answering \"{continent}\" would score {_pct(continent_share)} on the held-out continent questions; "
+              f"chance on the flag question is {_pct(1 / len(results['countries']['flags']))}.", ""]
     equal = results["routed_text_equal"]
     lines.append(("**Text unchanged: yes.** " if equal else "**Text unchanged: NO.** ")
                  + "The routed arm's text answers " + ("equal" if equal else "differ from")
                  + f" the frozen LM's in every seed; the shared LoRA moves text accuracy by "
                  f"{_interval(diff['shared_text_minus_start'], signed=True)} points.")
+    kinds = results["by_kind"]["routed"]
+    lines += ["", "Does the model combine what it sees with what it knew? The routed arm's capital answers for "
+              f"countries whose flags it learned to name but never saw in a composed question: "
+              f"{_interval(kinds['composed/capital'])}, against {_interval(kinds['composed_seen/capital'])} for "
+              f"countries it was trained on, with {_interval(acc['routed']['flag'])} of flags named; its held-out "
+              f"continent answers, {_interval(kinds['composed/continent'])}, are to be read against the "
+              f"{_pct(continent_share)} of always answering \"{continent}\"."]
     buys = LORA_BUYS.verdict(tuple(diff["routed_minus_projector_composed"]["interval"]))
     lines += ["", f"{verdict_word(buys)} Routed minus projector-only on held-out composed questions: "
               f"{_interval(diff['routed_minus_projector_composed'], signed=True)} points; on the flag question "
