@@ -13,34 +13,27 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from lorakit.commands.labargs import add_lab_arguments, start_lab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lorakit lab-report`."""
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder for lab.md and its figures")
-    parser.add_argument("--work", type=Path, default=Path("runs/lab"),
-                        help="folder of the lab's run folders (WORK/quick with --quick); lab-rl's are in WORK/rl")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny settings (fewer rows, epochs, seeds and grid points): the pipeline in a minute")
+    add_lab_arguments(parser, "folder for lab.md and its figures",
+                      "folder of the lab's run folders (WORK/quick with --quick); lab-rl's are in WORK/rl",
+                      "tiny settings (fewer rows, epochs, seeds and grid points): the pipeline in a minute")
     parser.add_argument("--rl", action="store_true",
                         help="also run (or resume) lab-rl's experiment (WORK/rl, WORK/rl-quick with --quick) for (g)")
     parser.add_argument("--workers", type=int, default=1,
                         help="runs trained at a time, each in its own process on one thread (e.g. 2 on two cores)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Train what is missing, then write the page."""
     from lorakit.lab import experiments, rl
     from lorakit.lab.page import write_lab
-    from lorakit.models import quiet_progress_bars
 
-    quiet_progress_bars()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start_lab(args)
     work = args.work / "quick" if args.quick else args.work
     results = experiments.run_lab(work, experiments.QUICK if args.quick else experiments.FULL,
                                   workers=args.workers)

@@ -9,29 +9,23 @@ writes results.json, then puts section (g) and its figure into OUT/lab.md (`lora
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from lorakit.commands.labargs import add_lab_arguments, start_lab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lorakit lab-rl`."""
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder of lab.md (section (g) and its figure)")
-    parser.add_argument("--work", type=Path, default=Path("runs/lab"),
-                        help="the lab's work folder; the runs go to WORK/rl (WORK/rl-quick with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny settings: the pipeline end to end in seconds")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
+    add_lab_arguments(parser, "folder of lab.md (section (g) and its figure)",
+                      "the lab's work folder; the runs go to WORK/rl (WORK/rl-quick with --quick)",
+                      "tiny settings: the pipeline end to end in seconds")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run what is missing, write results.json and the page section."""
     from lorakit.lab.rl import FULL, QUICK, RESULTS_FILE, run_rl
     from lorakit.lab.rl_page import write_rl_section
-    from lorakit.models import quiet_progress_bars
 
-    quiet_progress_bars()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start_lab(args)
     work = args.work / ("rl-quick" if args.quick else "rl")
     results = run_rl(work, QUICK if args.quick else FULL)
     print(f"lab-rl: {work / RESULTS_FILE}; verdict: {results['verdict']}")

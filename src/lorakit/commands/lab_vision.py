@@ -10,29 +10,23 @@ writes results.json, then puts section (h), its figure and a copy of the results
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from lorakit.commands.labargs import add_lab_arguments, start_lab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lorakit lab-vision`."""
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="folder of lab.md (section (h) and its figure)")
-    parser.add_argument("--work", type=Path, default=Path("runs/lab"),
-                        help="the lab's work folder; the runs go to WORK/vision (WORK/vision-quick with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny settings: the pipeline end to end in seconds")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
+    add_lab_arguments(parser, "folder of lab.md (section (h) and its figure)",
+                      "the lab's work folder; the runs go to WORK/vision (WORK/vision-quick with --quick)",
+                      "tiny settings: the pipeline end to end in seconds")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run what is missing, write results.json and the page section."""
     from lorakit.lab.vision import FULL, QUICK, RESULTS_FILE, run_vision
     from lorakit.lab.vision_page import LORA_BUYS, write_vision_section
-    from lorakit.models import quiet_progress_bars
 
-    quiet_progress_bars()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start_lab(args)
     work = args.work / ("vision-quick" if args.quick else "vision")
     results = run_vision(work, QUICK if args.quick else FULL)
     buys = LORA_BUYS.verdict(tuple(results["differences"]["routed_minus_projector_composed"]["interval"]))
