@@ -132,7 +132,8 @@ def header(results: dict) -> str:
         "# The lecture's claims at small scale: the embedded lab", "",
         f"Regenerate this page (and its figures) with `{REGENERATE}` (resumable: every run is a folder with a "
         "cell.json, so a killed lab continues where it stopped; `--workers 2` trains two runs at a time, "
-        "`--rl` also runs section (g), `--quick` the same pipeline on tiny settings).", "",
+        "`--rl` also runs section (g), `--quick` the same pipeline on tiny settings). Every number of (a)-(f) "
+        "comes from [lab_results.json](lab_results.json), written beside this page; (g) and (h) have their own.", "",
         "- Model: the embedded Llama-shaped model (hidden 128, 4 layers), pre-trained on documents about "
         "countries; it has never seen a question.",
         f"- Fine-tuning data: {results['rows']['train']} question/answer rows about the training countries. "

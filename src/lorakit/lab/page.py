@@ -8,6 +8,8 @@ an earlier lab.md holds (e.g. (h), written by its own experiment into the same p
 """
 from __future__ import annotations
 
+import json
+
 import re
 from pathlib import Path
 
@@ -46,6 +48,9 @@ def runs_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+RESULTS_COPY = "lab_results.json"
+
+
 def write_lab(results: dict, work: Path, out: Path, rl_results: dict | None = None) -> Path:
     """docs/lab.md and its PNGs in `out`; `rl_results`: lab-rl's results.json, for section (g)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -63,4 +68,6 @@ def write_lab(results: dict, work: Path, out: Path, rl_results: dict | None = No
             sections[letter] = text
     ordered = [sections[key] for key in sorted(sections)]
     path.write_text("\n\n".join(ordered + [ALL_RUNS + "\n\n" + runs_table(results)]) + "\n", encoding="utf-8")
+    # the evidence behind every number of (a)-(f), beside the page (compact: per-row marks and losses)
+    (out / RESULTS_COPY).write_text(json.dumps(results, separators=(",", ":")) + "\n", encoding="utf-8")
     return path
