@@ -184,3 +184,10 @@ def test_method_switch_drops_the_files_method_keys_but_method_name_keeps_them(re
     assert type(seen["cfg"].method).name == "full"
     assert cli.main(["train", str(recipe), "--method.name", "full"]) == 2  # the file's r: 4 does not fit full
     assert capsys.readouterr().err == "error: unknown key 'method.r' for method 'full'; valid keys: method.name\n"
+
+
+def test_a_key_inside_a_mapping_field_says_the_mapping_is_set_whole(capsys):
+    assert cli.main(["train", "--method.name", "modality", "--method.modalities.image.r", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "error: unknown key 'method.modalities.image.r'; 'method.modalities' is one mapping, set as a whole (in YAML, "
+        "or on the command line as --method.modalities '{...}'); the keys inside it are not config keys\n")

@@ -236,6 +236,10 @@ class UnknownKey:
 
 def _hint(entry: UnknownKey, elsewhere: Iterable[str], aliases: Mapping[str, str]) -> str:
     """'did you mean ...?' for one unknown key, or the valid keys where it stands."""
+    whole = [key for key in entry.valid if entry.key.startswith(key + ".")]
+    if whole:  # a key inside a mapping-valued field (method.modalities.image.r): the field is set as one mapping
+        return (f"'{whole[0]}' is one mapping, set as a whole (in YAML, or on the command line as "
+                f"--{whole[0]} '{{...}}'); the keys inside it are not config keys")
     own_aliases = [alias for alias, key in aliases.items() if key in entry.valid]
     guess = closest(entry.key, [*entry.valid, *own_aliases], [*elsewhere, *aliases])
     if guess is None or guess == entry.key:
