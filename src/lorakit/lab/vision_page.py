@@ -66,7 +66,7 @@ def vision_section(results: dict) -> str:
         "behaviour; the modality's own LoRA lets the model use the new input beyond what soft tokens alone reach.", "",
         f"Run with `{COMMAND}` (resumable; every number below is in [{RESULTS_COPY}]({RESULTS_COPY})). The language "
         f"model: the embedded model fully fine-tuned on the quickstart's questions ({lm['steps']} steps at lr "
-        f"{lm['lr']:.0e}; {_pct(lm['text_accuracy'])} on the {results['rows'].get('text', 198)} held-out text "
+        f"{lm['lr']:.0e}; {_pct(lm['text_accuracy'])} on the {results['rows']['text']} held-out text "
         "questions), then frozen. Images: procedural flags of "
         f"{len(results['countries']['flags'])} countries (`lorakit/lab/flags.py`: stripes, Nordic crosses, discs, "
         f"a plus), {s['image_size']}x{s['image_size']} px, each rendering at a random size, position, colour jitter "
