@@ -105,8 +105,13 @@ def reference(results: dict) -> str:
 def lora_ranks(results: dict) -> list[str]:
     """The all-linear LoRA arms, lowest rank first."""
     arms = [(arm["r"], name) for name, arm in results["arms"].items()
-            if arm["method"] == "lora" and arm["targets"] == "all-linear"]
+            if arm["method"] == "lora" and arm["targets"] == "all-linear" and is_recipe(results, arm)]
     return [name for _, name in sorted(arms)]
+
+
+def is_recipe(results: dict, arm: dict) -> bool:
+    """Whether an arm trains at the recipe's alpha and micro-batch (every arm of (a)-(f); (i) varies them)."""
+    return arm.get("alpha", results["alpha"]) == results["alpha"] and arm.get("micro_batch") is None
 
 
 def arm_row(results: dict, name: str) -> str:
@@ -133,7 +138,8 @@ def header(results: dict) -> str:
         f"Regenerate this page (and its figures) with `{REGENERATE}` (resumable: every run is a folder with a "
         "cell.json, so a killed lab continues where it stopped; `--workers 2` trains two runs at a time, "
         "`--rl` also runs section (g), `--quick` the same pipeline on tiny settings). Every number of (a)-(f) "
-        "comes from [lab_results.json](lab_results.json), written beside this page; (g) and (h) have their own.", "",
+        "and (i)-(j) comes from [lab_results.json](lab_results.json), written beside this page; (g) and (h) have "
+        "their own.", "",
         "- Model: the embedded Llama-shaped model (hidden 128, 4 layers), pre-trained on documents about "
         "countries; it has never seen a question.",
         f"- Fine-tuning data: {results['rows']['train']} question/answer rows about the training countries. "
@@ -144,7 +150,7 @@ def header(results: dict) -> str:
         f"- Every run: {s['epochs']} epochs, micro-batch {results['recipe']['micro_batch_size']}, "
         f"{results['recipe']['schedule']} decay after {results['recipe']['warmup_steps']} warmup steps, AdamW. "
         f"LoRA alpha is fixed at {results['alpha']:.0f}, so the update is scaled by {results['alpha']:.0f}/r "
-        "(LoRA Without Regret's choice).",
+        "(LoRA Without Regret's choice); only the arms of (i) change alpha or the micro-batch.",
         "- Learning rates (fixed before the runs): on the lattice lr = 1e-3 x 2^k, a coarse grid at seed 0 (LoRA "
         f"k in {list(s['lora_coarse'])}, full k in {list(s['full_coarse'])}), one coarse step further out while the "
         f"lowest validation QA loss sits at an edge (at most {s['cap']} points), then both neighbours of the best "

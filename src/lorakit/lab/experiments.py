@@ -1,13 +1,18 @@
-"""The lab's experiments (a)-(f) on the embedded model: the runs docs/lab.md is written from.
+"""The lab's experiments (a)-(f) and (i) on the embedded model: the runs docs/lab.md is written from.
 
-Every run is LoRA (alpha 32 fixed, so the update is scaled by 32 / r as in LoRA Without Regret) or full
-fine-tuning of the embedded model on the embedded QA set, an ordinary sweep cell (`analysis.sweep.run_cell`: one
-run folder and one cell.json each, so a killed lab resumes where it stopped). Every run is scored row by row on
-the held-out questions (validation then test split, `evidence.split_held_out`), on fresh pre-training-style text
-(general loss: forgetting) and on its own training rows (capacity).
+Every run is LoRA (alpha 32 fixed, so the update is scaled by 32 / r as in LoRA Without Regret; only (i)'s arms
+change alpha or the micro-batch) or full fine-tuning of the embedded model on the embedded QA set, an ordinary
+sweep cell (`analysis.sweep.run_cell`: one run folder and one cell.json each, so a killed lab resumes where it
+stopped). Every run is scored row by row on the held-out questions (validation then test split,
+`evidence.split_held_out`), on fresh pre-training-style text (general loss: forgetting) and on its own training
+rows (capacity).
 
     arms     LoRA all-linear at each rank of `ranks`; full fine-tuning; attention-only and MLP-only LoRA at the rank
-             whose trainable count matches all-linear r16's (`matched_rank`)
+             whose trainable count matches all-linear r16's (`matched_rank`); (i) (`more_arms`): DoRA and QLoRA r16,
+             LoRA r16 at other alphas (search only), LoRA r16 and full at other micro-batch sizes (own run folders:
+             `Arm.variant`)
+    capacity (j) all-linear LoRA at each rank, one pass over random facts that hold more bits than low ranks have
+             parameters (lab/capacity.py)
     search   each arm's learning rate on the 2x lattice (`evidence.LRSearch`), seed 0, chosen by the lowest
              validation QA loss; the arms of (e) save a checkpoint per epoch, scored on every row set
     trade    (e) the same number of lattice points around the best for LoRA r16 and full (`tradeoff` offsets)
@@ -37,6 +42,7 @@ from lorakit.config import load_config
 from lorakit.infer.evaluate import evaluate
 from lorakit.infer.metrics import exact_match
 from lorakit.lab import evidence
+from lorakit.lab.capacity import run_capacity
 from lorakit.lab.datasets import read_jsonl
 from lorakit.lab.evidence import Budget, LRSearch, fit_optimum, lattice_lr, next_points
 from lorakit.lab.intruders import causal_record, intruder_record, update_size
@@ -67,6 +73,11 @@ class LabSettings:
     cap: int  # most lattice points before refining: a best point still at an edge then is "capped" (a warning)
     tradeoff: tuple[int, ...]  # (e): lattice offsets around the best point, the same for both methods
     bootstrap: int  # resamples of every interval
+    more: bool = True  # (i): DoRA, QLoRA, alpha and batch-size arms
+    alphas: tuple[float, ...] = (8.0, ALPHA, 128.0)  # (i): the reference arm's alphas (ALPHA: the reference)
+    batches: tuple[int, ...] = (4, 64)  # (i): micro-batch sizes besides the recipe's; full runs at the largest
+    capacity_countries: int = 200  # (j): fictional countries of the random-fact set (0: no (j))
+    capacity_repeats: int = 6  # (j): times each fact appears in its single pass
 
 
 FULL = LabSettings(epochs=6, train_rows=None, general_rows=None, validation_countries=22, test_countries=None,
@@ -74,7 +85,8 @@ FULL = LabSettings(epochs=6, train_rows=None, general_rows=None, validation_coun
                    cap=9, tradeoff=(-2, -1, 0, 1, 2), bootstrap=2000)
 QUICK = LabSettings(epochs=2, train_rows=48, general_rows=16, validation_countries=3, test_countries=5,
                     ranks=(1, REFERENCE_RANK), seeds=(1, 2), lora_coarse=(0, 2), full_coarse=(-4, -2), cap=4,
-                    tradeoff=(-1, 0, 1), bootstrap=200)
+                    tradeoff=(-1, 0, 1), bootstrap=200, alphas=(ALPHA, 128.0), batches=(64,), capacity_countries=4,
+                    capacity_repeats=2)
 
 
 @dataclass(frozen=True)
@@ -85,9 +97,19 @@ class Arm:
     r: int | None = None
     targets: str | None = None
     per_epoch: bool = False  # its search runs save and score a checkpoint per epoch ((e)'s trade-off curves)
+    alpha: float = ALPHA
+    micro_batch: int | None = None  # None: the recipe's
+    finals: bool = True  # False: its lr search is all it needs ((i)'s alpha arms read only their fitted optima)
 
     def cell(self, k: int) -> Cell:
         return Cell(self.method, lattice_lr(k), self.r, self.targets)
+
+    @property
+    def variant(self) -> str:
+        """The run folder's suffix for a non-default alpha or micro-batch ('' for the others), so that the same
+        cell name at another alpha or batch size is another run."""
+        return ((f"-alpha{self.alpha:g}" if self.alpha != ALPHA else "")
+                + (f"-mb{self.micro_batch}" if self.micro_batch is not None else ""))
 
 
 def matched_rank(targets: str, reference_rank: int = REFERENCE_RANK) -> int:
@@ -105,6 +127,22 @@ def lab_arms(settings: LabSettings) -> dict[str, Arm]:
     for targets in ("attention", "mlp"):
         r = matched_rank(targets)
         arms[f"{targets}-r{r}"] = Arm("lora", r, targets)
+    return {**arms, **more_arms(settings)}
+
+
+def more_arms(settings: LabSettings) -> dict[str, Arm]:
+    """(i)'s arms: DoRA and QLoRA at the reference rank; the reference at other alphas (search only); the
+    reference and full fine-tuning at other micro-batch sizes. Their baselines are the arms of (a)-(f)."""
+    if not settings.more:
+        return {}
+    ref = REFERENCE_RANK
+    arms = {f"{method}-r{ref}": Arm(method, ref, "all-linear") for method in ("dora", "qlora")}
+    for alpha in settings.alphas:
+        if alpha != ALPHA:
+            arms[f"lora-r{ref}-alpha{alpha:g}"] = Arm("lora", ref, "all-linear", alpha=alpha, finals=False)
+    for batch in settings.batches:
+        arms[f"lora-r{ref}-mb{batch}"] = Arm("lora", ref, "all-linear", micro_batch=batch)
+    arms[f"full-mb{max(settings.batches)}"] = Arm("full", micro_batch=max(settings.batches))
     return arms
 
 
@@ -141,8 +179,8 @@ def _scores(correct: list[bool], losses: dict[str, list[float]], n_validation: i
 
 def _train_cell(job: tuple) -> None:
     """Train one cell in a worker process (its scores are read back by the parent's `Lab.run`)."""
-    cfg, cell, folder, qa_rows, loss_rows = job
-    run_cell(cfg, cell, folder, alpha=ALPHA, qa_rows=qa_rows, loss_rows=loss_rows, log=lambda line: None)
+    cfg, cell, folder, qa_rows, loss_rows, alpha = job
+    run_cell(cfg, cell, folder, alpha=alpha, qa_rows=qa_rows, loss_rows=loss_rows, log=lambda line: None)
 
 
 def _start_worker() -> None:
@@ -165,10 +203,13 @@ class Lab:
         self.pool: ProcessPoolExecutor | None = None
 
     def _job(self, arm: Arm, k: int, seed: int) -> tuple:
-        """(config, cell, folder, QA rows, loss rows) of one run; (e)'s arms at seed 0 save a checkpoint per epoch."""
+        """(config, cell, folder, QA rows, loss rows, alpha) of one run; (e)'s arms at seed 0 save a checkpoint per
+        epoch."""
         per_epoch = arm.per_epoch and seed == SEARCH_SEED
         cfg = lab_config(self.settings, seed, self.steps_per_epoch if per_epoch else 0)
-        return cfg, arm.cell(k), self.work / f"seed{seed}", self.held_out, self.loss_rows
+        if arm.micro_batch is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=arm.micro_batch))
+        return cfg, arm.cell(k), self.work / f"seed{seed}{arm.variant}", self.held_out, self.loss_rows, arm.alpha
 
     def train(self, runs: list[tuple[Arm, int, int]]) -> None:
         """Train the runs (arm, k, seed) not complete yet, `workers` at a time (1: in this process, by `run`)."""
@@ -189,8 +230,8 @@ class Lab:
 
     def run(self, experiments: tuple[str, ...], arm: Arm, k: int, seed: int) -> dict:
         """Train (or read back) `arm` at lattice point k and `seed`; its row with its per-row scores."""
-        cfg, cell, folder, qa_rows, loss_rows = self._job(arm, k, seed)
-        row = run_cell(cfg, cell, folder, alpha=ALPHA, qa_rows=qa_rows, loss_rows=loss_rows, log=self.log)
+        cfg, cell, folder, qa_rows, loss_rows, alpha = self._job(arm, k, seed)
+        row = run_cell(cfg, cell, folder, alpha=alpha, qa_rows=qa_rows, loss_rows=loss_rows, log=self.log)
         for experiment in experiments:
             self.budget.use(experiment, f"{folder.name}/{cell.name}")
         cell_dir = folder / cell.name
@@ -199,6 +240,7 @@ class Lab:
         found = {"name": cell.name, "folder": folder.name, "k": k, "lr": cell.lr, "seed": seed,
                  "steps": row["steps"], "trainable_params": row["trainable_params"],
                  "final_train_loss": row["final_train_loss"], "wall_time_s": row["wall_time_s"],
+                 "train_time_s": row["train_time_s"],
                  "predictions": [r["prediction"] for r in answers[self.n_validation:]],
                  **_scores(correct, json.loads((cell_dir / LOSSES_FILE).read_text()), self.n_validation)}
         if (cell_dir / CHECKPOINTS_FILE).is_file():
@@ -246,7 +288,9 @@ EXPERIMENTS = {  # which sections use each arm's search and finals (for the run 
     "full": ("b", "c", "e", "f"), f"lora-r{REFERENCE_RANK}": ("a", "b", "c", "d", "e", "f")}
 
 
-def _experiments(name: str) -> tuple[str, ...]:
+def _experiments(name: str, arm: Arm) -> tuple[str, ...]:
+    if arm.variant or arm.method != "lora" and arm.method != "full":
+        return ("i",)
     return EXPERIMENTS.get(name, ("d",) if name.startswith(("attention", "mlp")) else ("b",))
 
 
@@ -275,16 +319,25 @@ def run_lab(work: Path, settings: LabSettings = FULL, log: Log = print, workers:
     try:
         base = score_base(work, lab.rows, lab.n_validation)
         arms = lab_arms(settings)
-        experiments = {name: _experiments(name) for name in arms}
+        shared = (f"lora-r{REFERENCE_RANK}", "full") if settings.more else ()  # (i) compares its arms with these
+        experiments = {name: _experiments(name, arm) + (("i",) if name in shared else ()) for name, arm in arms.items()}
         found = lab.search(arms, experiments)
         extra = [(name, arm, found[name]["best_k"] + offset, SEARCH_SEED)  # (e): the same offsets for both methods
                  for name, arm in arms.items() if arm.per_epoch for offset in settings.tradeoff
                  if found[name]["best_k"] + offset not in found[name]["grid"]]
         for (name, _, k, _), run in zip(extra, lab.runs({name: ("e",) for name in arms}, extra)):
             found[name]["grid"][k] = run
-        finals = [(name, arm, found[name]["best_k"], seed) for name, arm in arms.items() for seed in settings.seeds]
+        for name in arms:
+            found[name]["finals"] = []
+        finals = [(name, arm, found[name]["best_k"], seed) for name, arm in arms.items() if arm.finals
+                  for seed in settings.seeds]
         for (name, *_), run in zip(finals, lab.runs(experiments, finals)):
-            found[name].setdefault("finals", []).append(run)
+            found[name]["finals"].append(run)
+        capacity = None
+        if settings.capacity_countries:
+            capacity = run_capacity(lab_config(settings), work, settings.ranks, settings.seeds,
+                                    lattice_lr(found[f"lora-r{REFERENCE_RANK}"]["best_k"]), ALPHA,
+                                    settings.capacity_countries, settings.capacity_repeats, lab.budget, log)
     finally:
         lab.close()
     for name in arms:
@@ -305,6 +358,7 @@ def run_lab(work: Path, settings: LabSettings = FULL, log: Log = print, workers:
                "questions": {name: [{k: row[k] for k in ("prompt", "completion", "kind", "country")}
                                     for row in lab.rows[name]] for name in ("validation", "test")},
                "rows": {name: len(lab.rows[name]) for name in ("general", "train")},
-               "base": base, "budget": {"runs": lab.budget.counts(), "distinct": lab.budget.distinct}}
+               "base": base, "capacity": capacity,
+               "budget": {"runs": lab.budget.counts(), "distinct": lab.budget.distinct}}
     (work / RESULTS_FILE).write_text(json.dumps(results) + "\n")
     return results

@@ -2,8 +2,8 @@
 
 Every number and every verdict in the page is computed from the runs (`lab.claims`, `lab.forgetting`); nothing is
 typed in by hand. `lorakit lab-report` (commands/lab_report.py) trains what is missing, then calls `write_lab`,
-which writes sections (a)-(f), section (g) from lab-rl's results when given, and keeps every other lettered section
-an earlier lab.md holds (e.g. (h), written by its own experiment into the same page), in letter order, before
+which writes sections (a)-(f), (i) and (j), section (g) from lab-rl's results when given, and keeps every other lettered
+section an earlier lab.md holds (e.g. (h), written by its own experiment into the same page), in letter order, before
 "## All runs".
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lorakit.lab import claims, forgetting
+from lorakit.lab import capacity, claims, forgetting, more
 from lorakit.lab.figures import write_figures
 from lorakit.lab.rl_page import FIGURE as RL_FIGURE, curves_figure, rl_section
 
 ALL_RUNS = "## All runs"
 _LETTER = re.compile(r"^## \((\w)\)")
-REGENERATED = "abcdef"  # the sections write_lab always writes
+REGENERATED = "abcdefij"  # the sections write_lab writes ((i), (j) when the results hold their runs)
 
 
 def lettered_sections(text: str) -> dict[str, str]:
@@ -60,6 +60,11 @@ def write_lab(results: dict, work: Path, out: Path, rl_results: dict | None = No
     sections = {"": claims.header(results), "a": claims.base_vs_sft(results), "b": claims.rank_section(results),
                 "c": claims.lr_section(results), "d": claims.targets_section(results),
                 "e": forgetting.forgetting_section(results), "f": forgetting.intruder_section(results)}
+    if more.has_more(results):
+        sections["i"] = more.more_section(results)
+    if results.get("capacity"):
+        capacity.capacity_figure(results["capacity"], Path(work), out / capacity.FIGURE)
+        sections["j"] = capacity.capacity_section(results["capacity"], results["settings"]["bootstrap"])
     if rl_results is not None:
         curves_figure(rl_results, out / RL_FIGURE)
         sections["g"] = rl_section(rl_results)
@@ -68,6 +73,6 @@ def write_lab(results: dict, work: Path, out: Path, rl_results: dict | None = No
             sections[letter] = text
     ordered = [sections[key] for key in sorted(sections)]
     path.write_text("\n\n".join(ordered + [ALL_RUNS + "\n\n" + runs_table(results)]) + "\n", encoding="utf-8")
-    # the evidence behind every number of (a)-(f), beside the page (compact: per-row marks and losses)
+    # the evidence behind every number of (a)-(f), (i) and (j), beside the page (compact: per-row marks and losses)
     (out / RESULTS_COPY).write_text(json.dumps(results, separators=(",", ":")) + "\n", encoding="utf-8")
     return path
