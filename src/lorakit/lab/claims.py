@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lorakit.lab.evidence import (LEVEL, Estimate, Rule, bootstrap, fit_optimum, lattice_lr, verdict_word)
+from lorakit.lab.evidence import (LEVEL, Estimate, Rule, bootstrap, fit_optimum, lattice_lr, pct, verdict_word)
 from lorakit.lab.intruders import EPS
 
 REGENERATE = "lorakit lab-report --out docs --work runs/lab"
@@ -31,10 +31,6 @@ NOT_RANDOM = Rule("above", low=0.0)  # (f) LoRA's intruder count minus a random 
 CAUSAL_FORGETS = Rule("below", high=0.0)  # (f) general-text loss with LoRA's intruders scaled down minus without
 CAUSAL_KEEPS = Rule("within", low=-0.05, high=0.05)  # (f) test exact match with them scaled down minus without
 EPS_SHOWN = (0.3, EPS, 0.7)
-
-
-def pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def times(value: float) -> str:

@@ -162,6 +162,11 @@ def verdict(interval: tuple[float, float], rule: Rule) -> str:
     return rule.verdict(interval)
 
 
+def pct(value: float) -> str:
+    """A fraction as the page prints it: '12.3%'."""
+    return f"{100 * value:.1f}%"
+
+
 def verdict_word(word: str) -> str:
     """The verdict as the page prints it: '**Reproduced.**'."""
     return f"**{word[0].upper()}{word[1:]}.**"

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from lorakit.lab.evidence import pct
 from lorakit.lab.rl import MARGIN, SWEEP_SEED
 from lorakit.lab.sections import put_section
 from lorakit.plotting import new_figure, save_figure
@@ -20,13 +21,9 @@ RESULTS_COPY = "lab_rl_results.json"  # the results file the section and figure 
 COMMAND = "lorakit lab-rl --out docs --work runs/lab"
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
 def _interval(found: dict) -> str:
     low, high = found["interval"]
-    return f"{_pct(found['mean'])} [{_pct(low)}, {_pct(high)}]"
+    return f"{pct(found['mean'])} [{pct(low)}, {pct(high)}]"
 
 
 def _mean_curve(runs: Sequence[dict]) -> list[tuple[int, float]]:
@@ -61,7 +58,7 @@ def rl_section(results: dict) -> str:
              "fine-tuning even at rank 1, because an episode carries only a few bits.", "",
              f"Run with `{COMMAND}` (resumable; every number below is in [{RESULTS_COPY}]({RESULTS_COPY})). Start: full SFT stopped after {sft['steps']} steps at lr "
              f"{sft['lr']:.0e}, a length chosen for answers in the right format but often wrong (measured: "
-             f"{_pct(sft['held_out_accuracy'])} of the held-out questions, {_pct(sft['test_accuracy'])} of the test "
+             f"{pct(sft['held_out_accuracy'])} of the held-out questions, {pct(sft['test_accuracy'])} of the test "
              "split). Then GRPO (configs/grpo-embedded.yaml: exact-match reward, "
              f"{s['num_generations']} samples per question, {s['prompts_per_step']} questions per step, constant lr, "
              f"no KL) on the training countries' questions for {s['steps']} steps, for LoRA r1 and r8 (alpha 32, all "
@@ -71,18 +68,18 @@ def rl_section(results: dict) -> str:
              f"reports, with seeds {', '.join(map(str, s['seeds']))} at the chosen lr.", "",
              f"**Rule, fixed before the runs**: take the 95% bootstrap interval (questions and seeds resampled, "
              f"{s['bootstrap']} resamples) of rank 1's minus full's final test exact match. **Reproduced** when "
-             f"the whole interval lies within +-{_pct(MARGIN)} (rank 1 matches full); **not reproduced** when it "
+             f"the whole interval lies within +-{pct(MARGIN)} (rank 1 matches full); **not reproduced** when it "
              "lies wholly below 0 and not within that margin (rank 1 clearly below); **inconclusive** otherwise.", "",
              "| arm | lr grid (validation exact match, seed 0) | chosen lr |", "|---|---|---:|"]
     for arm, sweep in results["sweep"].items():
-        grid = ", ".join(f"{row['lr']:.0e}: {_pct(row['validation_accuracy'])}" for row in sweep)
+        grid = ", ".join(f"{row['lr']:.0e}: {pct(row['validation_accuracy'])}" for row in sweep)
         edge = " (grid edge)" if results["chosen_lr"][arm] in (sweep[0]["lr"], sweep[-1]["lr"]) else ""
         lines.append(f"| {arm} | {grid} | {results['chosen_lr'][arm]:.0e}{edge} |")
     lines += ["", f"![test exact match vs GRPO step]({FIGURE})", "",
               "| arm | trainable params | final test exact match per seed | mean [95% interval] | minus full |",
-              "|---|---:|---|---:|---:|", f"| weak SFT start | | | {_pct(sft['test_accuracy'])} | |"]
+              "|---|---:|---|---:|---:|", f"| weak SFT start | | | {pct(sft['test_accuracy'])} | |"]
     for arm, found in results["arms"].items():
-        per_seed = ", ".join(_pct(run["test_accuracy"]) for run in found["runs"])
+        per_seed = ", ".join(pct(run["test_accuracy"]) for run in found["runs"])
         diff = _interval(results["minus_full"][arm]) if arm in results["minus_full"] else ""
         lines.append(f"| {arm} | {found['runs'][0]['trainable_params']:,} | {per_seed} | "
                      f"{_interval(results['accuracy'][arm])} | {diff} |")
@@ -98,7 +95,7 @@ def _verdict_line(results: dict) -> str:
     start = results["weak_sft"]["test_accuracy"]
     gains = ", ".join(f"{arm} {100 * (found['mean'] - start):+.1f} points" for arm, found in results["accuracy"].items())
     return (f"**{word[0].upper() + word[1:]}.** Rank 1 minus full: {_interval(results['minus_full']['lora-r1'])} "
-            f"(margin +-{_pct(MARGIN)})" + (f"; rank 8 minus full: {_interval(r8)}" if r8 else "")
+            f"(margin +-{pct(MARGIN)})" + (f"; rank 8 minus full: {_interval(r8)}" if r8 else "")
             + f". Gain over the start on test: {gains} (a match where no arm gains says little about RL).")
 
 

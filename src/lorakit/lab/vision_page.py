@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorakit.lab.evidence import Rule, verdict_word
+from lorakit.lab.evidence import Rule, pct, verdict_word
 from lorakit.lab.sections import put_section
 from lorakit.lab.vision import ARMS, MEASURES, SWEEP_SEED
 from lorakit.plotting import new_figure, save_figure
@@ -23,10 +23,6 @@ COMMAND = "lorakit lab-vision --out docs --work runs/lab"
 LORA_BUYS = Rule("above", low=0.0)  # routed minus projector-only, composed questions on held-out countries
 MEASURE_NAMES = {"flag": "flag question", "composed": "composed, held-out countries",
                  "composed_seen": "composed, trained countries", "text": "text questions"}
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
 
 
 def _interval(found: dict, signed: bool = False) -> str:
@@ -66,7 +62,7 @@ def vision_section(results: dict) -> str:
         "behaviour; the modality's own LoRA lets the model use the new input beyond what soft tokens alone reach.", "",
         f"Run with `{COMMAND}` (resumable; every number below is in [{RESULTS_COPY}]({RESULTS_COPY})). The language "
         f"model: the embedded model fully fine-tuned on the quickstart's questions ({lm['steps']} steps at lr "
-        f"{lm['lr']:.0e}; {_pct(lm['text_accuracy'])} on the {results['rows']['text']} held-out text "
+        f"{lm['lr']:.0e}; {pct(lm['text_accuracy'])} on the {results['rows']['text']} held-out text "
         "questions), then frozen. Images: procedural flags of "
         f"{len(results['countries']['flags'])} countries (`lorakit/lab/flags.py`: stripes, Nordic crosses, discs, "
         f"a plus), {s['image_size']}x{s['image_size']} px, each rendering at a random size, position, colour jitter "
@@ -95,14 +91,14 @@ def vision_section(results: dict) -> str:
             "seeds resampled)", lambda v: f"{100 * v:+.0f} points"), "",
         "| arm | lr points (validation accuracy) | chosen lr |", "|---|---|---:|"]
     for arm, found in results["searches"].items():
-        points = ", ".join(f"{lr}: {_pct(v)}" for lr, v in found["points"].items())
+        points = ", ".join(f"{lr}: {pct(v)}" for lr, v in found["points"].items())
         note = " (at a grid edge)" if found["at_edge"] else ""
         note += " (search capped)" if found["capped"] and found["at_edge"] else ""
         lines.append(f"| {arm} | {points} | {found['lr']:.3g}{note} |")
     lines += ["", f"![test renderings and the routed arm's answers]({FIGURE})", "",
               "| arm | trainable params | " + " | ".join(MEASURE_NAMES[m] for m in MEASURES) + " |",
               "|---|---:|" + "---:|" * len(MEASURES),
-              f"| frozen LM (no images) | | | | | {_pct(results['start_text'])} |"]
+              f"| frozen LM (no images) | | | | | {pct(results['start_text'])} |"]
     for arm in ARMS:
         params = results["arms"][arm]["runs"][0]["trainable_params"]
         lines.append(f"| {arm} | {params:,} | " + " | ".join(_interval(acc[arm][m]) for m in MEASURES) + " |")
@@ -114,8 +110,8 @@ def vision_section(results: dict) -> str:
         lines.append(f"| {arm} | " + " | ".join(_interval(kinds[f"{m}/{k}"]) for m in ("composed", "composed_seen")
                                                  for k in ("capital", "continent")) + " |")
     continent, continent_share = results["majority_continent"]
-    lines += ["", f"Always answering \"{continent}\" would score {_pct(continent_share)} on the held-out continent questions; "
-              f"chance on the flag question is {_pct(1 / len(results['countries']['flags']))}.", ""]
+    lines += ["", f"Always answering \"{continent}\" would score {pct(continent_share)} on the held-out continent questions; "
+              f"chance on the flag question is {pct(1 / len(results['countries']['flags']))}.", ""]
     equal = results["routed_text_equal"]
     lines.append(("**Text unchanged: yes.** " if equal else "**Text unchanged: NO.** ")
                  + "The routed arm's text answers " + ("equal" if equal else "differ from")
@@ -127,7 +123,7 @@ def vision_section(results: dict) -> str:
               f"{_interval(kinds['composed/capital'])}, against {_interval(kinds['composed_seen/capital'])} for "
               f"countries it was trained on, with {_interval(acc['routed']['flag'])} of flags named; its held-out "
               f"continent answers, {_interval(kinds['composed/continent'])}, are to be read against the "
-              f"{_pct(continent_share)} of always answering \"{continent}\"."]
+              f"{pct(continent_share)} of always answering \"{continent}\"."]
     buys = LORA_BUYS.verdict(tuple(diff["routed_minus_projector_composed"]["interval"]))
     lines += ["", f"{verdict_word(buys)} Routed minus projector-only on held-out composed questions: "
               f"{_interval(diff['routed_minus_projector_composed'], signed=True)} points; on the flag question "
