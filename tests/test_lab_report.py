@@ -100,3 +100,12 @@ def test_quick_lab_end_to_end(tmp_path, capsys):
     assert main(["lab-report", "--quick", "--out", str(out), "--work", str(work)]) == 0
     assert "done " not in capsys.readouterr().out
     assert (out / "lab.md").read_text(encoding="utf-8") == page
+
+    # --all: lab-rl's and lab-vision's experiments too, the whole page from one command; (a)-(f) are not retrained
+    assert main(["lab-report", "--quick", "--all", "--out", str(out), "--work", str(work)]) == 0
+    full = (out / "lab.md").read_text(encoding="utf-8")
+    regenerated = _sections(full)
+    assert "kept" not in regenerated["g"] and "kept" not in regenerated["h"]
+    assert (work / "rl-quick" / "results.json").is_file() and (work / "vision-quick" / "results.json").is_file()
+    assert all(regenerated[letter] == sections[letter] for letter in "abcdefij")
+    assert list(regenerated) == sorted(regenerated)

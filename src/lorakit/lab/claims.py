@@ -12,7 +12,7 @@ import numpy as np
 from lorakit.lab.evidence import (LEVEL, Estimate, Rule, bootstrap, fit_optimum, lattice_lr, pct, verdict_word)
 from lorakit.lab.intruders import EPS
 
-REGENERATE = "lorakit lab-report --out docs --work runs/lab"
+REGENERATE = "lorakit lab-report --out docs --work runs/lab --all --workers 2"
 MATCH = 1.5  # "matches": a loss ratio within 1.5x either way
 SFT = Rule("above", low=0.5)  # (a) LoRA's test exact match minus the base model's
 KNEW = Rule("above", low=0.5)  # (a) the base model's fill-in-the-blank accuracy
@@ -132,8 +132,9 @@ def header(results: dict) -> str:
     lines = [
         "# The lecture's claims at small scale: the embedded lab", "",
         f"Regenerate this page (and its figures) with `{REGENERATE}` (resumable: every run is a folder with a "
-        "cell.json, so a killed lab continues where it stopped; `--workers 2` trains two runs at a time, "
-        "`--rl` also runs section (g), `--quick` the same pipeline on tiny settings). Every number of (a)-(f) "
+        "cell.json, so a killed lab continues where it stopped; `--workers 2` trains two runs at a time; `--all` "
+        "also runs (g) and (h), lab-rl's and lab-vision's experiments, which `--rl` and `--vision` run alone; "
+        "`--quick` runs the same pipeline on tiny settings). Every number of (a)-(f) "
         "and (i)-(j) comes from [lab_results.json](lab_results.json), written beside this page; (g) and (h) have "
         "their own.", "",
         "- Model: the embedded Llama-shaped model (hidden 128, 4 layers), pre-trained on documents about "
