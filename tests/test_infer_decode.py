@@ -20,8 +20,9 @@ from lorakit.decoding.sampling import Sampling
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), [9] * 12, list(range(50, 57)), [3], list(range(60, 90))]
 BUDGETS = [9, 4, 12, 9, 3, 7]  # rows leave the batch at different steps
-ONLY = {"cache": Speedups(True, False, False, False), "grouped": Speedups(True, True, False, False),
-        "lean": Speedups(False, False, True, False), "merged": Speedups(False, False, False, True)}
+ONLY = {"cache": Speedups(True, False, False, False, False), "grouped": Speedups(True, True, False, False, False),
+        "lean": Speedups(False, False, True, False, False), "merged": Speedups(False, False, False, True, False),
+        "shared": Speedups(False, False, False, False, True)}
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))
@@ -100,6 +101,41 @@ def test_fast_path_really_runs(monkeypatch, tmp_path, one_thread):
     assert [shape for shape, _ in calls[len(groups):]] == [(len(PROMPTS), 1)] * 2
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_shared_prompts_run_one_prompt_pass_and_sample_each_row_as_alone(arch, monkeypatch, tmp_path, one_thread):
+    """Repeated prompts (GRPO's groups): one prompt pass over the distinct prompts, then every row decodes with
+    its own seed exactly as the plain loop does (same tokens; log-probabilities within fp32 rounding, since the
+    prompt pass has another batch shape), alone and with the other speed-ups."""
+    model = _with_lora(TINY_MODELS[arch], tmp_path)
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[3]]
+    options = [Sampling(temperature=1.0, top_k=30)] * len(prompts)
+    budgets = [6, 3, 8, 5, 7, 2, 6, 4]
+
+    def run(speedups):
+        logprobs = [[] for _ in prompts]
+        new = decode(model, prompts, options, max_new_tokens=budgets, stop_ids=set(), pad_id=0,
+                     seeds=range(100, 100 + len(prompts)), top_logprobs=[1] * len(prompts),
+                     on_logprobs=lambda row, info: logprobs[row].append(info.logprob), speedups=speedups)
+        return new, logprobs
+
+    plain, plain_lp = run(PLAIN)
+    assert len({tuple(t) for t in plain[:3:2]}) == 2  # equal prompts, other seeds: other samples
+    calls, forward = [], decode_module._forward
+    monkeypatch.setattr(decode_module, "_forward", lambda m, ids, *rest: calls.append(ids.shape[0]) or forward(
+        m, ids, *rest))
+    for speedups in (ONLY["shared"], Speedups()):
+        calls.clear()
+        new, logprobs = run(speedups)
+        assert new == plain
+        for row, expected in enumerate(plain_lp):
+            torch.testing.assert_close(torch.tensor(logprobs[row]), torch.tensor(expected), **tol(reduction=TINY))
+        steps = max(map(len, plain)) - 1  # one forward per token after the first
+        assert sum(calls[:len(calls) - steps]) == 3 and calls[len(calls) - steps] == len(prompts)  # 3 distinct
+
+
+def test_distinct_prompts():
+    assert decode_module.distinct_prompts([[1, 2], [3], [1, 2], [3], [4]]) == ([[1, 2], [3], [4]], [0, 1, 0, 1, 2])
 
 
 def test_length_groups():

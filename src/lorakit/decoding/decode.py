@@ -9,7 +9,7 @@ Rows may ask for log-probabilities: log_softmax of the model's raw logits at eac
 repetition penalty, temperature and top-k/top-p), as OpenAI reports them; only those rows pay for
 the log_softmax and top-k.
 
-Four speed-ups (`Speedups`, all on by default; `PLAIN` turns them off) keep the plain loop's math,
+Five speed-ups (`Speedups`, all on by default; `PLAIN` turns them off) keep the plain loop's math,
 so greedy ids agree with it and with transformers' `generate` (tests compare them token by token on
 tiny Llama, GPT-2 and BLOOM models; benchmarks/infer_paths.py checks it on the benchmark model):
 
@@ -24,6 +24,8 @@ tiny Llama, GPT-2 and BLOOM models; benchmarks/infer_paths.py checks it on the b
   merged LoRA         where `merge_pays`, the call computes with a copy of W + s*B*A per adapted layer
                       (fp32/fp64 bases; rounding differs from the branch at float32 level); the model
                       is never written to
+  shared prompts      rows with the same prompt (GRPO's group of completions, n > 1) run its prompt pass once;
+                      the other rows get copies of its cache rows; the math of the prompt alone
 
 They apply where the model allows: a cache that is not one plain key/value pair per layer (sliding
 windows, recurrent states, caches of older transformers) keeps transformers' own layers; models with
@@ -114,9 +116,25 @@ class Speedups:
     grouped_prefill: bool = True  # prompts of similar length prefilled together, little of the prompt pass padding
     lean_lora: bool = True  # LoRA layers run their own ops from locals, without the per-call bookkeeping
     merged_lora: bool = True  # one LoRA adapter (fp32/fp64) folded into a per-call copy of each adapted weight
+    shared_prompts: bool = True  # one prompt pass per distinct prompt, its cache rows copied to its repeats
 
 
-PLAIN = Speedups(preallocated_cache=False, grouped_prefill=False, lean_lora=False, merged_lora=False)
+PLAIN = Speedups(preallocated_cache=False, grouped_prefill=False, lean_lora=False, merged_lora=False,
+                 shared_prompts=False)
+
+
+def distinct_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], list[int]]:
+    """The distinct prompts in first-seen order, and for every row the index of its prompt among them."""
+    first: dict[tuple[int, ...], int] = {}
+    distinct: list[Sequence[int]] = []
+    inverse = []
+    for prompt in prompts:
+        key = tuple(prompt)
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(prompt)
+        inverse.append(first[key])
+    return distinct, inverse
 
 
 def _one_forward_hooks(model) -> bool:
@@ -204,8 +222,14 @@ def _decode(model, prompts, options, *, max_new_tokens, stop_ids, pad_id, seeds,
     ks = list(top_logprobs) if on_logprobs is not None and top_logprobs else [None] * len(prompts)
     new: list[list[int]] = [[] for _ in prompts]
     done = [budget <= 0 for budget in max_new_tokens]
-    logits, cache, mask, positions = _prefill(model, prompts, pad_id, signature, speedups,
+    distinct, inverse = (distinct_prompts(prompts) if speedups.shared_prompts and not _one_forward_hooks(model)
+                         else (prompts, None))  # hooks may see per-row inputs (images, adapters) behind equal ids
+    logits, cache, mask, positions = _prefill(model, distinct, pad_id, signature, speedups,
                                               max(max_new_tokens), device)
+    if len(distinct) < len(prompts):  # each repeat gets its prompt's logits, mask, positions and cache rows
+        index = torch.tensor(inverse, device=device)
+        logits, mask, positions = logits[index], mask[index], positions[index]
+        cache.reorder_cache(index)
     live = list(range(len(prompts)))  # the original row of each batch row still being decoded
     while True:
         step = torch.full((len(live), 1), pad_id, dtype=torch.long)
