@@ -59,7 +59,12 @@ def test_knowledge_rows_are_deterministic_random_facts():
     rows = capacity.knowledge_rows(5)
     assert rows == capacity.knowledge_rows(5) and rows != capacity.knowledge_rows(5, seed=1)
     assert len(rows) == 5 * len(capacity.ATTRIBUTES) and len({row["country"] for row in rows}) == 5
-    assert all(1000 <= int(row["completion"]) < 1000 + capacity.CODES for row in rows)
-    assert capacity.fact_bits(rows) == len(rows) * np.log2(capacity.CODES)
+    assert all(row["completion"][1:] in capacity.CHOICES for row in rows) and len(capacity.CHOICES) > 100
+    assert len({row["completion"] for row in rows}) > len(rows) // 2  # drawn at random, not one answer per country
+    assert capacity.fact_bits(rows) == len(rows) * np.log2(len(capacity.CHOICES))
+    decoys = capacity.decoy_rows(rows)
+    assert [d["prompt"] for d in decoys] == [r["prompt"] for r in rows]
+    assert all(d["completion"] != r["completion"] and d["completion"][1:] in capacity.CHOICES
+               for d, r in zip(decoys, rows))
     passed = capacity.stream(rows, 3)
     assert len(passed) == 3 * len(rows) and all(passed.count(row) == 3 for row in rows) and passed[:len(rows)] != rows

@@ -64,12 +64,16 @@ def test_quick_lab_end_to_end(tmp_path, capsys):
         assert all(run["folder"].endswith(arm.variant) for run in results["arms"][name]["grid"])
         assert bool(results["arms"][name]["finals"]) == arm.finals
     assert params["dora-r16"] > params["lora-r16"] == params["qlora-r16"]
-    capacity = results["capacity"]  # (j): every rank at every final seed, one pass over the random facts
-    assert sorted(capacity["runs"]) == sorted(f"lora-r{r}" for r in settings.ranks)
-    assert all([run["seed"] for run in runs] == list(settings.seeds) and len(runs[0]["facts"]) == capacity["facts"]
-               for runs in capacity["runs"].values())
+    capacity = results["capacity"]  # (j): every rank's lr search, then every final seed at its best, one pass
+    assert sorted(capacity["runs"]) == sorted(capacity["grids"]) == sorted(f"lora-r{r}" for r in settings.ranks)
+    for name, runs in capacity["runs"].items():
+        grid = {run["k"]: np.mean(run["facts"]) for run in capacity["grids"][name]}
+        assert capacity["search"][name]["best_k"] == best_point(grid) and len(grid) >= 3  # both neighbours run
+        assert [run["seed"] for run in runs] == list(settings.seeds) and len(runs[0]["facts"]) == capacity["facts"]
+        assert all(run["k"] == best_point(grid) and run["steps"] == runs[0]["steps"] for run in runs)
     assert results["budget"]["distinct"] == (sum(len(a["grid"]) + len(a["finals"]) for a in results["arms"].values())
-                                             + sum(len(runs) for runs in capacity["runs"].values()))
+                                             + sum(len(runs) + len(capacity["grids"][name])
+                                                   for name, runs in capacity["runs"].items()))
 
     page = (out / "lab.md").read_text(encoding="utf-8")
     sections = _sections(page)
@@ -92,7 +96,11 @@ def test_quick_lab_end_to_end(tmp_path, capsys):
         assert VERDICT.match(line) and INTERVAL.search(line), claim
     assert "not representative of GPU speed" in sections["i"] and "Not tested:" in sections["i"]
     assert "causal test" in sections["f"] and "before -> after" in sections["f"]
-    assert VERDICT.search(sections["j"]).group(0) in sections["j"].splitlines()[-1]  # the verdict closes (j)
+    low_params = min(runs[0]["trainable_params"] for runs in capacity["runs"].values())
+    claim = "The low rank runs out of capacity" if capacity["bits"] > low_params else "Below capacity, ranks learn alike"
+    assert any(VERDICT.match(line) and claim in line for line in sections["j"].splitlines())  # the sizes' half
+    assert "*Capacity binds:*" in sections["j"] and "*Ranks alike:*" in sections["j"]
+    assert ("was not reached" in sections["j"]) == (capacity["bits"] <= low_params)
     for name in ("rank_curves", "lr_sweep", "target_sets", "forgetting", "intruders", "capacity_curves"):
         assert (out / f"lab_{name}.png").is_file(), name
 

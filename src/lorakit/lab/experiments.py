@@ -11,8 +11,8 @@ rows (capacity).
              whose trainable count matches all-linear r16's (`matched_rank`); (i) (`more_arms`): DoRA and QLoRA r16,
              LoRA r16 at other alphas (search only), LoRA r16 and full at other micro-batch sizes (own run folders:
              `Arm.variant`)
-    capacity (j) all-linear LoRA at each rank, one pass over random facts that hold more bits than low ranks have
-             parameters (lab/capacity.py)
+    capacity (j) all-linear LoRA at each rank, each at its own searched lr, one pass over random facts, their bits
+             set beside each rank's parameters (lab/capacity.py)
     search   each arm's learning rate on the 2x lattice (`evidence.LRSearch`), seed 0, chosen by the lowest
              validation QA loss; the arms of (e) save a checkpoint per epoch, scored on every row set
     trade    (e) the same number of lattice points around the best for LoRA r16 and full (`tradeoff` offsets)
@@ -76,8 +76,9 @@ class LabSettings:
     more: bool = True  # (i): DoRA, QLoRA, alpha and batch-size arms
     alphas: tuple[float, ...] = (8.0, ALPHA, 128.0)  # (i): the reference arm's alphas (ALPHA: the reference)
     batches: tuple[int, ...] = (4, 64)  # (i): micro-batch sizes besides the recipe's; full runs at the largest
-    capacity_countries: int = 200  # (j): fictional countries of the random-fact set (0: no (j))
-    capacity_repeats: int = 6  # (j): times each fact appears in its single pass
+    capacity_countries: int = 10  # (j): fictional countries of the random-fact set (0: no (j))
+    capacity_repeats: int = 100  # (j): times each fact appears in its single pass
+    capacity_coarse: tuple[int, ...] = (0, 2)  # (j): coarse lattice exponents of every rank's lr search
 
 
 FULL = LabSettings(epochs=6, train_rows=None, general_rows=None, validation_countries=22, test_countries=None,
@@ -86,7 +87,7 @@ FULL = LabSettings(epochs=6, train_rows=None, general_rows=None, validation_coun
 QUICK = LabSettings(epochs=2, train_rows=48, general_rows=16, validation_countries=3, test_countries=5,
                     ranks=(1, REFERENCE_RANK), seeds=(1, 2), lora_coarse=(0, 2), full_coarse=(-4, -2), cap=4,
                     tradeoff=(-1, 0, 1), bootstrap=200, alphas=(ALPHA, 128.0), batches=(64,), capacity_countries=4,
-                    capacity_repeats=2)
+                    capacity_repeats=2, capacity_coarse=(1,))
 
 
 @dataclass(frozen=True)
@@ -213,15 +214,19 @@ class Lab:
 
     def train(self, runs: list[tuple[Arm, int, int]]) -> None:
         """Train the runs (arm, k, seed) not complete yet, `workers` at a time (1: in this process, by `run`)."""
-        todo = [self._job(*run) for run in runs]
-        todo = [job for job in todo if not (job[2] / job[1].name / CELL_FILE).is_file()]
+        self.train_many(_train_cell, [self._job(*run) for run in runs])
+
+    def train_many(self, train: Callable[[tuple], None], jobs: list[tuple]) -> None:
+        """`train(job)` for each job (config, cell, folder, ...) whose run is not complete, `workers` at a time in
+        worker processes; with one worker (or one job) nothing here: the caller's `run_cell` trains it."""
+        todo = [job for job in jobs if not (job[2] / job[1].name / CELL_FILE).is_file()]
         if self.workers <= 1 or len(todo) <= 1:
             return
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_start_worker)
         self.log(f"lab: training {len(todo)} runs, {self.workers} at a time")
-        list(self.pool.map(_train_cell, todo))
+        list(self.pool.map(train, todo))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -336,8 +341,9 @@ def run_lab(work: Path, settings: LabSettings = FULL, log: Log = print, workers:
         capacity = None
         if settings.capacity_countries:
             capacity = run_capacity(lab_config(settings), work, settings.ranks, settings.seeds,
-                                    lattice_lr(found[f"lora-r{REFERENCE_RANK}"]["best_k"]), ALPHA,
-                                    settings.capacity_countries, settings.capacity_repeats, lab.budget, log)
+                                    LRSearch(settings.capacity_coarse, settings.cap), SEARCH_SEED, ALPHA,
+                                    settings.capacity_countries, settings.capacity_repeats, lab.budget, log,
+                                    lab.train_many)
     finally:
         lab.close()
     for name in arms:
