@@ -35,10 +35,11 @@ def final_rows(results: dict, names: list[str]) -> list[dict]:
 def lr_figure(results: dict, path: Path) -> Path:
     """(c) validation QA loss against lr, one line per arm; a star at each fitted optimum."""
     figure, (axes,) = new_figure(7.2, 4.4)
-    for name, arm in results["arms"].items():
+    for i, (name, arm) in enumerate(results["arms"].items()):
         lrs = [run["lr"] for run in arm["grid"]]
         scores = [run["validation_loss"] for run in arm["grid"]]
-        line = axes.plot(lrs, scores, marker="o", label=name)[0]
+        style = ("-", "--", ":")[i // 10 % 3]  # the colour cycle has 10 colours: past it, another line style
+        line = axes.plot(lrs, scores, marker="o", linestyle=style, label=name)[0]
         axes.plot([lattice_lr(arm["fit_k"])], [min(scores)], marker="*", markersize=12, color=line.get_color())
     axes.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="validation QA loss (seed 0)",
              title="learning-rate grids (star: fitted optimum)")

@@ -120,8 +120,7 @@ def more_section(results: dict) -> str:
     lines += [arm_row(results, name) for _, name in lora_batches + full_batches]
     lines.append("")
     for method, found in (("LoRA", lora_at), ("full", full_at)):
-        small = min(found)
-        if small != big:
+        for small in sorted(batch for batch in found if batch != big):
             grows = compare(results, found[big], found[small], losses("test"))
             lines.append(f"- {method}: test QA loss at micro-batch {big} / at {small}: {show(grows, times)}")
     pair = {"a": lora_at[big], "b": lora_at[recipe], "c": full_at[big], "d": full_at[recipe]}
