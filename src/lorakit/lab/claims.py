@@ -250,7 +250,8 @@ def rank_section(results: dict) -> str:
               "", claim_line(f"Low rank falls behind: {low} / {top}, training-row loss", behind, RANK_LOW, times), "",
               f"The regime: {results['settings']['epochs']} epochs over {results['rows']['train']} rows, so these "
               "runs memorise a small set; the paper's curves come from about one pass over data larger than the "
-              "adapter's capacity, which this section does not test."]
+              "adapter's capacity, which this section does not test: (j) runs one pass over random facts with each "
+              "rank's learning rate searched."]
     return "\n".join(lines)
 
 
