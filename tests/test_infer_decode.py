@@ -134,8 +134,8 @@ def test_shared_prompts_run_one_prompt_pass_and_sample_each_row_as_alone(arch, m
         assert sum(calls[:len(calls) - steps]) == 3 and calls[len(calls) - steps] == len(prompts)  # 3 distinct
 
 
-def test_distinct_prompts():
-    assert decode_module.distinct_prompts([[1, 2], [3], [1, 2], [3], [4]]) == ([[1, 2], [3], [4]], [0, 1, 0, 1, 2])
+def test_first_of_each():
+    assert decode_module.first_of_each([(1, 2), (3,), (1, 2), (3,), (4,)]) == ([0, 1, 4], [0, 1, 0, 1, 2])
 
 
 def test_length_groups():

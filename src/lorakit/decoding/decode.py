@@ -35,7 +35,7 @@ without position ids (its positions would move with the padding) prefill in one 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -123,18 +123,18 @@ PLAIN = Speedups(preallocated_cache=False, grouped_prefill=False, lean_lora=Fals
                  shared_prompts=False)
 
 
-def distinct_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[Sequence[int]], list[int]]:
-    """The distinct prompts in first-seen order, and for every row the index of its prompt among them."""
-    first: dict[tuple[int, ...], int] = {}
-    distinct: list[Sequence[int]] = []
+def first_of_each(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """(the row of each distinct key's first occurrence, in order; for every row the position of its key among
+    them): which rows' prompt passes run, and whose pass each row copies."""
+    slots: dict[Hashable, int] = {}
+    firsts: list[int] = []
     inverse = []
-    for prompt in prompts:
-        key = tuple(prompt)
-        if key not in first:
-            first[key] = len(distinct)
-            distinct.append(prompt)
-        inverse.append(first[key])
-    return distinct, inverse
+    for row, key in enumerate(keys):
+        if key not in slots:
+            slots[key] = len(firsts)
+            firsts.append(row)
+        inverse.append(slots[key])
+    return firsts, inverse
 
 
 def _one_forward_hooks(model) -> bool:
@@ -222,8 +222,10 @@ def _decode(model, prompts, options, *, max_new_tokens, stop_ids, pad_id, seeds,
     ks = list(top_logprobs) if on_logprobs is not None and top_logprobs else [None] * len(prompts)
     new: list[list[int]] = [[] for _ in prompts]
     done = [budget <= 0 for budget in max_new_tokens]
-    distinct, inverse = (distinct_prompts(prompts) if speedups.shared_prompts and not _one_forward_hooks(model)
-                         else (prompts, None))  # hooks may see per-row inputs (images, adapters) behind equal ids
+    firsts, inverse = (first_of_each([tuple(p) for p in prompts])
+                       if speedups.shared_prompts and not _one_forward_hooks(model)  # hooks may see per-row inputs
+                       else (range(len(prompts)), None))  # (images, adapters) behind equal ids
+    distinct = [prompts[row] for row in firsts]
     logits, cache, mask, positions = _prefill(model, distinct, pad_id, signature, speedups,
                                               max(max_new_tokens), device)
     if len(distinct) < len(prompts):  # each repeat gets its prompt's logits, mask, positions and cache rows
