@@ -197,6 +197,35 @@ def test_completion_logprobs_sampled_and_streamed(served):
     assert [t for p in pieces if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens] == logprobs.tokens
 
 
+def test_n_choices_sample_with_seed_plus_index_streaming_or_not(served):
+    """n > 1: choice i is what a one-choice request with seed + i answers (so choice 0 is the n=1 answer); the
+    usage counts the prompt once and every choice's tokens; a stream carries each choice's pieces under its index
+    and a finish chunk for each; greedy choices are all the greedy answer."""
+    client = served[0]
+    alone = [_chat(client, temperature=1.0, max_tokens=8, seed=7 + i) for i in range(3)]
+    texts = [reply.choices[0].message.content for reply in alone]
+    assert len(set(texts)) > 1  # other seeds, other samples: the test can tell the choices apart
+    stats = served[1].app.state.batcher.stats
+    shared = stats.shared_prompts
+    many = _chat(client, temperature=1.0, max_tokens=8, seed=7, n=3)
+    assert stats.shared_prompts == shared + 2  # one prompt pass, copied to the other two choices
+    assert [c.index for c in many.choices] == [0, 1, 2] and [c.message.content for c in many.choices] == texts
+    assert many.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert many.usage.completion_tokens == sum(reply.usage.completion_tokens for reply in alone)
+    chunks = list(_chat(client, temperature=1.0, max_tokens=8, seed=7, n=3, stream=True,
+                        stream_options={"include_usage": True}))
+    for i, text in enumerate(texts):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(part.delta.content or "" for part in mine) == text
+        assert [part.finish_reason for part in mine if part.finish_reason] == [many.choices[i].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == many.usage.completion_tokens
+    completions = _complete(client, temperature=1.0, max_tokens=6, seed=3, n=2)
+    assert [c.text for c in completions.choices] == [
+        _complete(client, temperature=1.0, max_tokens=6, seed=3 + i).choices[0].text for i in range(2)]
+    greedy = _complete(client, max_tokens=6, n=3)
+    assert [c.text for c in greedy.choices] == [_complete(client, max_tokens=6).choices[0].text] * 3
+
+
 def test_echo_on_completions_and_not_on_chat(served):
     client = served[0]
     plain = _complete(client, max_tokens=6).choices[0].text
@@ -228,7 +257,7 @@ def test_content_parts_are_joined_and_non_text_parts_refused(served):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"stop": 7}, "stop"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"), ({"messages": []}, "messages"),
-    ({"model": None}, "model"), ({"n": 3}, "n"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"model": None}, "model"), ({"n": 0}, "n"), ({"n": 129}, "n"), ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content"),
     ({"seed": 2**64}, "seed"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),

@@ -27,6 +27,7 @@ from lorakit.media import MediaItem, MediaSlot
 from lorakit.schema import Config, setting
 
 _SHOWN = reprlib.Repr()  # a bad value as quoted in an error message
+MAX_CHOICES = 128  # n: choices one request may ask for
 _SHOWN.maxstring = _SHOWN.maxother = 80
 
 
@@ -117,7 +118,7 @@ class _Request(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, le=1_000_000)
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices per request: choice i samples with seed + i (seed given)
     seed: int | None = Field(None, ge=-2**63, lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -140,13 +141,6 @@ class _Request(_Strict):
         if "" in stops:
             raise ValueError("stop strings may not be empty")
         return tuple(stops)
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n):
-        if n != 1:
-            raise ValueError(f"this server returns one choice per request (n=1), got n={n}")
-        return n
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -286,8 +280,9 @@ def parse_request(body: dict, chat: bool) -> ChatRequest | CompletionRequest:
 
 
 def make_job(request: ChatRequest | CompletionRequest, prompt_ids: list[int], adapter: str | None,
-             cfg: ServerConfig, media: list[MediaItem] | None = None) -> Job:
-    """A Job from a checked request, or 400 when its length does not fit the context."""
+             cfg: ServerConfig, media: list[MediaItem] | None = None, choice: int = 0) -> Job:
+    """A Job from a checked request (its choice `choice` of n: a given seed + choice), or 400 when its length does
+    not fit the context."""
     name, max_tokens = request.budget()
     if max_tokens > cfg.context_length:
         raise APIError(400, f"{name}={max_tokens} is over this model's context of {cfg.context_length} tokens",
@@ -302,7 +297,8 @@ def make_job(request: ChatRequest | CompletionRequest, prompt_ids: list[int], ad
                             repetition_penalty=request.repetition_penalty)
     except LorakitError as error:
         raise APIError(400, str(error)) from error
-    return Job(prompt_ids, sampling, max_tokens, adapter, request.seed, stop=request.stop,
+    seed = request.seed if request.seed is None or choice == 0 else (request.seed + choice) % 2**64
+    return Job(prompt_ids, sampling, max_tokens, adapter, seed, stop=request.stop,
                top_logprobs=request.top_alternatives(), media=media or None)
 
 

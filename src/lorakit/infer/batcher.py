@@ -32,7 +32,8 @@ from transformers.cache_utils import DynamicLayer
 
 from lorakit.adapters.modality import keep_media_rows, media_rows
 from lorakit.adapters.multi import adapter_rows, keep_rows
-from lorakit.decoding.decode import TokenLogprobs, _forward, _forward_kwargs, choose_tokens, left_pad, token_logprobs
+from lorakit.decoding.decode import (TokenLogprobs, _forward, _forward_kwargs, choose_tokens, first_of_each, left_pad,
+                                     token_logprobs)
 from lorakit.infer.generate import TextStream
 from lorakit.decoding.sampling import Sampling
 from lorakit.media import MediaItem
@@ -121,6 +122,7 @@ class BatchStats:
     largest: int = 0  # most rows decoding at once
     steps: int = 0  # decoding steps (one forward of every running row)
     row_steps: int = 0  # rows summed over steps: row_steps / steps is the mean batch
+    shared_prompts: int = 0  # rows that took a copy of an equal row's prompt pass (n > 1, repeated prompts)
 
 
 PREFILL_PADDING = 1.25  # a prefill group's padded tokens may be this many times its real ones
@@ -307,17 +309,25 @@ class Batcher:
             chosen = [job for i, job in enumerate(jobs) if i in first]
             left = [job for i, job in enumerate(jobs) if i not in first]
         device = next(self.model.parameters()).device
+        firsts, inverse = first_of_each([(tuple(job.prompt_ids), job.adapter) if job.media is None else id(job)
+                                         for job in chosen])  # a row with images is always its own
+        distinct = [chosen[row] for row in firsts]
         try:
-            with adapter_rows(self.model, [job.adapter for job in chosen]), \
-                    media_rows(self.model, [job.media for job in chosen]):  # the prompt pass takes their images
-                ids, mask = left_pad([job.prompt_ids for job in chosen], self.pad_id)
+            with adapter_rows(self.model, [job.adapter for job in distinct]), \
+                    media_rows(self.model, [job.media for job in distinct]):  # the prompt pass takes their images
+                ids, mask = left_pad([job.prompt_ids for job in distinct], self.pad_id)
                 ids, mask = ids.to(device), mask.to(device)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits, cache = _forward(self.model, ids, mask, positions, None, _forward_kwargs(self.model))
+                if len(distinct) < len(chosen):  # each equal row gets a copy of its prompt pass
+                    index = torch.tensor(inverse, device=device)
+                    logits, mask, positions = logits[index], mask[index], positions[index]
+                    cache.reorder_cache(index)
         except Exception as error:  # the server keeps serving; these requests get the error
             for job in chosen:
                 send(job, ("error", str(error)))
             return running, left
+        self.stats.shared_prompts += len(chosen) - len(distinct)
         self.stats.batches += 1
         self.stats.requests += len(chosen)
         if self.mergeable is None:

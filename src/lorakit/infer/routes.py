@@ -57,11 +57,11 @@ class Reply:
                 "top_logprobs": [_with_chosen(i) for i in infos],
                 "text_offset": [len(self.echo) + i.offset for i in infos]}
 
-    def choice(self, text: str, infos: list[TokenLogprob], finish: str | None, delta: bool) -> dict:
+    def choice(self, text: str, infos: list[TokenLogprob], finish: str | None, delta: bool, index: int = 0) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": self.logprobs_of(infos), "finish_reason": finish}
+            return {"index": index, "text": text, "logprobs": self.logprobs_of(infos), "finish_reason": finish}
         content = {"role": "assistant", "content": text} if text or not delta else {}
-        return {"index": 0, "delta" if delta else "message": content, "logprobs": self.logprobs_of(infos),
+        return {"index": index, "delta" if delta else "message": content, "logprobs": self.logprobs_of(infos),
                 "finish_reason": finish}
 
     def usage(self, completion_tokens: int) -> dict:
@@ -74,8 +74,8 @@ class Reply:
         return body if completion_tokens is None else {**body, "usage": self.usage(completion_tokens)}
 
 
-async def _collect(job: Job, reply: Reply, state) -> dict:
-    """The whole answer, once the job is done."""
+async def _one(job: Job, reply: Reply, index: int) -> tuple[dict, int]:
+    """One choice, once its job is done, and its completion tokens."""
     pieces, infos = [reply.echo], []
     while True:
         event = await job.events.get()
@@ -85,33 +85,68 @@ async def _collect(job: Job, reply: Reply, state) -> dict:
         elif event[0] == "error":
             raise APIError(500, f"generation failed: {event[1]}", type="server_error")
         else:
-            state.completion_tokens = event[2]
-            return reply.body([reply.choice("".join(pieces), infos, event[1], delta=False)], chunk=False,
-                              completion_tokens=event[2])
+            return reply.choice("".join(pieces), infos, event[1], delta=False, index=index), event[2]
 
 
-async def _sse(job: Job, reply: Reply, state):
-    """Server-sent events: one chunk per text piece (with its tokens' logprobs), a final chunk with the
-    finish reason, the usage chunk when asked for, [DONE]."""
+async def _collect(jobs: list[Job], reply: Reply, state) -> dict:
+    """The whole answer (a choice per job, in order), once every job is done; usage counts the prompt once."""
+    done = await asyncio.gather(*(_one(job, reply, index) for index, job in enumerate(jobs)))
+    state.completion_tokens = sum(tokens for _, tokens in done)
+    return reply.body([choice for choice, _ in done], chunk=False, completion_tokens=state.completion_tokens)
+
+
+async def _merged(jobs: list[Job]):
+    """(choice index, event) of every job as the events come, until each job's last event."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def forward(index: int, job: Job) -> None:
+        while True:
+            event = await job.events.get()
+            await queue.put((index, event))
+            if event[0] != "text":
+                return
+
+    tasks = [asyncio.create_task(forward(index, job)) for index, job in enumerate(jobs)]
+    try:
+        for _ in range(len(jobs)):
+            while True:
+                index, event = await queue.get()
+                yield index, event
+                if event[0] != "text":
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _sse(jobs: list[Job], reply: Reply, state):
+    """Server-sent events: one chunk per text piece of a choice (with its tokens' logprobs, `index` naming the
+    choice), a chunk with each choice's finish reason, the usage chunk when asked for, [DONE]."""
 
     def send(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"
 
     if reply.echo:
-        yield send(reply.body([reply.choice(reply.echo, [], None, delta=True)], chunk=True))
-    while True:
-        event = await job.events.get()
-        if event[0] == "text":
-            yield send(reply.body([reply.choice(event[1], event[2], None, delta=True)], chunk=True))
-        elif event[0] == "error":
-            yield send({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
-            break
-        else:
-            state.completion_tokens = event[2]
-            yield send(reply.body([reply.choice("", [], event[1], delta=True)], chunk=True))
-            if reply.include_usage:
-                yield send(reply.body([], chunk=True, completion_tokens=event[2]))
-            break
+        for index in range(len(jobs)):
+            yield send(reply.body([reply.choice(reply.echo, [], None, delta=True, index=index)], chunk=True))
+    tokens, failed = 0, False
+    events = _merged(jobs)
+    try:
+        async for index, event in events:
+            if event[0] == "text":
+                yield send(reply.body([reply.choice(event[1], event[2], None, delta=True, index=index)], chunk=True))
+            elif event[0] == "error":
+                yield send({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
+                failed = True
+                break
+            else:
+                tokens += event[2]
+                yield send(reply.body([reply.choice("", [], event[1], delta=True, index=index)], chunk=True))
+    finally:
+        await events.aclose()
+    state.completion_tokens = tokens
+    if reply.include_usage and not failed:
+        yield send(reply.body([], chunk=True, completion_tokens=tokens))
     yield "data: [DONE]\n\n"
 
 
@@ -150,14 +185,15 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
         ids, media = media_prompt_of(checked, tokenizer, formats.get(name if name == modality else adapter),
                                      modality_slots(model))
         request.state.prompt_tokens = len(ids)
-        job = make_job(checked, ids, adapter, cfg, media)
-        reply = Reply(chat, name, len(ids), logprobs=job.top_logprobs is not None,
+        jobs = [make_job(checked, ids, adapter, cfg, media, choice) for choice in range(checked.n)]
+        reply = Reply(chat, name, len(ids), logprobs=jobs[0].top_logprobs is not None,
                       echo=checked.prompt if not chat and checked.echo else "",
                       include_usage=checked.stream_options is not None and checked.stream_options.include_usage)
-        await batcher.queue.put(job)
+        for job in jobs:
+            await batcher.queue.put(job)
         if checked.stream:
-            return StreamingResponse(_sse(job, reply, request.state), media_type="text/event-stream")
-        return await _collect(job, reply, request.state)
+            return StreamingResponse(_sse(jobs, reply, request.state), media_type="text/event-stream")
+        return await _collect(jobs, reply, request.state)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -203,7 +239,8 @@ def add_routes(app: FastAPI, model, tokenizer, cfg: ServerConfig, batcher: Batch
         check_key(request, cfg, admin=True)
         s = batcher.stats
         return {"batches": s.batches, "requests": s.requests, "largest_batch": s.largest, "steps": s.steps,
-                "row_steps": s.row_steps, "mean_batch": s.row_steps / s.steps if s.steps else None}
+                "row_steps": s.row_steps, "mean_batch": s.row_steps / s.steps if s.steps else None,
+                "shared_prompts": s.shared_prompts}
 
 
 def _locked(batcher: Batcher, function, *args):
