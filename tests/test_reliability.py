@@ -338,6 +338,32 @@ def test_names_from_other_tools_are_aliases_with_a_note(tmp_path, capsys):
         config_from_args(_train_args("--learning_rate", "1e-3", "--train.lr", "2e-3"))
 
 
+def test_a_shipped_recipe_on_the_users_rows_drops_its_validation_set(tmp_path, capsys):
+    """`lorakit train data.source=mine.jsonl` (the quickstart recipe): its validation set is the embedded one, so
+    it goes, with a note; its format stays (rows that do not fit it get an error naming the format they look like);
+    a validation set the user gives stays; the user's own YAML keeps every key."""
+    cfg, _ = config_from_args(_train_args("data.source=mine.jsonl"))
+    assert (cfg.data.source, cfg.data.format, cfg.data.val_source) == ("mine.jsonl", "prompt_completion", None)
+    assert capsys.readouterr().err == (
+        "note: data.source is not the recipe's, so its validation set data.val_source='embedded-eval' is not used: no "
+        "validation unless you give one (data.val_source, data.val_split or data.val_fraction)\n")
+    cfg, _ = config_from_args(_train_args("--data.source", "mine.jsonl", "--data.val_source", "val.jsonl"))
+    assert cfg.data.val_source == "val.jsonl" and capsys.readouterr().err == ""
+    cfg, _ = config_from_args(_train_args("data.source=embedded-train"))  # the recipe's own rows: nothing goes
+    assert cfg.data.val_source == "embedded-eval"
+    own = tmp_path / "mine.yaml"
+    own.write_text(yaml.safe_dump({"data": {"source": "a.jsonl", "format": "alpaca", "val_source": "b.jsonl"}}))
+    cfg, _ = config_from_args(_train_args(str(own), "data.source=c.jsonl"))
+    assert (cfg.data.source, cfg.data.format, cfg.data.val_source) == ("c.jsonl", "alpaca", "b.jsonl")
+    assert capsys.readouterr().err == ""
+    rows = tmp_path / "alpaca.jsonl"
+    rows.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "red"}) + "\n")
+    assert cli.main(["train", f"data.source={rows}", "train.max_steps=1"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {rows} line 1: field 'prompt' is missing (columns: instruction, input, output); data.format is "
+        "prompt_completion, but these columns look like alpaca rows: set data.format=alpaca (or auto)")
+
+
 def test_every_unknown_key_is_reported_at_once_with_its_closest_key_or_alias(tmp_path, capsys):
     assert cli.main(["train", "--method.rnak", "8"]) == 2
     assert capsys.readouterr().err == ("error: unknown key 'method.rnak' for method 'lora'; did you mean 'method.r' "

@@ -245,11 +245,28 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def apply_overrides(raw: Mapping | None, overrides: Iterable[tuple[str, Any]], schema: Schema | None = None) -> dict:
+def _other_rows(result: dict, given: Mapping[str, Any]) -> None:
+    """A shipped recipe on other rows (data.source given, not the recipe's): the recipe's validation set belongs
+    to its own data, so data.val_source goes unless given too, with a note. Its format and columns stay (the rows
+    may be the same dataset from elsewhere; rows that do not fit them are a clear error)."""
+    data = result.get("data")
+    if ("data.source" not in given or not isinstance(data, dict) or given["data.source"] == data.get("source")
+            or "val_source" not in data or "data.val_source" in given):
+        return
+    note(f"data.source is not the recipe's, so its validation set data.val_source={data.pop('val_source')!r} is not "
+         "used: no validation unless you give one (data.val_source, data.val_split or data.val_fraction)")
+
+
+def apply_overrides(raw: Mapping | None, overrides: Iterable[tuple[str, Any]], schema: Schema | None = None,
+                    recipe: bool = False) -> dict:
     """A copy of `raw` with each (dotted key, value) override set; values are coerced later. An alias
-    ('learning_rate', 'train.learning_rate') overrides the key it stands for, with a note."""
+    ('learning_rate', 'train.learning_rate') overrides the key it stands for, with a note. `recipe`: `raw` is a
+    shipped recipe, whose validation set is dropped when data.source names other rows (`_other_rows`)."""
     schema = schema or default_schema()
     result, spellings, given = _normalise(raw, schema), schema.spellings(), {}
+    overrides = list(overrides)
+    if recipe:
+        _other_rows(result, {spellings.get(spelled, spelled): value for spelled, value in overrides})
     for spelled, value in overrides:
         key = spellings.get(spelled, spelled)
         if key != spelled:
@@ -378,6 +395,11 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def is_recipe(path: Path) -> bool:
+    """Whether `path` is one of the recipes shipped in lorakit/configs/."""
+    return Path(path).resolve().parent == RECIPES_DIR.resolve()
 
 
 def find_recipe(spec: str | Path) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from lorakit.config import (TOP_LEVEL, RunConfig, Schema, apply_overrides, build_config, default_schema, find_recipe,
-                            read_yaml)
+                            is_recipe, read_yaml)
 from lorakit.errors import ConfigError
 from lorakit.fielddocs import field_default, field_docs
 from lorakit.schema import UnknownKey, UnknownKeysError, type_hints, type_name, unknown_keys_error
@@ -207,4 +207,4 @@ def config_from_args(args: argparse.Namespace, schema: Schema | None = None) -> 
     overrides = [*getattr(args, "overrides", []), *words]
     _check_duplicates(overrides)
     source = config_source(config, resume=getattr(args, "resume", False))
-    return build_config(apply_overrides(read_yaml(source), overrides, schema), schema), source
+    return build_config(apply_overrides(read_yaml(source), overrides, schema, recipe=is_recipe(source)), schema), source

@@ -190,8 +190,21 @@ def rendered_rows(rows: list[Any], render: Callable[[dict[str, Any], Any, DataCo
             if cfg.skip_bad_rows:
                 stats.n_skipped_bad_rows += 1
                 continue
-            raise DataError(f"{place_of(rows, k)}: {error}") from None
+            raise DataError(f"{place_of(rows, k)}: {error}{_format_hint(row, cfg)}") from None
         yield k, rendered
+
+
+def _format_hint(row: Any, cfg: DataConfig) -> str:
+    """For a row that does not fit a data.format set by name: the format its columns look like, if another."""
+    if cfg.format == "auto" or not isinstance(row, dict):
+        return ""
+    try:
+        found = detect_format(apply_columns(row, cfg.columns), FORMATS[cfg.format].pairs)
+    except DataError:
+        return ""
+    return ("" if found.name == cfg.format else
+            f"; data.format is {cfg.format}, but these columns look like {found.name} rows: set "
+            f"data.format={found.name} (or auto)")
 
 
 def n_trained(labels: list[int]) -> int:
