@@ -93,6 +93,14 @@ def test_generate_and_compare_on_embedded(tmp_path, capsys, one_thread):
     assert capsys.readouterr().out.count("### prompt") == 2
     report = tmp_path / "c.html"
     adapter = random_adapter(lambda: load_model("embedded"), tmp_path / "emb-adapter", seed=3)
+    assert main(["generate", "--adapter", str(adapter), "What is the capital of France?", "--max-new-tokens", "4",
+                 "--model", "embedded"]) == 0
+    flagged = capsys.readouterr().out
+    assert main(["generate", str(adapter), "What is the capital of France?", "--max-new-tokens", "4",
+                 "--model", "embedded"]) == 0
+    first = capsys.readouterr().out  # a folder first is the adapter (or run), not a prompt: the same answer
+    assert f"{adapter}: a folder, read as --adapter {adapter}" in first and first.count("### prompt") == 1
+    assert first.split("### prompt 1")[1] == flagged.split("### prompt 1")[1]
     assert main(["compare", "What is the capital of France?", "--adapter", str(adapter), "--model", "embedded",
                  "--out", str(report), "--max-new-tokens", "4"]) == 0
     assert report.read_text().startswith("<!doctype html>") and "emb-adapter" in report.read_text()

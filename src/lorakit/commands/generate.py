@@ -1,10 +1,13 @@
-"""`lorakit generate [PROMPT ...]`: complete prompts with a base model, alone or with an adapter; streams.
+"""`lorakit generate [RUN] [PROMPT ...]`: complete prompts with a base model, alone or with an adapter; streams.
+
+A first word that names a folder is the run (or adapter, or model folder), as `--adapter` would be.
 
 With an adapter that has a run record, prompts get the run's prompt format (infer/generate.py's rule)."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lorakit.commands.inputs import (add_decoding_arguments, add_model_arguments, load_run_model, prompt_format_of,
                                      read_prompts, sampling_from_args)
@@ -13,6 +16,7 @@ from lorakit.commands.inputs import (add_decoding_arguments, add_model_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Prompts, model, adapter and decoding options."""
     parser.epilog = ("examples:\n  lorakit generate 'What is the capital of France?'\n"
+                     "  lorakit generate runs/x 'What is the capital of Peru?'   # a folder first: the run\n"
                      "  lorakit generate --adapter runs/x/adapter 'What is the capital of Peru?'\n"
                      "  lorakit generate --adapter runs/x --prompts-file prompts.jsonl --temperature 0.7\n"
                      "  lorakit generate --adapter runs/flags/adapter --image flag.png 'Which country is this?'\n")
@@ -30,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
     """Generate for every prompt in turn, printing the tokens as they come."""
     from lorakit.infer.generate import generate_texts
 
+    if args.adapter is None and args.prompts and Path(args.prompts[0]).is_dir():  # `generate RUN "prompt"`
+        args.adapter, args.prompts = args.prompts[0], args.prompts[1:]
+        print(f"{args.adapter}: a folder, read as --adapter {args.adapter} (a run, adapter or model folder), "
+              "not as a prompt", flush=True)
     prompts = read_prompts(args.prompts, args.prompts_file)
     sampling = sampling_from_args(args)
     model, tokenizer, target = load_run_model(args, args.adapter)

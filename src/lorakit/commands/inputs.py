@@ -71,7 +71,8 @@ def add_format_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """Prompt sources, the prompt-format flags and every decoding option."""
-    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to complete")
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT",
+                        help="prompts to complete (generate: a first word that names a folder is the run, as --adapter)")
     parser.add_argument("--prompts-file", default=None,
                         help="more prompts: a text file (one per line) or JSONL rows with a 'prompt' field")
     add_sampling_arguments(parser)
