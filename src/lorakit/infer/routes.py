@@ -108,12 +108,11 @@ async def _merged(jobs: list[Job]):
 
     tasks = [asyncio.create_task(forward(index, job)) for index, job in enumerate(jobs)]
     try:
-        for _ in range(len(jobs)):
-            while True:
-                index, event = await queue.get()
-                yield index, event
-                if event[0] != "text":
-                    break
+        ended = 0
+        while ended < len(jobs):
+            index, event = await queue.get()
+            yield index, event
+            ended += event[0] != "text"
     finally:
         for task in tasks:
             task.cancel()
